@@ -1,0 +1,10 @@
+"""Test setup: 8 fake CPU devices, created before JAX initialises its backend."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow (only used by the TFDS input path) must not grab the accelerator.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
