@@ -1,0 +1,148 @@
+"""Config helpers: the `configs/x.py:key=value,flag` argument parser and config validation.
+
+Every experiment config is `get_config(arg: str | None) -> ml_collections.ConfigDict`. The arg
+string is parsed by `parse_arg`, which rejects unknown keys; `validate` checks the finished config
+(method, dataset, model, mesh, batch sizes) before anything expensive starts, so that a typo fails
+in a second with the list of valid choices instead of a traceback after compilation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import ml_collections.config_dict
+
+from mpl.errors import ConfigError
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if value.lower() in ('1', 'true', 'yes', ''):
+      return True
+    if value.lower() in ('0', 'false', 'no'):
+      return False
+    raise ConfigError(f'config argument {key}={value!r}: expected a boolean (true/false).')
+  try:
+    if isinstance(default, int):
+      return int(value)
+    if isinstance(default, float):
+      return float(value)
+  except ValueError:
+    raise ConfigError(
+        f'config argument {key}={value!r}: expected {type(default).__name__}.') from None
+  return value
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'method=mpl,labels=250,runlocal' against the given defaults.
+
+  A bare key (`runlocal`) sets a boolean to True. Values are converted to the type of the
+  default. Unknown keys raise ConfigError listing the valid ones.
+  """
+  result = dict(defaults)
+  if arg:
+    for item in arg.split(','):
+      item = item.strip()
+      if not item:
+        continue
+      key, _, value = item.partition('=')
+      key = key.strip()
+      if key not in defaults:
+        raise ConfigError(
+            f'unknown config argument {key!r}; valid arguments: {sorted(defaults)}')
+      if '=' not in item and not isinstance(defaults[key], bool):
+        raise ConfigError(f'config argument {key!r} needs a value ({key}=...).')
+      result[key] = _convert(key, value.strip(), defaults[key])
+  return ml_collections.ConfigDict(result)
+
+
+def check_choice(what: str, value: Any, choices) -> None:
+  if value not in choices:
+    raise ConfigError(f'unknown {what} {value!r}; valid choices: {sorted(choices)}')
+
+
+def data_axis_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
+  """The size of the 'data' mesh axis that `config.mesh` asks for on `num_devices` devices."""
+  data, model = int(config.mesh.data), int(config.mesh.model)
+  if model < 1:
+    raise ConfigError(f'config.mesh.model must be >= 1, got {model}.')
+  if data == -1:
+    if num_devices % model:
+      raise ConfigError(
+          f'config.mesh.model={model} does not divide the {num_devices} available devices.')
+    data = num_devices // model
+  if data * model > num_devices:
+    raise ConfigError(
+        f'config.mesh asks for data={data} x model={model} = {data * model} devices, but '
+        f'{num_devices} are available. Set --config.mesh.data=-1 to use all remaining devices.')
+  return data
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Checks a finished config; raises ConfigError saying what is wrong and how to fix it."""
+  # Imported here: the registries import JAX/Flax modules.
+  from mpl import methods, models
+  from mpl.data import datasets
+
+  check_choice('method', config.method, methods.METHODS)
+  check_choice('dataset', config.dataset,
+               tuple(datasets.DATASETS) + tuple(datasets.STREAMING_DATASETS))
+  check_choice('model', config.model.name, models.MODELS)
+  for key in ('total_steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every'):
+    if int(config[key]) <= 0:
+      raise ConfigError(f'config.{key} must be positive, got {config[key]}.')
+  if config.mu < 0:
+    raise ConfigError(f'config.mu must be >= 0, got {config.mu}.')
+  data = data_axis_size(config, num_devices)
+  for name, size in (('batch_size', config.batch_size),
+                     ('batch_size * mu (unlabeled batch)', config.batch_size * config.mu),
+                     ('eval_batch_size', config.eval_batch_size)):
+    if size % data:
+      raise ConfigError(
+          f'config.{name} = {size} is not divisible by the data-axis size {data} '
+          f'(mesh data={data}, model={config.mesh.model}). Choose a multiple of {data}, or '
+          f'change --config.mesh.data.')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the loop reads, with its default. Experiment configs start from this."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                       # init and step randomness
+  c.method = 'supervised'          # mpl.methods.METHODS
+  c.dataset = 'two_moons'          # mpl.data.DATASETS
+  c.num_labeled = -1               # labeled examples, class-balanced; -1 = all
+  c.total_steps = 1000
+  c.batch_size = 64                # labeled images per step (global)
+  c.mu = 7                         # unlabeled images per step = mu * batch_size
+  c.eval_batch_size = 1000
+  c.eval_every = 500
+  c.checkpoint_every = 1000
+  c.log_every = 100
+  c.keep_checkpoints = 2
+  c.label_smoothing = 0.0
+  c.ema_decay = 0.0                # 0 = no EMA model; else min(decay, (t+1)/(t+10))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS / IDX location
+  c.data.source = 'auto'           # fashion_mnist: 'tfds' | 'idx' | 'auto'
+  c.data.image_size = 0            # 0 = native; larger pads with zeros (28 -> 32)
+  c.data.noise = 0.1               # two_moons noise
+  c.data.seed = 0                  # seed of the labeled split (and of two_moons)
+  c.data.exclude_labeled = False   # official MPL: unlabeled = all training images
+  c.data.max_eval_examples = 0     # 0 = the whole test set; runlocal configs use a subset
+
+  c.model = ml_collections.ConfigDict({'name': 'mlp'})  # + the model's own options
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', lr=0.1, scale_lr_by_batch=False, momentum=0.9, nesterov=True,
+      weight_decay=0.0, clip_norm=0.0, wait_steps=0, warmup_steps=0, decay='cosine'))
+
+  c.augment = ml_collections.ConfigDict(dict(
+      labeled='none',              # 'none' | 'weak' (flip + pad-and-crop)
+      strong='mpl',                # RandAugment variant of strong views: 'mpl' | 'fixmatch'
+      magnitude=16.0, num_layers=2, cutout_size=16, pad=4, pad_mode='reflect', flip=True))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # data=-1: all other devices
+  c.sharding_rules = ()            # (logical name, mesh axis) overrides, see mpl/sharding.py
+  return c

@@ -1,0 +1,58 @@
+r"""Runs one experiment.
+
+  python -m mpl.main --config configs/two_moons.py:method=supervised --workdir /tmp/run
+  python -m mpl.main --config configs/fashion_mnist.py:labels=1000 --workdir /tmp/fm \
+      --config.total_steps=2000
+
+Rerunning the same command in the same workdir resumes from its latest checkpoint.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py[:args]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and summary.json.')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() first (multi-host TPU pods / GPU clusters).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def quiet_library_logs():
+  """Keeps INFO logs for our own lines; Orbax's per-save chatter is shown only as warnings."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+
+  class _Filter(py_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
+
+  for handler in py_logging.getLogger().handlers + logging.get_absl_logger().handlers:
+    handler.addFilter(_Filter())
+  logging.get_absl_handler().addFilter(_Filter())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  from mpl import train  # pylint: disable=g-import-not-at-top
+  from mpl.errors import ConfigError, DataError, NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  quiet_library_logs()
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, DataError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except NonFiniteLossError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,14 @@
+"""Method registry: config.method -> the class implementing it (see mpl/methods/base.py)."""
+
+from mpl.errors import ConfigError
+from mpl.methods.supervised import Supervised
+
+METHODS = {
+    'supervised': Supervised,
+}
+
+
+def get_method(name: str):
+  if name not in METHODS:
+    raise ConfigError(f'unknown method {name!r}; valid choices: {sorted(METHODS)}')
+  return METHODS[name]

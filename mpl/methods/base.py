@@ -1,0 +1,126 @@
+"""What every method shares: the training state, the method interface, losses, model calls.
+
+A method is a class with
+  init(rng, sample_images) -> TrainState          (parameters may carry logical-axis boxes)
+  update(state, batch) -> (TrainState, metrics)   (pure; the loop jits it once, donating state)
+  eval_variables(state) -> {'raw': variables, 'ema': variables}   (what evaluation scores)
+  predict(variables, images) -> logits
+A batch is {'labeled': {'image', 'label'}, 'unlabeled': {'image'}} with global arrays sharded on
+'data'; images arrive as stored (uint8, or float features for two_moons) and each method makes
+its own views (augmentation) inside the step, from `jax.random.fold_in(state.rng, state.step)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly: all of it is checkpointed."""
+  step: jax.Array                  # int32 scalar: number of updates done
+  rng: jax.Array                   # base key; step randomness = fold_in(rng, step)
+  params: Any                      # one tree, or {'teacher': ..., 'student': ...}
+  batch_stats: Any                 # same structure as params ({} for models without BN)
+  opt_state: Any
+  ema_params: Any = None           # EMA of the evaluated network (None when off)
+  ema_batch_stats: Any = None
+  method_state: Any = None         # moving baselines, memory banks, queues, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What a method needs to know about the data (not the data itself)."""
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  is_image: bool
+
+
+class Method:
+  """Base class: a method owns its networks' update rule; the loop owns everything else."""
+
+  name = 'base'
+  uses_unlabeled = False   # the loop samples mu * batch_size unlabeled images when True
+
+  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, info: DataInfo):
+    self.config = config
+    self.model = model
+    self.info = info
+
+  def init(self, rng, sample_images) -> TrainState:
+    raise NotImplementedError
+
+  def update(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    raise NotImplementedError
+
+  def eval_variables(self, state: TrainState) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def predict(self, variables, images) -> jax.Array:
+    return self.model.apply(variables, self.prepare(images), train=False)
+
+  # -- helpers shared by methods -------------------------------------------------------------
+
+  def prepare(self, images) -> jax.Array:
+    """Stored images -> normalised float network input (uint8 is read as 0..255)."""
+    if not self.info.is_image:
+      return images.astype(jnp.float32)
+    x = images.astype(jnp.float32)
+    if images.dtype == jnp.uint8:
+      x = x / 255.0
+    mean = jnp.asarray(self.info.mean, jnp.float32)
+    std = jnp.asarray(self.info.std, jnp.float32)
+    return (x - mean) / std
+
+  def init_network(self, rng, sample_images):
+    """(params, batch_stats) of a fresh network; params keep their logical-axis boxes."""
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = self.model.init({'params': params_rng, 'dropout': dropout_rng},
+                                self.prepare(sample_images), train=False)
+    return variables['params'], variables.get('batch_stats', {})
+
+
+def variables_of(params, batch_stats) -> dict[str, Any]:
+  variables = {'params': params}
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+  return variables
+
+
+def apply_train(model: nn.Module, params, batch_stats, x, rng):
+  """Training-mode forward pass: (logits, new batch_stats)."""
+  logits, updates = model.apply(variables_of(params, batch_stats), x, train=True,
+                                rngs={'dropout': rng}, mutable=['batch_stats'])
+  return logits, updates.get('batch_stats', batch_stats)
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Per-example CE against hard labels, with optional label smoothing."""
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+  return soft_cross_entropy(logits, targets)
+
+
+def soft_cross_entropy(logits, targets):
+  """Per-example CE(q, z) = -sum_c q_c log softmax(z)_c."""
+  return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def accuracy(logits, labels):
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def ema_decay_at(step, decay: float):
+  """The official MPL EMA decay: min(decay, (t + 1) / (t + 10))."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (step + 1.0) / (step + 10.0))

@@ -1,0 +1,428 @@
+"""The training loop shared by every method.
+
+  config -> validate -> mesh -> data (device-resident) -> model -> method
+  -> state created already sharded (or restored from the latest checkpoint in the workdir)
+  -> jitted steps (batch sampled on the device) -> periodic eval / checkpoint / logs
+  -> WORKDIR/summary.json and WORKDIR/curves.png
+
+Small datasets live in device memory; each step draws its batch there from per-epoch
+permutations keyed by (seed, epoch), so the batch at step t is a pure function of t: a resumed
+run sees exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import statistics
+import threading
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from clu import metric_writers, periodic_actions
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mpl import config_lib, methods, models, sharding
+from mpl.data import datasets, split
+from mpl.errors import ConfigError, DataError, NonFiniteLossError
+from mpl.methods import base
+
+# --------------------------------------------------------------------------------------------
+# Data on the device.
+
+
+def load_data(config, workdir):
+  """Loads the in-memory dataset and the labeled/unlabeled split (saved in the workdir)."""
+  if config.dataset in datasets.STREAMING_DATASETS:
+    raise ConfigError(
+        f'{config.dataset} is a streaming dataset; the in-memory training loop cannot hold it. '
+        f'Streaming training is not wired into the loop yet.')
+  data = datasets.load_dataset(
+      config.dataset, data_dir=config.data.data_dir, image_size=config.data.image_size or None,
+      source=config.data.source, noise=config.data.noise, seed=config.data.seed)
+  num_train = len(data.train_labels)
+  num_labeled = num_train if config.num_labeled == -1 else int(config.num_labeled)
+  if num_labeled > num_train:
+    raise ConfigError(
+        f'num_labeled={num_labeled} exceeds the {num_train} training examples of '
+        f'{config.dataset}; use at most {num_train} (or -1 for all).')
+  meta = {'dataset': config.dataset, 'num_labeled': num_labeled, 'seed': config.data.seed}
+  saved = split.load_split(workdir)
+  if saved is not None:
+    labeled = saved[0]
+    for key, value in meta.items():
+      if saved[1].get(key) != value:
+        raise ConfigError(
+            f'{workdir}/labeled_split.json was made for {key}={saved[1].get(key)!r}, this run '
+            f'asks for {key}={value!r}. Use a new --workdir (or delete the old one).')
+  else:
+    labeled = split.labeled_indices(data.train_labels, num_labeled, data.num_classes,
+                                    seed=config.data.seed)
+    if jax.process_index() == 0:
+      split.save_split(workdir, labeled, meta)
+  unlabeled = split.unlabeled_indices(num_train, labeled, config.data.exclude_labeled)
+  return data, labeled, unlabeled
+
+
+def epoch_stream_indices(key, step, batch_size: int, pool_size: int):
+  """Indices (into a pool of `pool_size`) of batch `step` of a stream of epoch permutations.
+
+  Position p = step * batch_size + j lies in epoch p // pool_size, whose order is
+  permutation(fold_in(key, epoch)). Batches may span epochs, and may be larger than the pool.
+  """
+  start = step * batch_size
+  first_epoch = start // pool_size
+  positions = start + jnp.arange(batch_size)
+  epochs_spanned = batch_size // pool_size + 2  # static upper bound
+  keys = jax.vmap(lambda e: jax.random.fold_in(key, e))(first_epoch + jnp.arange(epochs_spanned))
+  perms = jax.vmap(lambda k: jax.random.permutation(k, pool_size))(keys)
+  return perms[positions // pool_size - first_epoch, positions % pool_size]
+
+
+def sample_batch(arrays, step, key, batch_size: int, unlabeled_batch_size: int):
+  """The batch of `step`, gathered from the device-resident training set."""
+  labeled_key, unlabeled_key = jax.random.split(key)
+  pick = arrays['labeled_idx'][epoch_stream_indices(
+      labeled_key, step, batch_size, arrays['labeled_idx'].shape[0])]
+  batch = {'labeled': {'image': arrays['images'][pick], 'label': arrays['labels'][pick]}}
+  if unlabeled_batch_size:
+    pick_u = arrays['unlabeled_idx'][epoch_stream_indices(
+        unlabeled_key, step, unlabeled_batch_size, arrays['unlabeled_idx'].shape[0])]
+    batch['unlabeled'] = {'image': arrays['images'][pick_u]}
+  return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def make_eval_set(images, labels, eval_batch_size: int, mesh):
+  """Test set padded to whole batches, shaped (num_batches, batch, ...), batch on 'data'."""
+  n = len(labels)
+  num_batches = math.ceil(n / eval_batch_size)
+  pad = num_batches * eval_batch_size - n
+  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+  shape = lambda x: x.reshape((num_batches, eval_batch_size) + x.shape[1:])
+  out = NamedSharding(mesh, P(None, 'data'))
+  return tuple(jax.device_put(shape(x), out) for x in (images, labels, mask))
+
+
+def make_evaluate(method: base.Method):
+  """jit(variables, eval set) -> {'accuracy', 'top5'}: one scan over the whole test set."""
+
+  def evaluate(variables, images, labels, mask):
+    def body(totals, batch):
+      x, y, m = batch
+      logits = method.predict(variables, x)
+      correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+      k = min(5, logits.shape[-1])
+      top_k = jnp.any(jax.lax.top_k(logits, k)[1] == y[:, None], axis=-1).astype(jnp.float32)
+      return totals + jnp.stack([jnp.sum(correct * m), jnp.sum(top_k * m)]), None
+
+    totals, _ = jax.lax.scan(body, jnp.zeros(2), (images, labels, mask))
+    count = jnp.sum(mask)
+    return {'accuracy': totals[0] / count, 'top5': totals[1] / count}
+
+  return jax.jit(evaluate)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and preemption.
+
+
+class Checkpoints:
+  """Orbax CheckpointManager for (state, json metadata) in WORKDIR/checkpoints."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, 'checkpoints')),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, meta: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, abstract_state):
+    step = self.manager.latest_step()
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ConfigError(
+          f'the checkpoint at step {step} in {self.manager.directory} does not fit this '
+          f'config (a different method, model or dataset?): {e}. Use a new --workdir.') from e
+    return restored.state, restored.meta
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (a preempted TPU VM / a SLURM time limit): checkpoint, then exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
+  for name, value in metrics.items():
+    if not math.isfinite(value):
+      raise NonFiniteLossError(
+          f'non-finite {name} = {value} at step {step}. The run stopped without saving this '
+          f'state; the last checkpoint is intact. Usual causes: learning rate too high (lower '
+          f'--config.optimizer.lr), no gradient clipping (set clip_norm), bad input data.')
+
+
+def summarize(config, evals: list[dict], wall_s: float, steps: int, num_labeled: int) -> dict:
+  """summary.json: final, best and median-of-last-20 accuracy for the raw and EMA models."""
+  model_keys = sorted({k for e in evals for k in e if k != 'step'})
+  primary = 'ema' if 'ema' in model_keys else 'raw'
+
+  def block(pick):
+    out = {}
+    for key in model_keys:
+      out.update({f'{name}_{key}': value for name, value in pick(key).items()})
+    out.update({name: out[f'{name}_{primary}'] for name in pick(primary)})
+    return out
+
+  def final(key):
+    return {'accuracy': evals[-1][key]['accuracy']}
+
+  def best(key):
+    top = max(evals, key=lambda e: e[key]['accuracy'])
+    return {'accuracy': top[key]['accuracy'], 'step': top['step']}
+
+  def median(key):
+    return {'accuracy': statistics.median(e[key]['accuracy'] for e in evals[-20:])}
+
+  return {
+      'config': config.to_dict(),
+      'method': config.method,
+      'dataset': config.dataset,
+      'model': config.model.name,
+      'num_labeled': num_labeled,
+      'steps': steps,
+      'wall_s': round(wall_s, 2),
+      'evaluated_model': primary,
+      'final': block(final) if evals else {},
+      'best': block(best) if evals else {},
+      'median_last_20': block(median) if evals else {},
+      'history': evals,
+  }
+
+
+def plot_curves(evals: list[dict], path: str, title: str) -> None:
+  """Test accuracy over training, raw and EMA, to WORKDIR/curves.png."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key in sorted({k for e in evals for k in e if k != 'step'}):
+    ax.plot([e['step'] for e in evals], [100 * e[key]['accuracy'] for e in evals], label=key)
+  ax.set_xlabel('step')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _model_kwargs(config) -> dict[str, Any]:
+  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+  if kwargs.get('dtype') is not None:
+    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+  else:
+    kwargs.pop('dtype', None)
+  for k, v in kwargs.items():
+    if isinstance(v, list):
+      kwargs[k] = tuple(v)
+  return kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       should_stop: Callable[[int], bool] | None = None) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the summary.
+
+  `should_stop(step)` is checked after every step, like SIGTERM: when it returns True the loop
+  saves a checkpoint and returns early (the summary then has "stopped_at").
+  """
+  wall_start = time.time()
+  config_lib.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config)
+  rules = sharding.logical_rules(config)
+  data, labeled_idx, unlabeled_idx = load_data(config, workdir)
+  info = base.DataInfo(num_classes=data.num_classes, mean=tuple(data.mean),
+                       std=tuple(data.std), is_image=data.train_images.ndim == 4)
+  try:
+    model = models.get_model(config.model.name, data.num_classes, **_model_kwargs(config))
+  except ValueError as e:
+    raise ConfigError(f'config.model: {e}') from e
+  method = methods.get_method(config.method)(config, model, info)
+  unlabeled_batch = config.batch_size * config.mu if method.uses_unlabeled else 0
+
+  is_lead = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
+  if is_lead:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)
+  checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # Shapes first, then the state is created (or restored) directly in its shardings.
+    init = functools.partial(method.init, sample_images=data.train_images[:1])
+    rng = jax.random.PRNGKey(config.seed)
+    abstract_boxed = jax.eval_shape(init, rng)
+    state_sharding = sharding.state_shardings(abstract_boxed, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        sharding.strip_boxes(abstract_boxed), state_sharding)
+
+    meta = {'evals': [], 'wall_s': 0.0}
+    if checkpoints.latest_step() is not None:
+      state, meta = checkpoints.restore(abstract_state)
+      logging.info('Resumed from the checkpoint at step %d.', int(state.step))
+    else:
+      state = jax.jit(lambda r: sharding.strip_boxes(init(r)),
+                      out_shardings=state_sharding)(rng)
+
+    replicated = sharding.replicated(mesh)
+    arrays = jax.device_put({
+        'images': data.train_images, 'labels': data.train_labels.astype(np.int32),
+        'labeled_idx': labeled_idx.astype(np.int32),
+        'unlabeled_idx': unlabeled_idx.astype(np.int32)}, replicated)
+    if len(unlabeled_idx) * max(config.batch_size * config.mu, 1) >= 2**31:
+      raise ConfigError('the unlabeled pool times the batch size overflows int32 positions; '
+                        'use the streaming input for datasets this large.')
+    data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0DA7A)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def train_step(state, arrays):
+      batch = sample_batch(arrays, state.step, data_key, config.batch_size, unlabeled_batch)
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+      return method.update(state, batch)
+
+    train_step = jax.jit(train_step, in_shardings=(state_sharding, replicated),
+                         out_shardings=(state_sharding, replicated), donate_argnums=0)
+    limit = config.data.max_eval_examples or len(data.test_labels)
+    eval_set = make_eval_set(data.test_images[:limit],
+                             data.test_labels[:limit].astype(np.int32),
+                             config.eval_batch_size, mesh)
+    evaluate = make_evaluate(method)
+
+    def run_eval(state, step):
+      result = {'step': step}
+      for key, variables in method.eval_variables(state).items():
+        result[key] = {k: float(v) for k, v in jax.device_get(
+            evaluate(variables, *eval_set)).items()}
+      meta['evals'].append(result)
+      writer.write_scalars(step, {f'eval/{key}_{name}': value
+                                  for key, r in result.items() if key != 'step'
+                                  for name, value in r.items()})
+      return result
+
+    step = int(state.step)
+    total = int(config.total_steps)
+    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                             every_secs=30, every_steps=None)
+    pending = None  # (step, device metrics) of the previous update: read one step late
+    sums, count = {}, 0
+    session_start = time.time()
+    loop_start_time, loop_start_step = time.time(), step
+    stopped_at = None
+    logging.info('Training %s on %s from step %d to %d on mesh %s.', config.method,
+                 config.dataset, step, total, dict(mesh.shape))
+    with PreemptionFlag() as preemption:
+      while step < total:
+        state, metrics = train_step(state, arrays)
+        if pending is not None:
+          done_metrics = jax.device_get(pending[1])
+          check_finite(done_metrics, pending[0])
+          for k, v in done_metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+          count += 1
+        step += 1
+        pending = (step, metrics)
+        report(step)
+        last = step == total
+        if step % config.log_every == 0 or last:
+          done_metrics = jax.device_get(pending[1])
+          check_finite(done_metrics, step)
+          for k, v in done_metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+          count += 1
+          pending = None
+          writer.write_scalars(step, {f'train/{k}': v / count for k, v in sums.items()})
+          sums, count = {}, 0
+        if step % config.eval_every == 0 or last:
+          result = run_eval(state, step)
+          rate = (step - loop_start_step) / max(time.time() - loop_start_time, 1e-9)
+          logging.info('step %d/%d  %s  (%.2f steps/s, ETA %.0f s)', step, total,
+                       '  '.join(f'{k}: {100 * v["accuracy"]:.2f}%'
+                                 for k, v in result.items() if k != 'step'),
+                       rate, (total - step) / max(rate, 1e-9))
+        preempt = preemption.requested or (should_stop is not None and should_stop(step))
+        if step % config.checkpoint_every == 0 or last or preempt:
+          meta['wall_s'] = meta.get('wall_s', 0.0) + time.time() - session_start
+          session_start = time.time()
+          checkpoints.save(step, state, meta)
+        if preempt and not last:
+          stopped_at = step
+          break
+    checkpoints.close()
+    writer.flush()
+
+  summary = summarize(config, meta['evals'], meta['wall_s'], step, len(labeled_idx))
+  if stopped_at is not None:
+    summary['stopped_at'] = stopped_at
+    logging.info('Stopped at step %d; rerun the same command to resume.', stopped_at)
+    return summary
+  if is_lead:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2, default=str)
+    if summary['final']:
+      plot_curves(meta['evals'], os.path.join(workdir, 'curves.png'),
+                  f'{config.method} on {config.dataset} ({len(labeled_idx)} labels)')
+  logging.info('Done: %s', {k: summary[k] for k in ('final', 'best', 'median_last_20')})
+  return summary

@@ -1,0 +1,184 @@
+"""The shared training loop: configs, accuracy, exact resume, sharding, clear errors."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
+
+from mpl import config_lib, train
+from mpl.errors import ConfigError, DataError, NonFiniteLossError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+
+
+def load_config(path, arg=None):
+  """Loads configs/<path> the way `--config path:arg` does."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, 'configs', path)
+                                                if not os.path.isabs(path) else path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def moons(arg='labels=-1', **overrides):
+  config = load_config('two_moons.py', arg)
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+# --- configs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_every_config_loads_and_validates(path):
+  for arg in (None, 'runlocal'):
+    config = load_config(path, arg)
+    config_lib.validate(config, jax.device_count())
+    assert config.total_steps > 0
+  assert 'python -m mpl.main' in open(path).read(), 'docstring must give the launch command'
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_every_runlocal_config_trains_two_steps(path, tmp_path):
+  config = load_config(path, 'runlocal')
+  config.total_steps = 2
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['steps'] == 2
+  assert 0.0 <= summary['final']['accuracy'] <= 1.0
+  written = json.load(open(tmp_path / 'summary.json'))
+  for key in ('config', 'method', 'dataset', 'num_labeled', 'steps', 'wall_s', 'final', 'best',
+              'median_last_20'):
+    assert key in written
+  assert os.path.exists(tmp_path / 'labeled_split.json')
+
+
+def test_parse_arg_rejects_unknown_keys():
+  with pytest.raises(ConfigError, match='valid arguments'):
+    load_config('two_moons.py', 'methdo=mpl')
+  with pytest.raises(ConfigError, match='expected int'):
+    load_config('two_moons.py', 'labels=many')
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def test_supervised_mlp_two_moons_all_labels_reaches_97_percent(tmp_path):
+  # The config's 10k steps at lr 0.1 reach 100%; a shorter, faster schedule keeps CI quick.
+  config = moons('labels=-1', **{'total_steps': 3000, 'optimizer.lr': 0.5, 'eval_every': 1000})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['num_labeled'] == 2000
+  assert summary['final']['accuracy'] >= 0.97, summary['final']
+  assert os.path.exists(tmp_path / 'curves.png')
+
+
+def _params(workdir):
+  """Final parameters of the run in `workdir`, read back from its last checkpoint."""
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    restored = manager.restore(manager.latest_step())
+  return restored['state']['params']
+
+
+def test_resume_after_preemption_equals_uninterrupted_run(tmp_path):
+  overrides = {'total_steps': 40, 'checkpoint_every': 20, 'eval_every': 20, 'log_every': 10,
+               'model.dropout_rate': 0.2, 'ema_decay': 0.9}
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(moons('labels=6', **overrides), straight)
+
+  interrupted = str(tmp_path / 'interrupted')
+  first = train.train_and_evaluate(moons('labels=6', **overrides), interrupted,
+                                   should_stop=lambda step: step == 20)
+  assert first['stopped_at'] == 20
+  assert not os.path.exists(os.path.join(interrupted, 'summary.json'))
+  resumed = train.train_and_evaluate(moons('labels=6', **overrides), interrupted)
+  assert resumed['steps'] == 40
+
+  a, b = _params(straight), _params(interrupted)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
+  straight_summary = json.load(open(os.path.join(straight, 'summary.json')))
+  assert resumed['history'] == straight_summary['history']
+
+
+def test_sharded_run_equals_single_device_run(tmp_path):
+  overrides = {'total_steps': 5, 'eval_every': 5, 'checkpoint_every': 5}
+  one = train.train_and_evaluate(moons('labels=-1', **{**overrides, 'mesh.data': 1}),
+                                 str(tmp_path / 'one'))
+  eight = train.train_and_evaluate(moons('labels=-1', **overrides), str(tmp_path / 'eight'))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               _params(str(tmp_path / 'one')), _params(str(tmp_path / 'eight')))
+  assert one['final'] == eight['final']
+
+
+def test_epoch_stream_visits_every_index_once_per_epoch():
+  key = jax.random.PRNGKey(3)
+  pool, batch = 10, 4
+  picks = np.concatenate([np.asarray(train.epoch_stream_indices(key, step, batch, pool))
+                          for step in range(5)])  # 20 positions = 2 epochs
+  assert sorted(picks[:10]) == list(range(10)) and sorted(picks[10:]) == list(range(10))
+  assert not np.array_equal(picks[:10], picks[10:])
+  big = np.asarray(train.epoch_stream_indices(key, 1, 25, 6))  # batch spans several epochs
+  assert all(np.bincount(big[1:25], minlength=6) >= 3)
+
+
+def test_non_finite_loss_stops_with_step_and_term(tmp_path):
+  config = moons('labels=-1', **{'optimizer.lr': 1e30, 'model.activation': 'relu',
+                                 'model.initializer': 'lecun'})
+  with pytest.raises(NonFiniteLossError, match=r'non-finite loss = .* at step \d+'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+# --- bad input fails before training, clearly ---------------------------------------------------
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'method': 'meta_pseudo'}, 'unknown method'),
+    ({'dataset': 'mnist_typo'}, 'unknown dataset'),
+    ({'model.name': 'vgg'}, 'unknown model'),
+    ({'num_labeled': 5000}, 'exceeds'),
+    ({'batch_size': 12}, 'not divisible by the data-axis size 8'),
+    ({'mesh.data': 3}, 'devices'),
+])
+def test_bad_config_fails_before_training(tmp_path, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    train.train_and_evaluate(moons('labels=-1', **overrides), str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
+  monkeypatch.setenv('MPL_FASHION_MNIST_DIR', str(tmp_path / 'nowhere'))
+  config = load_config('fashion_mnist.py', 'runlocal')
+  config.data.source = 'idx'
+  with pytest.raises(DataError, match='apt-get install -y dataset-fashion-mnist'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_main_prints_a_clear_error_for_unknown_config_key(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, '-m', 'mpl.main', '--config', 'configs/two_moons.py:runlocal',
+       '--workdir', str(tmp_path), '--config.optimizer.lrr=0.1'],
+      cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+  assert result.returncode != 0
+  assert 'lrr' in result.stderr
+  assert 'Traceback' not in result.stderr
+  result = subprocess.run(
+      [sys.executable, '-m', 'mpl.main', '--config', 'configs/two_moons.py:method=nope',
+       '--workdir', str(tmp_path)],
+      cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "unknown method 'nope'" in result.stderr
+  assert 'Traceback' not in result.stderr
