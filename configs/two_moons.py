@@ -34,6 +34,12 @@ def get_config(arg=None):
   config.optimizer.lr = 0.1
   config.optimizer.momentum = 0.9
   config.optimizer.decay = 'constant'
+  config.augment.strong = 'none'    # points, not images: no views
+  # MPL: the same networks and SGD 0.1 for teacher and student, no UDA, no schedules.
+  config.mpl.uda_weight = 0.0
+  for opt in (config.mpl.teacher_optimizer, config.mpl.student_optimizer):
+    opt.update(dict(lr=0.1, scale_lr_by_batch=False, momentum=0.9, weight_decay=0.0,
+                    wait_steps=0, warmup_steps=0, decay='constant'))
   if args.runlocal:
     config.total_steps = 20
     config.eval_every = 10

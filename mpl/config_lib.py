@@ -143,6 +143,22 @@ def base_config() -> ml_collections.ConfigDict:
       strong='mpl',                # RandAugment variant of strong views: 'mpl' | 'fixmatch'
       magnitude=16.0, num_layers=2, cutout_size=16, pad=4, pad_mode='reflect', flip=True))
 
+  # Meta Pseudo Labels (mpl/methods/mpl.py); defaults: the official CIFAR-10-4K recipe.
+  c.mpl = ml_collections.ConfigDict(dict(
+      feedback='first_order',      # 'first_order' (paper) | 'exact' | 'official_release'
+      pseudo_label='sample',       # hard labels sampled from the teacher | 'argmax'
+      baseline_decay=0.99,         # moving baseline of h
+      student_label_smoothing=0.0,
+      uda_weight=8.0, uda_ramp_steps=5000, uda_temperature=0.7, uda_threshold=0.6,
+      teacher_model=ml_collections.config_dict.placeholder(ml_collections.ConfigDict),
+      teacher_optimizer=dict(name='sgd', lr=0.1, scale_lr_by_batch=True, momentum=0.9,
+                             nesterov=True, weight_decay=5e-4, clip_norm=0.0, wait_steps=0,
+                             warmup_steps=5000, decay='cosine'),
+      student_optimizer=dict(name='sgd', lr=0.1, scale_lr_by_batch=True, momentum=0.9,
+                             nesterov=True, weight_decay=5e-4, clip_norm=0.0, wait_steps=3000,
+                             warmup_steps=5000, decay='cosine'),
+  ))
+
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # data=-1: all other devices
   c.sharding_rules = ()            # (logical name, mesh axis) overrides, see mpl/sharding.py
   return c

@@ -54,5 +54,21 @@ def main(argv):
     sys.exit(1)
 
 
+def parse_flags(argv):
+  """absl flag parsing, with config mistakes reported as one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # Config-file errors (ConfigError from get_config, unknown --config.* keys) land here,
+    # wrapped by config_flags with a formatted traceback: report the last line only.
+    message = str(e).strip().splitlines()[-1].replace('\\n', ' ').replace('\\', '')
+    message = message.replace('mpl.errors.ConfigError: ', '').strip('\'"')
+    if isinstance(e, (AttributeError, KeyError)):
+      message = f"unknown config key '{message}"
+  print(f'error: {message}\nUsage: python -m mpl.main --config configs/<file>.py[:args] '
+        f'--workdir DIR [--config.key=value ...]', file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

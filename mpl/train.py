@@ -69,7 +69,7 @@ def load_data(config, workdir):
     labeled = split.labeled_indices(data.train_labels, num_labeled, data.num_classes,
                                     seed=config.data.seed)
     if jax.process_index() == 0:
-      split.save_split(workdir, labeled, meta)
+      split.save_split(workdir, labeled, meta, labels=data.train_labels)
   unlabeled = split.unlabeled_indices(num_train, labeled, config.data.exclude_labeled)
   return data, labeled, unlabeled
 
@@ -98,7 +98,8 @@ def sample_batch(arrays, step, key, batch_size: int, unlabeled_batch_size: int):
   if unlabeled_batch_size:
     pick_u = arrays['unlabeled_idx'][epoch_stream_indices(
         unlabeled_key, step, unlabeled_batch_size, arrays['unlabeled_idx'].shape[0])]
-    batch['unlabeled'] = {'image': arrays['images'][pick_u]}
+    # The label is for monitoring (pseudo-label accuracy) only; methods never train on it.
+    batch['unlabeled'] = {'image': arrays['images'][pick_u], 'label': arrays['labels'][pick_u]}
   return batch
 
 
@@ -200,7 +201,9 @@ class PreemptionFlag:
 
 
 def check_finite(metrics: dict[str, float], step: int) -> None:
-  for name, value in metrics.items():
+  """Raises on the first non-finite metric, loss terms first (they are the cause)."""
+  ordered = sorted(metrics.items(), key=lambda kv: (not kv[0].startswith('loss'), kv[0]))
+  for name, value in ordered:
     if not math.isfinite(value):
       raise NonFiniteLossError(
           f'non-finite {name} = {value} at step {step}. The run stopped without saving this '

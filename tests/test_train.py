@@ -150,7 +150,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     ({'model.name': 'vgg'}, 'unknown model'),
     ({'num_labeled': 5000}, 'exceeds'),
     ({'batch_size': 12}, 'not divisible by the data-axis size 8'),
-    ({'mesh.data': 3}, 'devices'),
+    ({'mesh.data': 16}, 'devices'),
 ])
 def test_bad_config_fails_before_training(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):

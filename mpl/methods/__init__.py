@@ -1,10 +1,12 @@
 """Method registry: config.method -> the class implementing it (see mpl/methods/base.py)."""
 
 from mpl.errors import ConfigError
+from mpl.methods.mpl import MPL
 from mpl.methods.supervised import Supervised
 
 METHODS = {
     'supervised': Supervised,
+    'mpl': MPL,
 }
 
 

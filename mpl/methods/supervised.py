@@ -66,7 +66,7 @@ class Supervised(base.Method):
         'loss': loss,
         'train_accuracy': base.accuracy(logits, labels),
         'lr': self.lr_schedule(state.step),
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, ema_params=ema_params,

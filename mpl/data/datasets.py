@@ -1,0 +1,328 @@
+"""Small datasets, loaded whole into host memory as numpy arrays.
+
+| name          | source                                   | train / test   | x                   |
+|---------------|------------------------------------------|----------------|---------------------|
+| two_moons     | sklearn `make_moons(2000, noise, seed)`  | 2000 / same    | float32 (N, 2)      |
+| digits        | sklearn `load_digits`, stratified split  | 1438 / 359     | uint8 (N, 8, 8, 1)  |
+| fashion_mnist | IDX files (Debian `dataset-fashion-mnist`) or TFDS built from them | 60000 / 10000 | uint8 (N, 28, 28, 1) |
+| cifar10       | TFDS (prepared by the user)              | 50000 / 10000  | uint8 (N, 32, 32, 3)|
+| cifar100      | TFDS (prepared by the user)              | 50000 / 10000  | uint8 (N, 32, 32, 3)|
+| svhn_cropped  | TFDS (prepared by the user)              | 73257 / 26032  | uint8 (N, 32, 32, 3)|
+
+Labels are int32. Images keep their dataset order (fashion_mnist: the IDX file order, from both
+sources). `mean`/`std` are per-channel statistics of the *train* images in [0, 1] units, computed
+exactly (from pixel histograms) on the native, unpadded images, so they do not depend on
+`image_size`; two_moons has mean (0.,) and std (1.,) (no normalisation).
+
+`image_size` larger than the native size zero-pads symmetrically (28 -> 32 adds 2 pixels on each
+side; an odd difference puts the extra pixel at the bottom/right); smaller is a `ConfigError`.
+
+Fashion-MNIST files are looked up in `$MPL_FASHION_MNIST_DIR` if set (and only there), else in
+`data_dir/fashion-mnist`, `data_dir` (when `data_dir` is given), then
+`/usr/share/datasets/fashion-mnist`. With `source='tfds'` (or 'auto' with TensorFlow installed),
+the TFDS `fashion_mnist` dataset in `data_dir` (default `~/tensorflow_datasets`) is used, and
+built once from those files if it is not there yet (about 20 s).
+
+TensorFlow is imported only inside the TFDS code paths; the rest works without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from mpl.data import idx
+from mpl.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class InMemoryDataset:
+  """A whole dataset as host numpy arrays (see the module docstring for shapes and stats)."""
+  name: str
+  train_images: np.ndarray  # uint8 (N, H, W, C) for images; float32 (N, D) for two_moons.
+  train_labels: np.ndarray  # int32 (N,)
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  mean: tuple[float, ...]  # Per-channel mean of the train images in [0, 1] units.
+  std: tuple[float, ...]  # Per-channel std of the train images in [0, 1] units.
+
+
+DATASETS: tuple[str, ...] = (
+    'two_moons', 'digits', 'fashion_mnist', 'cifar10', 'cifar100', 'svhn_cropped')
+STREAMING_DATASETS: tuple[str, ...] = ('imagenet2012',)
+SOURCES = ('auto', 'idx', 'tfds')
+
+TWO_MOONS_SIZE = 2000
+DIGITS_TEST_SIZE = 359  # -> 1438 train / 359 test, stratified, random_state 0.
+FASHION_MNIST_ENV = 'MPL_FASHION_MNIST_DIR'
+FASHION_MNIST_DEFAULT_DIR = '/usr/share/datasets/fashion-mnist'
+_TFDS_NATIVE = ('cifar10', 'cifar100', 'svhn_cropped')
+_TFDS_PIP = 'pip install tensorflow-cpu==2.21.0 tensorflow-datasets==4.9.10'
+
+
+def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | None = None,
+                 source: str = 'auto', noise: float = 0.1, seed: int = 0) -> InMemoryDataset:
+  """Loads dataset `name` (one of `DATASETS`) into memory.
+
+  Args:
+    name: dataset name.
+    data_dir: TFDS data dir (default `~/tensorflow_datasets`) and/or the directory holding the
+      Fashion-MNIST IDX files (see module docstring).
+    image_size: pad images to this square size (>= native size); None keeps the native size.
+    source: fashion_mnist only: 'idx' (numpy reader), 'tfds', or 'auto' (TFDS if TensorFlow and
+      tensorflow-datasets are installed, else IDX). Both give identical arrays.
+    noise: two_moons only: the Gaussian noise of `make_moons`.
+    seed: two_moons only: the `random_state` of `make_moons`.
+  """
+  if name not in DATASETS:
+    hint = (f' {name} is a streaming dataset: use mpl.data.streaming.make_streaming_iterator.'
+            if name in STREAMING_DATASETS else '')
+    raise ConfigError(f'Unknown dataset {name!r}; valid names: {", ".join(DATASETS)}.{hint}')
+  if source not in SOURCES:
+    raise ConfigError(f'Unknown data source {source!r}; valid: {", ".join(SOURCES)}.')
+  if name == 'two_moons':
+    if image_size is not None:
+      raise ConfigError('two_moons is not an image dataset; leave image_size unset (None).')
+    return _two_moons(noise, seed)
+  if name == 'digits':
+    arrays, num_classes = _digits(), 10
+  elif name == 'fashion_mnist':
+    arrays, num_classes = _fashion_mnist(data_dir, source), 10
+  else:
+    arrays, num_classes = _tfds_arrays(name, data_dir)
+  mean, std = channel_stats(arrays['train_images'])
+  if image_size is not None:
+    arrays['train_images'] = pad_to(arrays['train_images'], image_size, name)
+    arrays['test_images'] = pad_to(arrays['test_images'], image_size, name)
+  return InMemoryDataset(name=name, num_classes=num_classes, mean=mean, std=std, **arrays)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by all image datasets.
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Exact per-channel mean and std of uint8 images (N, H, W, C), in [0, 1] units."""
+  levels = np.arange(256, dtype=np.float64) / 255.0
+  means, stds = [], []
+  for c in range(images.shape[-1]):
+    counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+    p = counts / counts.sum()
+    mean = float(p @ levels)
+    var = max(float(p @ levels**2) - mean**2, 0.0)
+    means.append(mean)
+    stds.append(var**0.5)
+  return tuple(means), tuple(stds)
+
+
+def pad_to(images: np.ndarray, image_size: int, name: str = '') -> np.ndarray:
+  """Zero-pads (N, H, W, C) images symmetrically to (N, image_size, image_size, C)."""
+  h, w = images.shape[1:3]
+  if image_size < max(h, w):
+    raise ConfigError(f'image_size={image_size} is smaller than the native {h}x{w} images of '
+                      f'{name or "this dataset"}; use image_size >= {max(h, w)} (or None).')
+  if image_size == h == w:
+    return images
+  top, left = (image_size - h) // 2, (image_size - w) // 2
+  pad = ((0, 0), (top, image_size - h - top), (left, image_size - w - left), (0, 0))
+  return np.pad(images, pad)
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn datasets.
+
+
+def _two_moons(noise: float, seed: int) -> InMemoryDataset:
+  from sklearn import datasets as skd  # pylint: disable=g-import-not-at-top
+  x, y = skd.make_moons(TWO_MOONS_SIZE, noise=noise, random_state=seed)
+  x, y = x.astype(np.float32), y.astype(np.int32)
+  # The MPL paper reports two-moons accuracy on the training points themselves.
+  return InMemoryDataset(name='two_moons', train_images=x, train_labels=y, test_images=x.copy(),
+                         test_labels=y.copy(), num_classes=2, mean=(0.,), std=(1.,))
+
+
+def _digits() -> dict[str, np.ndarray]:
+  """sklearn digits, 0..16 scaled to 0..255; fixed stratified 1438/359 split (random_state 0)."""
+  from sklearn import datasets as skd  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  d = skd.load_digits()
+  images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = d.target.astype(np.int32)
+  train, test = model_selection.train_test_split(
+      np.arange(len(labels)), test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0)
+  train, test = np.sort(train), np.sort(test)  # Keep the original order within each split.
+  return {'train_images': images[train], 'train_labels': labels[train],
+          'test_images': images[test], 'test_labels': labels[test]}
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST.
+
+
+def fashion_mnist_dir(data_dir: str | None = None) -> str:
+  """The directory holding the four Fashion-MNIST .gz files; `DataError` if there is none."""
+  env = os.environ.get(FASHION_MNIST_ENV)
+  if env:
+    candidates = [env]
+  else:
+    candidates = []
+    if data_dir:
+      candidates += [os.path.join(data_dir, 'fashion-mnist'), data_dir]
+    candidates.append(FASHION_MNIST_DEFAULT_DIR)
+  for d in candidates:
+    if all(os.path.isfile(os.path.join(d, f)) for f in idx.FASHION_MNIST_FILES.values()):
+      return d
+  raise DataError(
+      f'Fashion-MNIST files ({", ".join(idx.FASHION_MNIST_FILES.values())}) not found in '
+      f'{", ".join(candidates)}. Install them with `apt-get install -y dataset-fashion-mnist` '
+      f'(Debian/Ubuntu; puts them in {FASHION_MNIST_DEFAULT_DIR}), or set '
+      f'{FASHION_MNIST_ENV} to a directory holding them.')
+
+
+def tensorflow_available() -> bool:
+  """Whether TensorFlow and tensorflow-datasets are installed (without importing them)."""
+  return all(importlib.util.find_spec(m) is not None
+             for m in ('tensorflow', 'tensorflow_datasets'))
+
+
+def _fashion_mnist(data_dir: str | None, source: str) -> dict[str, np.ndarray]:
+  if source == 'auto':
+    source = 'tfds' if tensorflow_available() else 'idx'
+  if source == 'idx':
+    return idx.read_fashion_mnist(fashion_mnist_dir(data_dir))
+  return _fashion_mnist_tfds(data_dir)
+
+
+def _fashion_mnist_tfds(data_dir: str | None) -> dict[str, np.ndarray]:
+  """TFDS `fashion_mnist` from `data_dir`, built from the local IDX files when missing."""
+  tfds = import_tfds()
+  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+  if not builder.is_prepared():
+    prepare_fashion_mnist_tfds(data_dir)
+    builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+  out = {}
+  for split in ('train', 'test'):
+    images, labels = _tfds_split(builder, split)
+    # TFDS stores the examples sorted by a hash of their key (the index in the IDX file, see
+    # tfds.core.hashing); undo that permutation so both sources give the file order.
+    if not builder.info.disable_shuffling:
+      order = _tfds_write_order(split, len(labels))
+      images[order], labels[order] = images.copy(), labels.copy()
+    out[f'{split}_images'], out[f'{split}_labels'] = images, labels
+  return out
+
+
+def _tfds_write_order(split: str, n: int) -> np.ndarray:
+  """`order[j]` = key (0..n-1) of the j-th record TFDS wrote for a generated split."""
+  from tensorflow_datasets.core import hashing  # pylint: disable=g-import-not-at-top
+  hasher = hashing.Hasher(split)  # TFDS salts the key hash with the split name.
+  return np.array(sorted(range(n), key=hasher.hash_key), dtype=np.int64)
+
+
+def prepare_fashion_mnist_tfds(data_dir: str | None = None,
+                               manual_dir: str | None = None) -> str:
+  """Builds TFDS `fashion_mnist` into `data_dir` from local IDX .gz files; returns its path.
+
+  TFDS's `fashion_mnist` builder asks its download manager for the four official URLs. With
+  `DownloadConfig(manual_dir=...)`, the download manager takes a URL's file from `manual_dir`
+  when a file of the registered name is there, but it then checks the file's size and sha256
+  against the registered ones (`url_checksums/fashion_mnist.txt`), which are those of the
+  original .gz files; Debian re-gzipped them, so that check fails. We therefore
+    1. check that the *decompressed* files are the official ones (sha256, `idx.py`), and
+    2. build with a subclass of the stock builder whose `url_infos` (the checksums TFDS checks
+       against) register the local .gz files' own size and sha256,
+  leaving everything else -- name, version, features, split generation -- to the stock builder,
+  so the result is the ordinary `fashion_mnist/3.0.1` that `tfds.builder('fashion_mnist')` reads.
+  Nothing is downloaded; extracted copies go to a temporary dir that is deleted afterwards.
+  """
+  tfds = import_tfds()
+  from tensorflow_datasets.core.download import checksums  # pylint: disable=g-import-not-at-top
+  manual_dir = manual_dir or fashion_mnist_dir(data_dir)
+  for fname, digest in idx.FASHION_MNIST_SHA256.items():
+    idx.read_idx(os.path.join(manual_dir, fname), sha256=digest)
+  stock = tfds.builder_cls('fashion_mnist')
+  url_infos = {}
+  for fname in idx.FASHION_MNIST_FILES.values():
+    info = checksums.compute_url_info(os.path.join(manual_dir, fname))
+    url = stock.URL + fname
+    url_infos[url] = checksums.UrlInfo(size=info.size, checksum=info.checksum, filename=fname)
+  builder = _local_fashion_mnist_cls(stock, url_infos)(data_dir=data_dir)
+  with tempfile.TemporaryDirectory(prefix='mpl_fashion_mnist_') as tmp:
+    builder.download_and_prepare(
+        download_dir=tmp,
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
+                                                     try_download_gcs=False))
+  return str(builder.data_dir)
+
+
+def _local_fashion_mnist_cls(stock: type, url_infos: dict[str, Any]) -> type:
+  # `url_infos` is a class property of TFDS builders; a plain class attribute overrides it (and
+  # skips the stock lookup, which needs `importlib_resources`, missing from TFDS 4.9.10's
+  # dependencies: tensorflow/datasets#11212). Not registered: `fashion_mnist` stays the stock one.
+  return type('FashionMnist', (stock,),
+              {'name': 'fashion_mnist', 'url_infos': url_infos, '__module__': __name__},
+              skip_registration=True)
+
+
+# --------------------------------------------------------------------------------------------
+# TFDS datasets the user prepares.
+
+
+def import_tfds():
+  """Imports tensorflow_datasets (and TensorFlow, kept off any GPU); `DataError` if missing."""
+  if not tensorflow_available():
+    raise DataError('This input path needs TensorFlow and tensorflow-datasets, which are not '
+                    f'installed: `{_TFDS_PIP}`. (fashion_mnist, digits and two_moons load '
+                    f'without them: fashion_mnist with --config.data.source=idx.)')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')  # The accelerators belong to JAX.
+  except RuntimeError:  # TF already initialised its devices; nothing to do.
+    pass
+  return tfds
+
+
+def prepare_command(name: str, data_dir: str | None) -> str:
+  """The command that prepares TFDS dataset `name` (on a machine with network access)."""
+  dd = f', data_dir={data_dir!r}' if data_dir else ''
+  return (f'python -c "import tensorflow_datasets as tfds; '
+          f"tfds.builder('{name}'{dd}).download_and_prepare()\"")
+
+
+def not_prepared_message(name: str, builder) -> str:
+  """How to provide TFDS dataset `name` that `builder` did not find."""
+  where = str(builder.data_dir_root)
+  return (f'TFDS dataset {name} is not prepared in {where} (looked for {builder.data_dir}). On '
+          f'a machine with network access run\n  {prepare_command(name, None)}\n(tensorflow-'
+          f'datasets 4.9.10 also needs `pip install importlib_resources` there: '
+          f'tensorflow/datasets#11212), then copy that machine\'s ~/tensorflow_datasets/{name} '
+          f'to {where}/{name} on this one, or pass --config.data.data_dir=<the directory that '
+          f'holds {name}/>.')
+
+
+def _tfds_arrays(name: str, data_dir: str | None) -> tuple[dict[str, np.ndarray], int]:
+  tfds = import_tfds()
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise DataError(not_prepared_message(name, builder))
+  out = {}
+  for split in ('train', 'test'):
+    out[f'{split}_images'], out[f'{split}_labels'] = _tfds_split(builder, split)
+  return out, int(builder.info.features['label'].num_classes)
+
+
+def _tfds_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images, int32 labels) of a whole split, in stored order."""
+  tfds = import_tfds()
+  ds = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)
+  data = tfds.as_numpy(ds)
+  images = np.asarray(data['image'], dtype=np.uint8)
+  if images.ndim == 3:
+    images = images[..., None]
+  return images, np.asarray(data['label'], dtype=np.int32)

@@ -1,0 +1,205 @@
+"""Streaming input for datasets too large for host memory (imagenet2012, any TFDS image dataset).
+
+One tf.data pipeline per host (process):
+
+* Sharding. Processes are grouped into data shards of `num_model_replicas` consecutive processes
+  (the processes that together hold one model-parallel replica, which must see the same data):
+  `num_shards = process_count // num_model_replicas`, and process `p` reads shard
+  `p // num_model_replicas` of `tfds.even_splits(split, num_shards)`. With the default
+  `num_model_replicas=1` every process reads its own disjoint shard. Each process yields
+  `global_batch_size // num_shards` examples per batch; `global_batch` assembles the global array.
+* Train (`train=True`): files and examples shuffled (seeded), repeated forever, Inception-style
+  random-resized crop (area 8%-100%, aspect ratio 3/4-4/3) to `image_size`, random horizontal
+  flip. The crop and flip use stateless ops keyed by (seed, shard, example counter), so a
+  pipeline is reproducible for a seed.
+* Eval (`train=False`): one pass in stored order; resize the shorter side to
+  `image_size / eval_crop_fraction` and take the central `image_size` crop. All shards yield the
+  same number of batches (hosts must step together): the last batches are padded with zero
+  images, label -1 and `mask` False; eval batches carry a bool `mask` (True = real example).
+
+Batches are {'image': uint8 (b, image_size, image_size, 3), 'label': int32 (b,)} (+ 'mask' in
+eval). TensorFlow is imported only when a pipeline is built, and kept off the GPUs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from mpl.data import datasets
+from mpl.errors import ConfigError, DataError
+
+_IMAGENET_MANUAL = (
+    'imagenet2012 must be downloaded by hand (registration at https://image-net.org): put '
+    'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual} and run\n'
+    '  python -c "import tensorflow_datasets as tfds; tfds.builder(\'imagenet2012\'{dd})'
+    '.download_and_prepare()"\n'
+    '(several hours, ~150 GB; tensorflow-datasets 4.9.10 also needs `pip install '
+    'importlib_resources`: tensorflow/datasets#11212), or copy an already prepared tensorflow_datasets/imagenet2012 '
+    'directory into {where} (or pass --config.data.data_dir pointing at its parent).')
+
+
+def data_shard(process_index: int, process_count: int,
+               num_model_replicas: int = 1) -> tuple[int, int]:
+  """(shard index, number of shards) of a process; see the module docstring."""
+  if num_model_replicas < 1 or process_count % num_model_replicas:
+    raise ConfigError(f'num_model_replicas={num_model_replicas} must be >= 1 and divide the '
+                      f'process count {process_count}.')
+  if not 0 <= process_index < process_count:
+    raise ConfigError(f'process_index={process_index} is outside [0, {process_count}).')
+  return process_index // num_model_replicas, process_count // num_model_replicas
+
+
+def get_builder(name: str, data_dir: str | None):
+  """The prepared TFDS builder of `name`; `DataError` saying how to provide it if missing."""
+  tfds = datasets.import_tfds()
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    if name == 'imagenet2012':
+      where = str(builder.data_dir_root)
+      dd = f', data_dir={data_dir!r}' if data_dir else ''
+      raise DataError(f'imagenet2012 is not prepared in {where}. ' + _IMAGENET_MANUAL.format(
+          manual=os.path.join(where, 'downloads', 'manual'), dd=dd, where=where))
+    raise DataError(datasets.not_prepared_message(name, builder))
+  return builder
+
+
+def make_streaming_iterator(name: str, split: str, *, global_batch_size: int, image_size: int,
+                            data_dir: str | None, seed: int, train: bool,
+                            process_index: int | None = None, process_count: int | None = None,
+                            num_model_replicas: int = 1, builder: Any = None,
+                            shuffle_buffer_size: int = 10_000,
+                            eval_crop_fraction: float = 0.875) -> Iterator[dict[str, np.ndarray]]:
+  """This host's stream of batches of TFDS dataset `name`, split `split` (see module doc).
+
+  Args:
+    name: TFDS name (e.g. 'imagenet2012'); ignored when `builder` is given.
+    split: TFDS split, sub-splits allowed ('train', 'validation', 'train[:90%]', ...).
+    global_batch_size: examples per step over all data shards.
+    image_size: output height and width.
+    data_dir: TFDS data dir (default `~/tensorflow_datasets`).
+    seed: shuffling and augmentation seed.
+    train: augmented infinite shuffled stream, or a single padded eval pass.
+    process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
+    num_model_replicas: consecutive processes that share one data shard (see module doc).
+    builder: an already prepared `tfds.core.DatasetBuilder` to read instead of `name`.
+    shuffle_buffer_size: examples in the shuffle buffer (train).
+    eval_crop_fraction: eval central crop side / resized shorter side.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  shard, num_shards = data_shard(process_index, process_count, num_model_replicas)
+  if global_batch_size <= 0 or global_batch_size % num_shards:
+    raise ConfigError(f'global_batch_size={global_batch_size} must be a positive multiple of '
+                      f'the {num_shards} data shards (process_count // num_model_replicas).')
+  batch = global_batch_size // num_shards
+  tfds = datasets.import_tfds()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if builder is None:
+    builder = get_builder(name, data_dir)
+  image_key, label_key = builder.info.supervised_keys or ('image', 'label')
+  subsplits = tfds.even_splits(split, n=num_shards, drop_remainder=train)
+  read_config = tfds.ReadConfig(shuffle_seed=seed + shard)
+  ds = builder.as_dataset(split=subsplits[shard], shuffle_files=train, read_config=read_config,
+                          decoders={image_key: tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+
+  if train:
+    ds = ds.repeat().shuffle(shuffle_buffer_size, seed=seed + shard).enumerate()
+    base_seed = tf.constant([seed, shard], dtype=tf.int64)
+
+    def train_map(i, ex):
+      crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
+          tf.random.experimental.stateless_fold_in(base_seed, i), 2))
+      image = _random_resized_crop(ex[0], image_size, crop_seed)
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+      return {'image': image, 'label': ex[1]}
+
+    ds = ds.map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=True)
+  else:
+    sizes = [builder.info.splits[s].num_examples for s in subsplits]
+    num_batches = math.ceil(max(sizes) / batch)
+    ds = ds.map(lambda img, label: {
+        'image': _center_crop(img, image_size, eval_crop_fraction),
+        'label': label, 'mask': tf.constant(True)}, num_parallel_calls=tf.data.AUTOTUNE)
+    pad = tf.data.Dataset.from_tensors({
+        'image': tf.zeros((image_size, image_size, 3), tf.uint8),
+        'label': tf.constant(-1, tf.int32), 'mask': tf.constant(False)}).repeat()
+    ds = ds.concatenate(pad).take(num_batches * batch).batch(batch, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return iter(tfds.as_numpy(ds))
+
+
+def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, Any]:
+  """Per-host batch -> global `jax.Array`s (leading axis split as `sharding` says)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+
+
+# --------------------------------------------------------------------------------------------
+# Image ops (TensorFlow graph code; `tf` is imported lazily).
+
+
+def _decode(encoded):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def _resize(image, size):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = tf.image.resize(image, size, method='bilinear', antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _random_resized_crop(encoded, image_size: int, seed, area_range=(0.08, 1.0),
+                         aspect_ratio_range=(3 / 4, 4 / 3)):
+  """Inception crop: a random box of the given area/aspect ranges, resized to image_size.
+
+  JPEGs decode only the box (`decode_and_crop_jpeg`); other formats decode, then slice.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def sample_box(shape):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.zeros((1, 0, 4)), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=aspect_ratio_range, area_range=area_range, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+  def jpeg():
+    begin, size = sample_box(tf.io.extract_jpeg_shape(encoded))
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    image = tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+    return _resize(image, (image_size, image_size))
+
+  def other():
+    image = _decode(encoded)
+    begin, size = sample_box(tf.shape(image))
+    return _resize(tf.slice(image, begin, size), (image_size, image_size))
+
+  image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  image.set_shape((image_size, image_size, 3))
+  return image
+
+
+def _center_crop(encoded, image_size: int, crop_fraction: float):
+  """Resize the shorter side to image_size / crop_fraction, then central image_size crop."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = _decode(encoded)
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  short = tf.cast(tf.minimum(h, w), tf.float32)
+  target = tf.cast(tf.math.ceil(image_size / crop_fraction), tf.float32)
+  scale = target / short
+  new_h = tf.maximum(tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32), image_size)
+  new_w = tf.maximum(tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32), image_size)
+  image = _resize(image, tf.stack([new_h, new_w]))
+  top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+  image = tf.slice(image, tf.stack([top, left, 0]), [image_size, image_size, 3])
+  image.set_shape((image_size, image_size, 3))
+  return image

@@ -1,0 +1,250 @@
+"""Meta Pseudo Labels (Pham et al., CVPR 2021), METHODS.md section 6.
+
+Teacher T and student S train together. One update:
+  1. Teacher forward (training mode) on concat(x_l, w(x_u), s(x_u)): label-smoothed CE on x_l,
+     and the UDA loss (target sharpened from w(x_u), prediction on s(x_u)).
+  2. Pseudo labels for s(x_u) from the teacher: hard labels, sampled from softmax(T(s(x_u)))
+     (the paper) or its argmax.
+  3. Student step on CE(yhat, S(s(x_u))), with f_old = CE(y_l, S(x_l)) recorded before it and
+     f_new = CE(y_l, S'(x_l)) after it.
+  4. Teacher feedback and teacher step. `config.mpl.feedback` chooses how the teacher learns
+     from the student:
+       first_order       the paper: h = f_old - f_new (first-order Taylor of
+                         eta_S <grad f(theta_S'), g_u>), REINFORCE term
+                         sg(h - b) * CE(yhat, T(s(x_u))), b a moving baseline of h.
+       exact             soft pseudo labels p = softmax(T(s(x_u))); the teacher minimises
+                         f_new = f(theta_S'(p)) differentiated through the student's actual
+                         optimiser step (second order: jax.grad through jax.grad).
+       official_release  what the released TF code computes: soft labels for the student and a
+                         teacher term CE(sg(p), T(s(x_u))) * sg(f_new - f_old - b), whose
+                         gradient is zero: the teacher trains as plain UDA. For parity runs.
+     Teacher loss = CE_l + lambda_uda(t) * UDA + feedback term.
+
+Choices the paper leaves open, made as the official code does: the baseline is updated with the
+current h before it is subtracted; f_new uses the student in training mode (its batch-norm
+statistics from that pass are discarded); losses are means over the global batch; the student
+EMA (decay min(d, (t+1)/(t+10))) is the evaluated model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mpl import models, optim
+from mpl.errors import ConfigError
+from mpl.methods import base
+from mpl.methods.supervised import labeled_view
+
+FEEDBACKS = ('first_order', 'exact', 'official_release')
+PSEUDO_LABELS = ('sample', 'argmax')
+
+
+def uda_loss(logits_weak, logits_strong, temperature: float, threshold: float):
+  """UDA consistency: masked CE(sharpened sg(p_weak), p_strong), masked examples still counted.
+
+  Returns (loss, fraction of examples above the confidence threshold).
+  """
+  target = jax.nn.softmax(jax.lax.stop_gradient(logits_weak) / temperature)
+  mask = (jnp.max(target, axis=-1) >= threshold).astype(jnp.float32)
+  loss = jnp.sum(mask * base.soft_cross_entropy(logits_strong, target)) / mask.shape[0]
+  return loss, jnp.mean(mask)
+
+
+def smooth(targets, label_smoothing: float):
+  return targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
+
+
+class MPL(base.Method):
+  name = 'mpl'
+  uses_unlabeled = True
+
+  def __init__(self, config, model, info):
+    super().__init__(config, model, info)
+    c = config.mpl
+    if c.feedback not in FEEDBACKS:
+      raise ConfigError(f'unknown mpl.feedback {c.feedback!r}; valid choices: {list(FEEDBACKS)}')
+    if c.pseudo_label not in PSEUDO_LABELS:
+      raise ConfigError(
+          f'unknown mpl.pseudo_label {c.pseudo_label!r}; valid choices: {list(PSEUDO_LABELS)}')
+    self.student = model
+    self.teacher = model
+    if c.get('teacher_model'):
+      kwargs = {k: v for k, v in c.teacher_model.to_dict().items() if k != 'name'}
+      self.teacher = models.get_model(c.teacher_model.name, info.num_classes, **kwargs)
+    steps, batch = config.total_steps, config.batch_size
+    self.teacher_tx, self.teacher_lr = optim.make_optimizer(c.teacher_optimizer, steps, batch)
+    self.student_tx, self.student_lr = optim.make_optimizer(c.student_optimizer, steps, batch)
+    self.ema_decay = float(config.get('ema_decay', 0.0))
+
+  # -- state ----------------------------------------------------------------------------------
+
+  def init(self, rng, sample_images):
+    teacher_rng, student_rng, state_rng = jax.random.split(rng, 3)
+    x = self.prepare(sample_images)
+    teacher = self.teacher.init({'params': teacher_rng, 'dropout': teacher_rng}, x, train=False)
+    student = self.student.init({'params': student_rng, 'dropout': student_rng}, x, train=False)
+    params = {'teacher': teacher['params'], 'student': student['params']}
+    batch_stats = {'teacher': teacher.get('batch_stats', {}),
+                   'student': student.get('batch_stats', {})}
+    use_ema = self.ema_decay > 0
+    return base.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        rng=state_rng,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state={'teacher': self.teacher_tx.init(params['teacher']),
+                   'student': self.student_tx.init(params['student'])},
+        ema_params=params['student'] if use_ema else None,
+        ema_batch_stats=batch_stats['student'] if use_ema else None,
+        method_state={'baseline': jnp.zeros((), jnp.float32)},
+    )
+
+  def eval_variables(self, state):
+    out = {'raw': base.variables_of(state.params['student'], state.batch_stats['student'])}
+    if self.ema_decay > 0:
+      out['ema'] = base.variables_of(state.ema_params, state.ema_batch_stats)
+    out['teacher'] = base.variables_of(state.params['teacher'], state.batch_stats['teacher'])
+    return out
+
+  def predict(self, variables, images):
+    return self.student.apply(variables, self.prepare(images), train=False)
+
+  # -- views ------------------------------------------------------------------------------------
+
+  def views(self, rng, batch):
+    """Network inputs: labeled view, weak and strong views of the unlabeled images."""
+    labeled_rng, weak_rng, strong_rng = jax.random.split(rng, 3)
+    aug = self.config.augment
+    x_l = labeled_view(self.config, labeled_rng, batch['labeled']['image'])
+    x_u = batch['unlabeled']['image']
+    if aug.strong == 'none':  # e.g. TwoMoons: both views are the raw points
+      x_w, x_s = x_u, x_u
+    else:
+      from mpl.data import augment  # pylint: disable=g-import-not-at-top
+      x_w = augment.weak_view(weak_rng, x_u, pad=aug.pad, pad_mode=aug.pad_mode)
+      x_s = augment.strong_view(strong_rng, x_u, variant=aug.strong, magnitude=aug.magnitude,
+                                num_layers=aug.num_layers, cutout_size=aug.cutout_size,
+                                pad=aug.pad, pad_mode=aug.pad_mode)
+    return self.prepare(x_l), self.prepare(x_w), self.prepare(x_s)
+
+  # -- the update -------------------------------------------------------------------------------
+
+  def update(self, state, batch):
+    c = self.config.mpl
+    step = state.step
+    rng = jax.random.fold_in(state.rng, step)
+    view_rng, teacher_rng, student_rng, student_new_rng, label_rng = jax.random.split(rng, 5)
+    x_l, x_w, x_s = self.views(view_rng, batch)
+    y_l = batch['labeled']['label']
+    n_l, n_u = x_l.shape[0], x_s.shape[0]
+    teacher_params, student_params = state.params['teacher'], state.params['student']
+
+    # 1. Teacher forward on (labeled, weak, strong) in one pass; its backward comes in step 4.
+    def teacher_forward(params):
+      return base.apply_train(self.teacher, params, state.batch_stats['teacher'],
+                              jnp.concatenate([x_l, x_w, x_s]), teacher_rng)
+
+    teacher_logits, teacher_vjp, teacher_batch_stats = jax.vjp(
+        teacher_forward, teacher_params, has_aux=True)
+    t_on_s = teacher_logits[n_l + n_u:]
+
+    # 2. Pseudo labels on the strong view: hard (first_order) or soft (exact, official_release).
+    if c.feedback == 'first_order':
+      if c.pseudo_label == 'sample':
+        pseudo = jax.random.categorical(label_rng, jax.lax.stop_gradient(t_on_s))
+      else:
+        pseudo = jnp.argmax(t_on_s, axis=-1)
+      targets = jax.nn.one_hot(pseudo, t_on_s.shape[-1])
+    else:
+      targets = jax.nn.softmax(jax.lax.stop_gradient(t_on_s))
+
+    # 3. The student step, and its labeled loss before (f_old) and after (f_new).
+    def student_step(targets):
+      def loss_fn(params):
+        logits, new_stats = base.apply_train(
+            self.student, params, state.batch_stats['student'], jnp.concatenate([x_l, x_s]),
+            student_rng)
+        loss_u = jnp.mean(base.soft_cross_entropy(
+            logits[n_l:], smooth(targets, c.student_label_smoothing)))
+        f_old = jnp.mean(base.cross_entropy(logits[:n_l], y_l))
+        return loss_u, (f_old, new_stats)
+
+      (loss_u, (f_old, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          student_params)
+      updates, opt_state = self.student_tx.update(grads, state.opt_state['student'],
+                                                  student_params)
+      new_params = optax.apply_updates(student_params, updates)
+      logits_new, _ = base.apply_train(self.student, new_params, new_stats, x_l,
+                                       student_new_rng)
+      f_new = jnp.mean(base.cross_entropy(logits_new, y_l))
+      return f_new, (new_params, new_stats, opt_state, f_old, loss_u, grads)
+
+    if c.feedback == 'exact':
+      # d f_new / d targets, through the student's optimiser step (a second-order gradient).
+      (f_new, student_out), f_new_grad_targets = jax.value_and_grad(student_step, has_aux=True)(
+          targets)
+    else:
+      f_new, student_out = student_step(targets)
+    student_params, student_stats, student_opt, f_old, loss_u, student_grads = student_out
+
+    # 4. Feedback coefficient for the teacher, against a moving baseline of h.
+    if c.feedback == 'official_release':
+      h = f_new - f_old        # the released code's sign: new minus old
+    else:
+      h = f_old - f_new        # the paper: old minus new (> 0 when the student improved)
+    baseline = c.baseline_decay * state.method_state['baseline'] + (1 - c.baseline_decay) * h
+    coefficient = jax.lax.stop_gradient(h - baseline)
+
+    uda_weight = c.uda_weight * jnp.minimum(
+        1.0, step.astype(jnp.float32) / max(c.uda_ramp_steps, 1))
+
+    def teacher_objective(logits):
+      t_l, t_w, t_s = logits[:n_l], logits[n_l:n_l + n_u], logits[n_l + n_u:]
+      labeled = jnp.mean(base.cross_entropy(t_l, y_l, self.config.label_smoothing))
+      uda, mask_rate = uda_loss(t_w, t_s, c.uda_temperature, c.uda_threshold)
+      if c.feedback == 'first_order':
+        feedback = coefficient * jnp.mean(base.soft_cross_entropy(t_s, targets))
+      elif c.feedback == 'exact':
+        # Surrogate whose gradient w.r.t. the logits is J_softmax^T d f_new / d targets.
+        feedback = jnp.sum(jax.lax.stop_gradient(f_new_grad_targets) * jax.nn.softmax(t_s))
+      else:
+        soft = jax.lax.stop_gradient(jax.nn.softmax(t_s))
+        feedback = coefficient * jnp.mean(base.soft_cross_entropy(t_s, soft))
+      total = labeled + uda_weight * uda + feedback
+      return total, {'loss_teacher': total, 'loss_teacher_labeled': labeled, 'loss_uda': uda,
+                     'loss_mpl': feedback, 'uda_mask_rate': mask_rate}
+
+    logit_grads, teacher_metrics = jax.grad(teacher_objective, has_aux=True)(teacher_logits)
+    (teacher_grads,) = teacher_vjp(logit_grads)
+    updates, teacher_opt = self.teacher_tx.update(teacher_grads, state.opt_state['teacher'],
+                                                  teacher_params)
+    teacher_params = optax.apply_updates(teacher_params, updates)
+
+    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
+    if self.ema_decay > 0:
+      decay = base.ema_decay_at(step, self.ema_decay)
+      ema_params = optim.ema_update(ema_params, student_params, decay)
+      ema_batch_stats = optim.ema_update(ema_batch_stats, student_stats, decay)
+
+    metrics = {
+        **teacher_metrics,
+        'loss_student': loss_u,
+        'f_old': f_old, 'f_new': f_new, 'h': h, 'baseline': baseline,
+        'lr_teacher': self.teacher_lr(step), 'lr_student': self.student_lr(step),
+        'uda_weight': uda_weight,
+        'teacher_grad_norm': optax.tree.norm(teacher_grads),
+        'student_grad_norm': optax.tree.norm(student_grads),
+    }
+    if 'label' in batch['unlabeled']:  # monitoring only: never used for training
+      metrics['pseudo_label_accuracy'] = jnp.mean(
+          jnp.argmax(targets, -1) == batch['unlabeled']['label'])
+    new_state = state.replace(
+        step=step + 1,
+        params={'teacher': teacher_params, 'student': student_params},
+        batch_stats={'teacher': teacher_batch_stats, 'student': student_stats},
+        opt_state={'teacher': teacher_opt, 'student': student_opt},
+        ema_params=ema_params, ema_batch_stats=ema_batch_stats,
+        method_state={'baseline': baseline})
+    return new_state, metrics

@@ -1,0 +1,93 @@
+"""Model zoo: an explicit registry of linen classifiers.
+
+Every model is called as `model.apply(variables, x, train=..., rngs={'dropout': key},
+mutable=['batch_stats'] if train else False)` (nets without batch norm have no 'batch_stats')
+and returns float32 logits (N, num_classes) whatever its compute `dtype`; parameters are float32.
+
+Weight decay rule (`is_decayed`): a parameter is decayed iff it is named 'kernel' and has at
+least two dimensions, i.e. conv and dense weight matrices. Batch-norm scale and bias, dense
+biases and batch statistics are never decayed. (The official MPL code skips only batch-norm
+variables, so it also decays the classifier bias: num_classes numbers, a negligible difference.)
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from mpl.models.cnn import CNN
+from mpl.models.mlp import MLP
+from mpl.models.resnet import ResNet, ResNet50
+from mpl.models.wide_resnet import WideResNet
+
+MODELS: dict[str, type] = {
+    'mlp': MLP,
+    'cnn': CNN,
+    'wrn28': WideResNet,
+    'wrn28_2': WideResNet,
+    'wrn28_8': WideResNet,
+    'resnet50': ResNet50,
+}
+
+# Fields a registered name fixes; passing them to `get_model` is an error.
+PRESETS: dict[str, dict[str, Any]] = {
+    'wrn28': {'depth': 28},
+    'wrn28_2': {'depth': 28, 'width': 2},
+    'wrn28_8': {'depth': 28, 'width': 8},
+    'resnet50': {'stage_sizes': (3, 4, 6, 3)},
+}
+
+_NOT_OPTIONS = ('parent', 'name', 'num_classes')
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword arguments `get_model(name, ...)` accepts."""
+    if name not in MODELS:
+        raise ValueError(f'Unknown model {name!r}; valid names: {sorted(MODELS)}.')
+    fixed = PRESETS.get(name, {})
+    return [f.name for f in dataclasses.fields(MODELS[name])
+            if f.init and f.name not in _NOT_OPTIONS and f.name not in fixed]
+
+
+def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Builds the registered model `name`; unknown names or options raise ValueError."""
+    options = model_options(name)
+    bad = sorted(k for k in kwargs if k not in options)
+    if bad:
+        fixed = PRESETS.get(name, {})
+        note = f' ({sorted(fixed)} fixed by the preset)' if fixed else ''
+        raise ValueError(f'Unknown option(s) {bad} for model {name!r}; '
+                         f'valid options: {options}{note}.')
+    return MODELS[name](num_classes=num_classes, **PRESETS.get(name, {}), **kwargs)
+
+
+def _key_name(key: Any) -> str:
+    """Name of one path entry: a str, or a jax.tree_util DictKey / GetAttrKey / SequenceKey."""
+    for attr in ('key', 'name', 'idx'):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def is_decayed(path: tuple, leaf: Any = None) -> bool:
+    """Whether weight decay applies to the parameter at `path` (see the module docstring).
+
+    `path` is a tuple of names (flax.traverse_util) or of jax key entries
+    (jax.tree_util.tree_map_with_path); boxed (nn.Partitioned) trees are accepted too.
+    """
+    names = [_key_name(k) for k in path]
+    if len(names) >= 2 and names[-1] == 'value':  # flattened through an nn.Partitioned box
+        names = names[:-1]
+    if not names or names[-1] != 'kernel':
+        return False
+    shape = getattr(getattr(leaf, 'value', leaf), 'shape', None)
+    return shape is None or len(shape) >= 2
+
+
+def decay_mask(params: Any) -> Any:
+    """Pytree of bools, True where `is_decayed` (e.g. for optax.masked / add_decayed_weights)."""
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+__all__ = ['CNN', 'MLP', 'MODELS', 'PRESETS', 'ResNet', 'ResNet50', 'WideResNet', 'decay_mask',
+           'get_model', 'is_decayed', 'model_options']
