@@ -1,0 +1,231 @@
+"""Meta Pseudo Labels: the three feedback modes against their mathematical definitions."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import make_moons
+
+from mpl import models, sharding, train
+from mpl.methods import base
+from mpl.methods.mpl import MPL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def moons_config(arg='method=mpl,labels=6'):
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, 'configs/two_moons.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def plain_sgd(opt, lr):
+  opt.update(dict(lr=lr, momentum=0.0, weight_decay=0.0, wait_steps=0, warmup_steps=0,
+                  decay='constant', scale_lr_by_batch=False))
+
+
+def make_method(feedback, *, student_lr=1e-3, teacher_lr=1.0, uda_weight=0.0, label_smoothing=0.0,
+                pseudo_label='argmax'):
+  config = moons_config()
+  config.mpl.feedback = feedback
+  config.mpl.pseudo_label = pseudo_label
+  config.mpl.uda_weight = uda_weight
+  config.mpl.uda_ramp_steps = 1
+  config.mpl.uda_threshold = 0.0
+  config.label_smoothing = label_smoothing
+  config.ema_decay = 0.0
+  plain_sgd(config.mpl.student_optimizer, student_lr)
+  plain_sgd(config.mpl.teacher_optimizer, teacher_lr)
+  model = models.get_model('mlp', 2, hidden_sizes=(8, 8), activation='tanh',
+                           initializer='lecun')
+  info = base.DataInfo(num_classes=2, mean=(0.0,), std=(1.0,), is_image=False)
+  return MPL(config, model, info)
+
+
+def moons_batch(n_l=8, n_u=16, seed=0):
+  x, y = make_moons(n_l + n_u, noise=0.1, random_state=seed)
+  x = jnp.asarray(x, jnp.float32)
+  return {'labeled': {'image': x[:n_l], 'label': jnp.asarray(y[:n_l], jnp.int32)},
+          'unlabeled': {'image': x[n_l:]}}
+
+
+def init_state(method, batch, seed=0):
+  return sharding.strip_boxes(method.init(jax.random.PRNGKey(seed),
+                                          batch['labeled']['image'][:1]))
+
+
+def mlp_apply(method, params, x):
+  return method.model.apply({'params': params}, x, train=False)
+
+
+def labeled_loss(method, params, batch):
+  logits = mlp_apply(method, params, batch['labeled']['image'])
+  return jnp.mean(base.cross_entropy(logits, batch['labeled']['label']))
+
+
+def test_first_order_h_matches_exact_inner_product():
+  """h = f_old - f_new ~= eta_S <grad f(theta_S'), g_u> for a small student step."""
+  eta = 2e-3  # the Taylor error is O(eta^2): 2.5% at 1e-2, 0.5% at 2e-3
+  method = make_method('first_order', student_lr=eta)
+  batch = moons_batch()
+  state = init_state(method, batch)
+  _, metrics = method.update(state, batch)
+
+  teacher, student = state.params['teacher'], state.params['student']
+  x_u = batch['unlabeled']['image']
+  pseudo = jnp.argmax(mlp_apply(method, teacher, x_u), -1)
+  g_u = jax.grad(lambda p: jnp.mean(base.cross_entropy(mlp_apply(method, p, x_u), pseudo)))(
+      student)
+  updated = jax.tree.map(lambda p, g: p - eta * g, student, g_u)
+  grad_f_new = jax.grad(lambda p: labeled_loss(method, p, batch))(updated)
+  inner = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(grad_f_new), jax.tree.leaves(g_u)))
+  expected = eta * inner
+  assert abs(float(expected)) > 1e-4  # a non-trivial step, far above float32 rounding
+  np.testing.assert_allclose(float(metrics['h']), float(expected), rtol=1e-2)
+  np.testing.assert_allclose(float(metrics['f_old'] - metrics['f_new']), float(metrics['h']))
+
+
+def bilevel_objective(method, teacher, student, batch):
+  """CE_l(T) + f(theta_S - eta grad_S CE(softmax(T(x_u)), S(x_u))): what `exact` minimises."""
+  eta = method.config.mpl.student_optimizer.lr
+  x_u = batch['unlabeled']['image']
+  soft = jax.nn.softmax(mlp_apply(method, teacher, x_u))
+  g_u = jax.grad(lambda p: jnp.mean(base.soft_cross_entropy(mlp_apply(method, p, x_u), soft)))(
+      student)
+  updated = jax.tree.map(lambda p, g: p - eta * g, student, g_u)
+  teacher_labeled = jnp.mean(base.cross_entropy(
+      mlp_apply(method, teacher, batch['labeled']['image']), batch['labeled']['label']))
+  return teacher_labeled + labeled_loss(method, updated, batch)
+
+
+def test_exact_teacher_gradient_matches_finite_differences():
+  method = make_method('exact', student_lr=0.5, teacher_lr=1.0)
+  batch = moons_batch()
+  state = init_state(method, batch)
+  new_state, _ = method.update(state, batch)
+  teacher = state.params['teacher']
+  # Plain SGD with lr 1: the teacher's step is minus its gradient.
+  grad = jax.tree.map(lambda old, new: old - new, teacher, new_state.params['teacher'])
+
+  objective = lambda t: bilevel_objective(method, t, state.params['student'], batch)
+  with jax.default_matmul_precision('highest'):
+    for i in range(4):
+      leaves, treedef = jax.tree.flatten(teacher)
+      keys = jax.random.split(jax.random.PRNGKey(i), len(leaves))
+      direction = treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+      eps = 1e-2
+      plus = objective(jax.tree.map(lambda t, d: t + eps * d, teacher, direction))
+      minus = objective(jax.tree.map(lambda t, d: t - eps * d, teacher, direction))
+      numeric = (plus - minus) / (2 * eps)
+      analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad),
+                                                    jax.tree.leaves(direction)))
+      np.testing.assert_allclose(float(analytic), float(numeric), rtol=2e-2, atol=2e-4)
+
+
+def test_exact_student_meta_gradient_is_not_trivial():
+  """The second-order term changes the teacher's step (else `exact` would be plain CE_l)."""
+  batch = moons_batch()
+  exact = make_method('exact', student_lr=0.5)
+  state = init_state(exact, batch)
+  with_feedback = exact.update(state, batch)[0].params['teacher']
+  only_labeled = jax.grad(lambda t: jnp.mean(base.cross_entropy(
+      mlp_apply(exact, t, batch['labeled']['image']), batch['labeled']['label'])))(
+          state.params['teacher'])
+  plain = jax.tree.map(lambda t, g: t - g, state.params['teacher'], only_labeled)
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(with_feedback),
+                                                            jax.tree.leaves(plain)))
+  assert diff > 1e-4
+
+
+def test_official_release_teacher_term_has_zero_gradient():
+  """official_release's teacher update equals a teacher trained on CE_l + UDA alone."""
+  method = make_method('official_release', student_lr=0.5, teacher_lr=1.0, uda_weight=1.0,
+                       label_smoothing=0.1)
+  batch = moons_batch()
+  state = init_state(method, batch).replace(step=jnp.int32(5))  # past the 1-step UDA ramp
+  new_state, metrics = method.update(state, batch)
+  assert float(metrics['uda_weight']) == 1.0
+  assert abs(float(metrics['h'] - metrics['baseline'])) > 1e-4  # the coefficient is not zero
+
+  x_l, y_l, x_u = batch['labeled']['image'], batch['labeled']['label'], batch['unlabeled']['image']
+
+  def uda_only(t):
+    labeled = jnp.mean(base.cross_entropy(mlp_apply(method, t, x_l), y_l, 0.1))
+    logits_u = mlp_apply(method, t, x_u)  # no augmentation on points: weak == strong view
+    target = jax.nn.softmax(jax.lax.stop_gradient(logits_u) / method.config.mpl.uda_temperature)
+    return labeled + jnp.mean(base.soft_cross_entropy(logits_u, target))
+
+  grad = jax.grad(uda_only)(state.params['teacher'])
+  expected = jax.tree.map(lambda t, g: t - g, state.params['teacher'], grad)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               new_state.params['teacher'], expected)
+
+
+@pytest.mark.parametrize('previous_baseline, direction', [(-1000.0, 1), (1000.0, -1)])
+def test_teacher_moves_pseudo_label_probability_with_the_feedback_sign(previous_baseline,
+                                                                       direction):
+  """coefficient h - b > 0 raises p(yhat) under the teacher; < 0 lowers it."""
+  method = make_method('first_order', student_lr=0.1, teacher_lr=1e-5)
+  batch = moons_batch(n_u=8)
+  state = init_state(method, batch)
+  state = state.replace(method_state={'baseline': jnp.float32(previous_baseline)})
+  new_state, metrics = method.update(state, batch)
+  coefficient = float(metrics['h'] - metrics['baseline'])
+  assert np.sign(coefficient) == direction
+
+  x_u = batch['unlabeled']['image']
+  before = jax.nn.log_softmax(mlp_apply(method, state.params['teacher'], x_u))
+  after = jax.nn.log_softmax(mlp_apply(method, new_state.params['teacher'], x_u))
+  pseudo = jnp.argmax(before, -1)
+  change = jnp.take_along_axis(after - before, pseudo[:, None], -1).sum()
+  assert np.sign(float(change)) == direction
+
+
+def test_baseline_is_a_moving_average_of_h():
+  method = make_method('first_order', student_lr=0.1)
+  batch = moons_batch()
+  state = init_state(method, batch)
+  state = state.replace(method_state={'baseline': jnp.float32(0.5)})
+  _, metrics = method.update(state, batch)
+  np.testing.assert_allclose(float(metrics['baseline']), 0.99 * 0.5 + 0.01 * float(metrics['h']),
+                             rtol=1e-6)
+
+
+def test_sampled_pseudo_labels_follow_the_teacher_distribution():
+  method = make_method('first_order', pseudo_label='sample')
+  batch = moons_batch(n_u=16)
+  state = init_state(method, batch)
+  accuracies = [float(method.update(state.replace(step=jnp.int32(s)),
+                                    {**batch, 'unlabeled': {**batch['unlabeled'],
+                                                            'label': jnp.zeros(16, jnp.int32)}}
+                                    )[1]['pseudo_label_accuracy']) for s in range(40)]
+  # Sampled labels vary from step to step (argmax labels would not).
+  assert len(set(accuracies)) > 1
+
+
+def test_mpl_resume_reproduces_uninterrupted_run(tmp_path):
+  """Baseline, both optimiser states and the EMA survive a preemption."""
+  def config():
+    c = moons_config('method=mpl,labels=6')
+    c.total_steps, c.checkpoint_every, c.eval_every, c.log_every = 30, 15, 15, 5
+    c.ema_decay = 0.9
+    return c
+
+  train.train_and_evaluate(config(), str(tmp_path / 'straight'))
+  train.train_and_evaluate(config(), str(tmp_path / 'resumed'), should_stop=lambda s: s == 15)
+  train.train_and_evaluate(config(), str(tmp_path / 'resumed'))
+
+  import orbax.checkpoint as ocp
+
+  def final_state(workdir):
+    with ocp.CheckpointManager(str(workdir / 'checkpoints')) as manager:
+      return manager.restore(manager.latest_step())['state']
+
+  a, b = final_state(tmp_path / 'straight'), final_state(tmp_path / 'resumed')
+  for key in ('params', 'opt_state', 'ema_params', 'method_state'):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a[key], b[key])
+  assert float(a['method_state']['baseline']) != 0.0
