@@ -130,6 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.noise = 0.1               # two_moons noise
   c.data.seed = 0                  # seed of the labeled split (and of two_moons)
   c.data.exclude_labeled = False   # official MPL: unlabeled = all training images
+  c.data.standin = 'never'         # 'if_missing' | 'always': random data of the dataset's
+                                   # shapes, for the runlocal smoke tests of paper configs
   c.data.max_eval_examples = 0     # 0 = the whole test set; runlocal configs use a subset
 
   c.model = ml_collections.ConfigDict({'name': 'mlp'})  # + the model's own options

@@ -12,6 +12,8 @@ run sees exactly the batches the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -43,13 +45,28 @@ from mpl.methods import base
 
 def load_data(config, workdir):
   """Loads the in-memory dataset and the labeled/unlabeled split (saved in the workdir)."""
-  if config.dataset in datasets.STREAMING_DATASETS:
-    raise ConfigError(
-        f'{config.dataset} is a streaming dataset; the in-memory training loop cannot hold it. '
-        f'Streaming training is not wired into the loop yet.')
-  data = datasets.load_dataset(
-      config.dataset, data_dir=config.data.data_dir, image_size=config.data.image_size or None,
-      source=config.data.source, noise=config.data.noise, seed=config.data.seed)
+  config_lib.check_choice('data.standin', config.data.standin, ('never', 'if_missing', 'always'))
+  data = None
+  if config.data.standin != 'always' and config.dataset not in datasets.STREAMING_DATASETS:
+    try:
+      data = datasets.load_dataset(
+          config.dataset, data_dir=config.data.data_dir,
+          image_size=config.data.image_size or None, source=config.data.source,
+          noise=config.data.noise, seed=config.data.seed)
+    except DataError:
+      if config.data.standin == 'never':
+        raise
+  if data is None:
+    if config.data.standin == 'never':
+      raise ConfigError(
+          f'{config.dataset} is a streaming dataset; the in-memory training loop cannot hold '
+          f'it. Streaming training is not wired into the loop yet.')
+    # runlocal variants of configs whose data users bring: the right shapes, random content.
+    logging.warning('Training on random STAND-IN data with the shapes of %s '
+                    '(config.data.standin=%s): a smoke test, not a result.', config.dataset,
+                    config.data.standin)
+    data = datasets.standin_dataset(config.dataset, image_size=config.data.image_size or None,
+                                    seed=config.data.seed)
   num_train = len(data.train_labels)
   num_labeled = num_train if config.num_labeled == -1 else int(config.num_labeled)
   if num_labeled > num_train:
@@ -283,14 +300,37 @@ def _model_kwargs(config) -> dict[str, Any]:
 # The loop.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       should_stop: Callable[[int], bool] | None = None) -> dict:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the summary.
+@dataclasses.dataclass
+class Experiment:
+  """Everything a config builds before the first step; shared by training and `mpl.bench`.
 
-  `should_stop(step)` is checked after every step, like SIGTERM: when it returns True the loop
-  saves a checkpoint and returns early (the summary then has "stopped_at").
+  Its jitted functions trace models with logical-axis constraints: call them inside
+  `with experiment.activate():` (the mesh and the rule table).
   """
-  wall_start = time.time()
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  data: Any
+  labeled_idx: np.ndarray
+  unlabeled_idx: np.ndarray
+  method: base.Method
+  state_sharding: Any
+  abstract_state: Any          # ShapeDtypeStructs carrying the shardings (restore target)
+  init_state: Callable         # jitted rng -> state, created directly in its shardings
+  arrays: dict                 # the training set on the device
+  train_step: Callable         # jitted (state, arrays) -> (state, metrics), state donated
+  eval_set: tuple
+  evaluate: Callable           # jitted (variables, *eval_set) -> {'accuracy', 'top5'}
+
+  def activate(self) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+
+def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  """Validates `config`, loads the data and builds the method, shardings and jitted steps."""
   config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
@@ -304,40 +344,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f'config.model: {e}') from e
   method = methods.get_method(config.method)(config, model, info)
   unlabeled_batch = config.batch_size * config.mu if method.uses_unlabeled else 0
-
-  is_lead = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
-  if is_lead:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
-  checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+  if len(unlabeled_idx) * max(config.batch_size * config.mu, 1) >= 2**31:
+    raise ConfigError('the unlabeled pool times the batch size overflows int32 positions; '
+                      'use the streaming input for datasets this large.')
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # Shapes first, then the state is created (or restored) directly in its shardings.
     init = functools.partial(method.init, sample_images=data.train_images[:1])
-    rng = jax.random.PRNGKey(config.seed)
-    abstract_boxed = jax.eval_shape(init, rng)
+    abstract_boxed = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
     state_sharding = sharding.state_shardings(abstract_boxed, mesh, rules)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         sharding.strip_boxes(abstract_boxed), state_sharding)
-
-    meta = {'evals': [], 'wall_s': 0.0}
-    if checkpoints.latest_step() is not None:
-      state, meta = checkpoints.restore(abstract_state)
-      logging.info('Resumed from the checkpoint at step %d.', int(state.step))
-    else:
-      state = jax.jit(lambda r: sharding.strip_boxes(init(r)),
-                      out_shardings=state_sharding)(rng)
+    init_state = jax.jit(lambda r: sharding.strip_boxes(init(r)),
+                         out_shardings=state_sharding)
 
     replicated = sharding.replicated(mesh)
     arrays = jax.device_put({
         'images': data.train_images, 'labels': data.train_labels.astype(np.int32),
         'labeled_idx': labeled_idx.astype(np.int32),
         'unlabeled_idx': unlabeled_idx.astype(np.int32)}, replicated)
-    if len(unlabeled_idx) * max(config.batch_size * config.mu, 1) >= 2**31:
-      raise ConfigError('the unlabeled pool times the batch size overflows int32 positions; '
-                        'use the streaming input for datasets this large.')
     data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0DA7A)
     batch_sharding = sharding.batch_sharding(mesh)
 
@@ -352,7 +378,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_set = make_eval_set(data.test_images[:limit],
                              data.test_labels[:limit].astype(np.int32),
                              config.eval_batch_size, mesh)
-    evaluate = make_evaluate(method)
+  return Experiment(config=config, mesh=mesh, rules=rules, data=data,
+                    labeled_idx=labeled_idx, unlabeled_idx=unlabeled_idx, method=method,
+                    state_sharding=state_sharding, abstract_state=abstract_state,
+                    init_state=init_state, arrays=arrays, train_step=train_step,
+                    eval_set=eval_set, evaluate=make_evaluate(method))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       should_stop: Callable[[int], bool] | None = None) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the summary.
+
+  `should_stop(step)` is checked after every step, like SIGTERM: when it returns True the loop
+  saves a checkpoint and returns early (the summary then has "stopped_at").
+  """
+  experiment = build(config, workdir)
+  method, mesh = experiment.method, experiment.mesh
+  train_step, arrays = experiment.train_step, experiment.arrays
+  evaluate, eval_set = experiment.evaluate, experiment.eval_set
+  labeled_idx = experiment.labeled_idx
+
+  is_lead = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
+  if is_lead:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)
+  checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+
+  with experiment.activate():
+    meta = {'evals': [], 'wall_s': 0.0}
+    if checkpoints.latest_step() is not None:
+      state, meta = checkpoints.restore(experiment.abstract_state)
+      logging.info('Resumed from the checkpoint at step %d.', int(state.step))
+    else:
+      state = experiment.init_state(jax.random.PRNGKey(config.seed))
 
     def run_eval(state, step):
       result = {'step': step}

@@ -102,6 +102,41 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
   return InMemoryDataset(name=name, num_classes=num_classes, mean=mean, std=std, **arrays)
 
 
+# Shapes of the datasets users bring, for stand-in data: (height, width, channels, classes).
+STANDIN_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    'fashion_mnist': (28, 28, 1, 10),
+    'cifar10': (32, 32, 3, 10),
+    'cifar100': (32, 32, 3, 100),
+    'svhn_cropped': (32, 32, 3, 10),
+    'imagenet2012': (224, 224, 3, 1000),
+}
+
+
+def standin_dataset(name: str, *, image_size: int | None = None, num_train: int = 512,
+                    num_test: int = 256, seed: int = 0) -> InMemoryDataset:
+  """Random uint8 images and balanced labels with the shapes of dataset `name`.
+
+  For the `runlocal` variants of the paper configs, so that the real pipeline (model, method,
+  sharding, checkpoints) runs on a machine without the real data. Never for results.
+  """
+  if name not in STANDIN_SHAPES:
+    raise ConfigError(f'no stand-in shapes for {name!r}; known: {sorted(STANDIN_SHAPES)}')
+  height, width, channels, num_classes = STANDIN_SHAPES[name]
+  if image_size:
+    height = width = image_size
+  rng = np.random.default_rng(seed)
+  def make(n):
+    images = rng.integers(0, 256, size=(n, height, width, channels), dtype=np.uint8)
+    labels = (np.arange(n) % num_classes).astype(np.int32)
+    return images, labels
+  train_images, train_labels = make(num_train)
+  test_images, test_labels = make(num_test)
+  return InMemoryDataset(name=f'{name} (stand-in)', train_images=train_images,
+                         train_labels=train_labels, test_images=test_images,
+                         test_labels=test_labels, num_classes=num_classes,
+                         mean=(0.5,) * channels, std=(0.29,) * channels)
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers shared by all image datasets.
 
