@@ -37,7 +37,7 @@ def get_config(arg=None):
   config_lib.check_choice('model', args.model, ('wrn28_2', 'cnn'))
   if args.model == 'wrn28_2':
     config.model = config_lib.ml_collections.ConfigDict(dict(
-        name='wrn28', width=2, depth=28, dropout_rate=0.2, dtype='float32'))
+        name='wrn', depth=28, width=2, dropout_rate=0.2, dtype='float32'))
   else:
     config.model = config_lib.ml_collections.ConfigDict(dict(
         name='cnn', dropout_rate=0.2, dtype='float32'))

@@ -145,6 +145,17 @@ def base_config() -> ml_collections.ConfigDict:
       strong='mpl',                # RandAugment variant of strong views: 'mpl' | 'fixmatch'
       magnitude=16.0, num_layers=2, cutout_size=16, pad=4, pad_mode='reflect', flip=True))
 
+  # Pseudo Labels / Noisy Student (mpl/methods/pseudo_label.py); every network uses c.optimizer.
+  c.pseudo_label = ml_collections.ConfigDict(dict(
+      rounds=0,                    # 0 = online (Lee 2013); >= 1 = offline teacher -> student rounds
+      threshold=ml_collections.config_dict.placeholder(float),  # keep if max prob >= this;
+                                   # None = 0.95 online, 0.0 offline
+      weight=1.0,                  # lambda_u
+      hard=True,                   # argmax labels; False = the soft distribution
+      teacher_steps=ml_collections.config_dict.placeholder(int),  # offline: teacher's supervised
+                                   # steps; None = total_steps // (rounds + 1)
+  ))
+
   # Meta Pseudo Labels (mpl/methods/mpl.py); defaults: the official CIFAR-10-4K recipe.
   c.mpl = ml_collections.ConfigDict(dict(
       feedback='first_order',      # 'first_order' (paper) | 'exact' | 'official_release'
@@ -160,6 +171,9 @@ def base_config() -> ml_collections.ConfigDict:
                              nesterov=True, weight_decay=5e-4, clip_norm=0.0, wait_steps=3000,
                              warmup_steps=5000, decay='cosine'),
   ))
+
+  # Finetune stage after MPL (paper): the student on labeled data only. steps=0: off.
+  c.finetune = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=512))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # data=-1: all other devices
   c.sharding_rules = ()            # (logical name, mesh axis) overrides, see mpl/sharding.py

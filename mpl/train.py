@@ -31,10 +31,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from clu import metric_writers, periodic_actions
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mpl import config_lib, methods, models, sharding
+from mpl import config_lib, methods, models, reporting, sharding
 from mpl.data import datasets, split
 from mpl.errors import ConfigError, DataError, NonFiniteLossError
 from mpl.methods import base
@@ -266,14 +265,21 @@ def summarize(config, evals: list[dict], wall_s: float, steps: int, num_labeled:
   }
 
 
-def plot_curves(evals: list[dict], path: str, title: str) -> None:
-  """Test accuracy over training, raw and EMA, to WORKDIR/curves.png."""
+def plot_curves(stages: list[list[dict]], path: str, title: str) -> None:
+  """Test accuracy over training (raw, EMA, teacher; then the finetune stage) to a PNG."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for key in sorted({k for e in evals for k in e if k != 'step'}):
-    ax.plot([e['step'] for e in evals], [100 * e[key]['accuracy'] for e in evals], label=key)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  offset = 0
+  for i, evals in enumerate(stages):
+    if not evals:
+      continue
+    suffix = '' if i == 0 else ' (finetune)'
+    for key in sorted({k for e in evals for k in e if k != 'step'}):
+      ax.plot([offset + e['step'] for e in evals], [100 * e[key]['accuracy'] for e in evals],
+              marker='.' if len(evals) < 30 else None, label=key + suffix)
+    offset += evals[-1]['step']
   ax.set_xlabel('step')
   ax.set_ylabel('test accuracy (%)')
   ax.set_title(title)
@@ -385,12 +391,15 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
                     eval_set=eval_set, evaluate=make_evaluate(method))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       should_stop: Callable[[int], bool] | None = None) -> dict:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the summary.
+def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
+              should_stop: Callable[[int], bool] | None = None,
+              init_from: Callable[[Any], Any] | None = None) -> tuple[dict, Any]:
+  """Trains one stage of `config` in `workdir`, resuming from its latest checkpoint.
 
-  `should_stop(step)` is checked after every step, like SIGTERM: when it returns True the loop
-  saves a checkpoint and returns early (the summary then has "stopped_at").
+  Returns (summary, final state). `init_from(state)` edits a freshly created state (the
+  finetune stage starts from the MPL student). `should_stop(step)` is checked after every
+  step, like SIGTERM: when True the loop saves a checkpoint and returns early (the summary
+  then has "stopped_at").
   """
   experiment = build(config, workdir)
   method, mesh = experiment.method, experiment.mesh
@@ -399,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   labeled_idx = experiment.labeled_idx
 
   is_lead = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
+  writer = reporting.Writer(workdir, is_lead)
   if is_lead:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(config.to_dict(), f, indent=2, default=str)
@@ -412,6 +421,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info('Resumed from the checkpoint at step %d.', int(state.step))
     else:
       state = experiment.init_state(jax.random.PRNGKey(config.seed))
+      if init_from is not None:
+        state = init_from(state)
 
     def run_eval(state, step):
       result = {'step': step}
@@ -426,8 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     step = int(state.step)
     total = int(config.total_steps)
-    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                             every_secs=30, every_steps=None)
+    report = reporting.Progress(total, writer)
     pending = None  # (step, device metrics) of the previous update: read one step late
     sums, count = {}, 0
     session_start = time.time()
@@ -479,12 +489,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if stopped_at is not None:
     summary['stopped_at'] = stopped_at
     logging.info('Stopped at step %d; rerun the same command to resume.', stopped_at)
+  return summary, state
+
+
+def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The finetune stage after MPL (paper): the student on labeled data only, SGD at a tiny lr."""
+  ft = ml_collections.ConfigDict(config.to_dict())
+  ft.method = 'supervised'
+  ft.batch_size = config.finetune.batch_size
+  ft.total_steps = config.finetune.steps
+  ft.eval_every = min(config.eval_every, config.finetune.steps)
+  ft.checkpoint_every = min(config.checkpoint_every, config.finetune.steps)
+  ft.log_every = min(config.log_every, config.finetune.steps)
+  ft.ema_decay = 0.0
+  ft.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', lr=config.finetune.lr, scale_lr_by_batch=False, momentum=0.9, nesterov=True,
+      weight_decay=0.0, clip_norm=0.0, wait_steps=0, warmup_steps=0, decay='constant'))
+  ft.finetune.steps = 0
+  return ft
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       should_stop: Callable[[int], bool] | None = None) -> dict:
+  """Trains `config` in `workdir` (resuming where it stopped); returns and writes the summary.
+
+  Writes WORKDIR/summary.json and WORKDIR/curves.png at the end. With `config.finetune.steps`
+  > 0 (MPL), a finetune stage follows in WORKDIR/finetune; the summary's `final` is then the
+  finetuned student and `before_finetune` holds the MPL stage's results.
+  """
+  summary, state = run_stage(config, workdir, should_stop=should_stop)
+  stages = [summary]
+  if 'stopped_at' not in summary and config.finetune.steps > 0:
+    # Start from the evaluated student: the EMA when there is one (see the MPL docstring).
+    if state.ema_params is not None:
+      student = (state.ema_params, state.ema_batch_stats)
+    else:
+      student = (state.params['student'], state.batch_stats['student'])
+    del state
+    init_from = lambda s: s.replace(params=student[0], batch_stats=student[1])
+    ft_summary, _ = run_stage(finetune_config(config), os.path.join(workdir, 'finetune'),
+                              should_stop=should_stop, init_from=init_from)
+    stages.append(ft_summary)
+    summary = {**ft_summary, 'config': config.to_dict(), 'method': config.method,
+               'before_finetune': {k: summary[k] for k in ('final', 'best', 'median_last_20',
+                                                           'steps', 'wall_s', 'history')},
+               'finetune_steps': ft_summary['steps'],
+               'steps': summary['steps'] + ft_summary['steps'],
+               'wall_s': round(summary['wall_s'] + ft_summary['wall_s'], 2)}
+    if 'stopped_at' in ft_summary:
+      summary['stopped_at'] = summary['before_finetune']['steps'] + ft_summary['stopped_at']
+  if 'stopped_at' in summary:
     return summary
-  if is_lead:
+  if jax.process_index() == 0:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2, default=str)
     if summary['final']:
-      plot_curves(meta['evals'], os.path.join(workdir, 'curves.png'),
-                  f'{config.method} on {config.dataset} ({len(labeled_idx)} labels)')
+      plot_curves([s['history'] for s in stages], os.path.join(workdir, 'curves.png'),
+                  f'{config.method} on {config.dataset} ({summary["num_labeled"]} labels)')
   logging.info('Done: %s', {k: summary[k] for k in ('final', 'best', 'median_last_20')})
   return summary

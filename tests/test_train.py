@@ -182,3 +182,29 @@ def test_main_prints_a_clear_error_for_unknown_config_key(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   assert "unknown method 'nope'" in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_trains_without_tensorflow(tmp_path):
+  """GPU machines often have no TensorFlow: the loop, logs and fashion_mnist (IDX) still work."""
+  script = f'''
+import sys
+sys.modules['tensorflow'] = None            # `import tensorflow` now raises ImportError
+sys.modules['tensorflow_datasets'] = None
+import importlib.util
+from mpl import train
+for name, path in (('moons', 'configs/two_moons.py'), ('fm', 'configs/fashion_mnist.py')):
+  spec = importlib.util.spec_from_file_location('c', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('runlocal')
+  config.total_steps = 2
+  summary = train.train_and_evaluate(config, {str(tmp_path)!r} + '/' + name)
+  assert summary['steps'] == 2
+assert 'tensorflow' not in [m for m, v in sys.modules.items() if v is not None]
+print('OK without tensorflow')
+'''
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=300)
+  assert 'OK without tensorflow' in result.stdout, result.stderr[-3000:]
+  assert os.path.exists(tmp_path / 'moons' / 'metrics.jsonl')

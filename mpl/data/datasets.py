@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 import os
 import tempfile
 from typing import Any
@@ -221,8 +222,14 @@ def fashion_mnist_dir(data_dir: str | None = None) -> str:
 
 def tensorflow_available() -> bool:
   """Whether TensorFlow and tensorflow-datasets are installed (without importing them)."""
-  return all(importlib.util.find_spec(m) is not None
-             for m in ('tensorflow', 'tensorflow_datasets'))
+  def installed(module):
+    if module in sys.modules and sys.modules[module] is None:  # import blocked
+      return False
+    try:
+      return importlib.util.find_spec(module) is not None
+    except (ValueError, ImportError):
+      return False
+  return all(installed(m) for m in ('tensorflow', 'tensorflow_datasets'))
 
 
 def _fashion_mnist(data_dir: str | None, source: str) -> dict[str, np.ndarray]:

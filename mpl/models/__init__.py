@@ -23,6 +23,7 @@ from mpl.models.wide_resnet import WideResNet
 MODELS: dict[str, type] = {
     'mlp': MLP,
     'cnn': CNN,
+    'wrn': WideResNet,        # any depth 6n+4 and width: WRN-depth-width
     'wrn28': WideResNet,
     'wrn28_2': WideResNet,
     'wrn28_8': WideResNet,

@@ -1,0 +1,83 @@
+"""Metric writers and progress reports, with or without TensorFlow.
+
+clu's writers and `ReportProgress` import TensorFlow (for TensorBoard summaries). GPU machines
+often have none, so when the import fails we fall back to log lines (steps/s, ETA) and the
+JSON-lines file that is always written: WORKDIR/metrics.jsonl, one {"step", name: value} per
+write, for tools and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import logging
+
+
+class JsonlWriter:
+  """Appends {"step": s, **scalars} lines to WORKDIR/metrics.jsonl (lead process only)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = enabled
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    if self.enabled:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
+                + '\n')
+
+  def flush(self) -> None:
+    pass
+
+
+class Writer:
+  """clu's default writer (TensorBoard + logs) when available, else logs; plus metrics.jsonl."""
+
+  def __init__(self, workdir: str, is_lead: bool):
+    self.jsonl = JsonlWriter(workdir, enabled=is_lead)
+    try:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      self.clu = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
+    except ImportError:  # no TensorFlow: log lines only
+      self.clu = None
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    self.jsonl.write_scalars(step, scalars)
+    if self.clu is not None:
+      self.clu.write_scalars(step, scalars)
+    else:
+      logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in scalars.items()))
+
+  def flush(self) -> None:
+    if self.clu is not None:
+      self.clu.flush()
+
+
+class Progress:
+  """Steps/s and ETA every `every_secs`: clu's ReportProgress, or a log line without clu."""
+
+  def __init__(self, total_steps: int, writer: Writer, every_secs: float = 30.0):
+    self.total = total_steps
+    self.every_secs = every_secs
+    self.clu = None
+    if writer.clu is not None:
+      from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+      self.clu = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer.clu,
+                                                 every_secs=every_secs, every_steps=None)
+    self._last_time = None
+    self._last_step = None
+
+  def __call__(self, step: int) -> None:
+    if self.clu is not None:
+      self.clu(step)
+      return
+    now = time.time()
+    if self._last_time is None:
+      self._last_time, self._last_step = now, step
+    elif now - self._last_time >= self.every_secs or step == self.total:
+      rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+      logging.info('%d/%d steps (%.1f%%), %.2f steps/s, ETA %.0f s', step, self.total,
+                   100 * step / self.total, rate, (self.total - step) / max(rate, 1e-9))
+      self._last_time, self._last_step = now, step
