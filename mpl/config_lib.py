@@ -86,8 +86,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   from mpl.data import datasets
 
   check_choice('method', config.method, methods.METHODS)
-  check_choice('dataset', config.dataset,
-               tuple(datasets.DATASETS) + tuple(datasets.STREAMING_DATASETS))
+  if not config.data.streaming:  # any prepared TFDS image dataset can be streamed
+    check_choice('dataset', config.dataset,
+                 tuple(datasets.DATASETS) + tuple(datasets.STREAMING_DATASETS))
   check_choice('model', config.model.name, models.MODELS)
   for key in ('total_steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every'):
     if int(config[key]) <= 0:
@@ -132,6 +133,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.exclude_labeled = False   # official MPL: unlabeled = all training images
   c.data.standin = 'never'         # 'if_missing' | 'always': random data of the dataset's
                                    # shapes, for the runlocal smoke tests of paper configs
+  # Streaming input (mpl/data/streaming.py), always used for imagenet2012:
+  c.data.streaming = False         # stream any prepared TFDS image dataset instead of loading it
+  c.data.labeled_split = 'train'
+  c.data.unlabeled_dataset = ''    # '' = the labeled dataset
+  c.data.unlabeled_split = 'train'
+  c.data.eval_split = 'validation'
   c.data.max_eval_examples = 0     # 0 = the whole test set; runlocal configs use a subset
 
   c.model = ml_collections.ConfigDict({'name': 'mlp'})  # + the model's own options

@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mpl import config_lib, methods, models, reporting, sharding
-from mpl.data import datasets, split
+from mpl.data import datasets, split, streaming
 from mpl.errors import ConfigError, DataError, NonFiniteLossError
 from mpl.methods import base
 
@@ -42,11 +42,15 @@ from mpl.methods import base
 # Data on the device.
 
 
+def is_streaming(config) -> bool:
+  return bool(config.data.streaming) or config.dataset in datasets.STREAMING_DATASETS
+
+
 def load_data(config, workdir):
   """Loads the in-memory dataset and the labeled/unlabeled split (saved in the workdir)."""
   config_lib.check_choice('data.standin', config.data.standin, ('never', 'if_missing', 'always'))
   data = None
-  if config.data.standin != 'always' and config.dataset not in datasets.STREAMING_DATASETS:
+  if config.data.standin != 'always' and not is_streaming(config):
     try:
       data = datasets.load_dataset(
           config.dataset, data_dir=config.data.data_dir,
@@ -153,6 +157,20 @@ def make_evaluate(method: base.Method):
     return {'accuracy': totals[0] / count, 'top5': totals[1] / count}
 
   return jax.jit(evaluate)
+
+
+def make_evaluate_batch(method: base.Method):
+  """jit(variables, batch with 'mask') -> sums of correct / top-5 / count, for streamed eval."""
+
+  def evaluate_batch(variables, batch):
+    logits = method.predict(variables, batch['image'])
+    y, m = batch['label'], batch['mask'].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    top_k = jnp.any(jax.lax.top_k(logits, k)[1] == y[:, None], axis=-1).astype(jnp.float32)
+    return jnp.stack([jnp.sum(correct * m), jnp.sum(top_k * m), jnp.sum(m)])
+
+  return jax.jit(evaluate_batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +345,26 @@ class Experiment:
   train_step: Callable         # jitted (state, arrays) -> (state, metrics), state donated
   eval_set: tuple
   evaluate: Callable           # jitted (variables, *eval_set) -> {'accuracy', 'top5'}
+  num_labeled: int
+  stream: Any = None           # streaming.StreamingInput for data too large for memory
+
+  def step(self, state):
+    """One training step: (state, metrics). The state is donated."""
+    if self.stream is None:
+      return self.train_step(state, self.arrays)
+    return self.train_step(state, self.stream.next_batch())
+
+  def evaluate_model(self, variables) -> dict[str, float]:
+    """Top-1 and top-5 accuracy of one model on the whole evaluation set."""
+    if self.stream is None:
+      return {k: float(v) for k, v in jax.device_get(
+          self.evaluate(variables, *self.eval_set)).items()}
+    totals = np.zeros(3)
+    for batch in self.stream.eval_batches():
+      totals += np.asarray(jax.device_get(self.evaluate(variables, batch)))
+      if self.config.data.max_eval_examples and totals[2] >= self.config.data.max_eval_examples:
+        break
+    return {'accuracy': totals[0] / totals[2], 'top5': totals[1] / totals[2]}
 
   def activate(self) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
@@ -341,22 +379,39 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_rules(config)
-  data, labeled_idx, unlabeled_idx = load_data(config, workdir)
-  info = base.DataInfo(num_classes=data.num_classes, mean=tuple(data.mean),
-                       std=tuple(data.std), is_image=data.train_images.ndim == 4)
+  method_class = methods.get_method(config.method)
+  stream = None
+  if is_streaming(config) and config.data.standin != 'always':
+    try:
+      stream = streaming.StreamingInput(config, mesh, method_class.uses_unlabeled)
+    except DataError:
+      if config.data.standin == 'never':
+        raise
+  if stream is not None:
+    info = base.DataInfo(num_classes=stream.num_classes, mean=streaming.IMAGENET_MEAN,
+                         std=streaming.IMAGENET_STD, is_image=True)
+    sample_images = stream.sample_images()
+    num_labeled = stream.builder.info.splits[config.data.labeled_split].num_examples
+    data = labeled_idx = unlabeled_idx = None
+  else:
+    data, labeled_idx, unlabeled_idx = load_data(config, workdir)
+    info = base.DataInfo(num_classes=data.num_classes, mean=tuple(data.mean),
+                         std=tuple(data.std), is_image=data.train_images.ndim == 4)
+    sample_images = data.train_images[:1]
+    num_labeled = len(labeled_idx)
   try:
-    model = models.get_model(config.model.name, data.num_classes, **_model_kwargs(config))
+    model = models.get_model(config.model.name, info.num_classes, **_model_kwargs(config))
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from e
-  method = methods.get_method(config.method)(config, model, info)
+  method = method_class(config, model, info)
   unlabeled_batch = config.batch_size * config.mu if method.uses_unlabeled else 0
-  if len(unlabeled_idx) * max(config.batch_size * config.mu, 1) >= 2**31:
+  if stream is None and len(unlabeled_idx) * max(config.batch_size * config.mu, 1) >= 2**31:
     raise ConfigError('the unlabeled pool times the batch size overflows int32 positions; '
                       'use the streaming input for datasets this large.')
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # Shapes first, then the state is created (or restored) directly in its shardings.
-    init = functools.partial(method.init, sample_images=data.train_images[:1])
+    init = functools.partial(method.init, sample_images=sample_images)
     abstract_boxed = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
     state_sharding = sharding.state_shardings(abstract_boxed, mesh, rules)
     abstract_state = jax.tree.map(
@@ -366,29 +421,37 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
                          out_shardings=state_sharding)
 
     replicated = sharding.replicated(mesh)
-    arrays = jax.device_put({
-        'images': data.train_images, 'labels': data.train_labels.astype(np.int32),
-        'labeled_idx': labeled_idx.astype(np.int32),
-        'unlabeled_idx': unlabeled_idx.astype(np.int32)}, replicated)
-    data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0DA7A)
     batch_sharding = sharding.batch_sharding(mesh)
+    if stream is not None:
+      arrays = eval_set = None
+      train_step = jax.jit(method.update, in_shardings=(state_sharding, batch_sharding),
+                           out_shardings=(state_sharding, replicated), donate_argnums=0)
+      evaluate = make_evaluate_batch(method)
+    else:
+      arrays = jax.device_put({
+          'images': data.train_images, 'labels': data.train_labels.astype(np.int32),
+          'labeled_idx': labeled_idx.astype(np.int32),
+          'unlabeled_idx': unlabeled_idx.astype(np.int32)}, replicated)
+      data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0DA7A)
 
-    def train_step(state, arrays):
-      batch = sample_batch(arrays, state.step, data_key, config.batch_size, unlabeled_batch)
-      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-      return method.update(state, batch)
+      def train_step(state, arrays):
+        batch = sample_batch(arrays, state.step, data_key, config.batch_size, unlabeled_batch)
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        return method.update(state, batch)
 
-    train_step = jax.jit(train_step, in_shardings=(state_sharding, replicated),
-                         out_shardings=(state_sharding, replicated), donate_argnums=0)
-    limit = config.data.max_eval_examples or len(data.test_labels)
-    eval_set = make_eval_set(data.test_images[:limit],
-                             data.test_labels[:limit].astype(np.int32),
-                             config.eval_batch_size, mesh)
+      train_step = jax.jit(train_step, in_shardings=(state_sharding, replicated),
+                           out_shardings=(state_sharding, replicated), donate_argnums=0)
+      limit = config.data.max_eval_examples or len(data.test_labels)
+      eval_set = make_eval_set(data.test_images[:limit],
+                               data.test_labels[:limit].astype(np.int32),
+                               config.eval_batch_size, mesh)
+      evaluate = make_evaluate(method)
   return Experiment(config=config, mesh=mesh, rules=rules, data=data,
                     labeled_idx=labeled_idx, unlabeled_idx=unlabeled_idx, method=method,
                     state_sharding=state_sharding, abstract_state=abstract_state,
                     init_state=init_state, arrays=arrays, train_step=train_step,
-                    eval_set=eval_set, evaluate=make_evaluate(method))
+                    eval_set=eval_set, evaluate=evaluate, num_labeled=num_labeled,
+                    stream=stream)
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
@@ -403,9 +466,6 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
   """
   experiment = build(config, workdir)
   method, mesh = experiment.method, experiment.mesh
-  train_step, arrays = experiment.train_step, experiment.arrays
-  evaluate, eval_set = experiment.evaluate, experiment.eval_set
-  labeled_idx = experiment.labeled_idx
 
   is_lead = jax.process_index() == 0
   writer = reporting.Writer(workdir, is_lead)
@@ -427,8 +487,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
     def run_eval(state, step):
       result = {'step': step}
       for key, variables in method.eval_variables(state).items():
-        result[key] = {k: float(v) for k, v in jax.device_get(
-            evaluate(variables, *eval_set)).items()}
+        result[key] = experiment.evaluate_model(variables)
       meta['evals'].append(result)
       writer.write_scalars(step, {f'eval/{key}_{name}': value
                                   for key, r in result.items() if key != 'step'
@@ -445,9 +504,11 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
     stopped_at = None
     logging.info('Training %s on %s from step %d to %d on mesh %s.', config.method,
                  config.dataset, step, total, dict(mesh.shape))
+    if experiment.stream is not None:
+      experiment.stream.start(step)
     with PreemptionFlag() as preemption:
       while step < total:
-        state, metrics = train_step(state, arrays)
+        state, metrics = experiment.step(state)
         if pending is not None:
           done_metrics = jax.device_get(pending[1])
           check_finite(done_metrics, pending[0])
@@ -485,7 +546,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
     checkpoints.close()
     writer.flush()
 
-  summary = summarize(config, meta['evals'], meta['wall_s'], step, len(labeled_idx))
+  summary = summarize(config, meta['evals'], meta['wall_s'], step, experiment.num_labeled)
   if stopped_at is not None:
     summary['stopped_at'] = stopped_at
     logging.info('Stopped at step %d; rerun the same command to resume.', stopped_at)

@@ -208,3 +208,39 @@ print('OK without tensorflow')
                           text=True, env=env, timeout=300)
   assert 'OK without tensorflow' in result.stdout, result.stderr[-3000:]
   assert os.path.exists(tmp_path / 'moons' / 'metrics.jsonl')
+
+
+def test_streaming_input_trains_and_evaluates(tmp_path):
+  """A TFDS dataset too large for memory streams through tf.data into global sharded arrays."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  class StreamTiny(tfds.core.GeneratorBasedBuilder):
+    """16x16 RGB images whose class is the brightest channel (learnable)."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(16, 16, 3)),
+          'label': tfds.features.ClassLabel(num_classes=3)}), supervised_keys=('image', 'label'))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(96), 'validation': self._generate_examples(40)}
+
+    def _generate_examples(self, n):
+      rng = np.random.default_rng(n)
+      for i in range(n):
+        image = rng.integers(0, 100, (16, 16, 3), dtype=np.uint8)
+        image[..., i % 3] += 120
+        yield i, {'image': image, 'label': i % 3}
+
+  data_dir = str(tmp_path / 'tfds')
+  StreamTiny(data_dir=data_dir).download_and_prepare()
+  config = moons('labels=-1', **{
+      'dataset': 'stream_tiny', 'data.streaming': True, 'data.data_dir': data_dir,
+      'data.image_size': 16, 'model.name': 'cnn', 'batch_size': 16, 'eval_batch_size': 16,
+      'total_steps': 4, 'eval_every': 2, 'checkpoint_every': 2, 'log_every': 2})
+  config.model = type(config.model)({'name': 'cnn'})
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['steps'] == 4 and summary['num_labeled'] == 96
+  assert 0.0 <= summary['final']['accuracy'] <= 1.0
+  assert len(summary['history']) == 2

@@ -203,3 +203,70 @@ def _center_crop(encoded, image_size: int, crop_fraction: float):
   image = tf.slice(image, tf.stack([top, left, 0]), [image_size, image_size, 3])
   image.set_shape((image_size, image_size, 3))
   return image
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop's view of a streaming dataset.
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class StreamingInput:
+  """Labeled, unlabeled and evaluation batches of TFDS datasets, as global sharded arrays.
+
+  Config keys: `dataset` (labeled, e.g. 'imagenet2012'), `data.labeled_split` ('train[:10%]'
+  for ImageNet-10%), `data.unlabeled_dataset` (default: the same dataset; e.g. a JFT-like set
+  you bring), `data.unlabeled_split`, `data.eval_split`, `data.image_size` (0 -> 224),
+  `data.data_dir`. Hosts that share a model-parallel replica read the same shard.
+
+  Resuming restarts the shuffled streams with a seed derived from (seed, step): the run goes on
+  with fresh batches, not the ones the uninterrupted run would have seen (unlike in-memory data).
+  """
+
+  def __init__(self, config, mesh, uses_unlabeled: bool, builder=None, unlabeled_builder=None):
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.uses_unlabeled = uses_unlabeled
+    self.builder = builder or get_builder(config.dataset, config.data.data_dir)
+    self.unlabeled_builder = unlabeled_builder
+    if uses_unlabeled and unlabeled_builder is None and config.data.unlabeled_dataset:
+      self.unlabeled_builder = get_builder(config.data.unlabeled_dataset, config.data.data_dir)
+    self.unlabeled_builder = self.unlabeled_builder or self.builder
+    self.num_classes = self.builder.info.features['label'].num_classes
+    self.image_size = config.data.image_size or 224
+    # Processes holding one model-parallel replica read identical data.
+    self.num_model_replicas = max(1, config.mesh.model // jax.local_device_count())
+    self.sharding = NamedSharding(mesh, P('data'))
+    self._labeled = self._unlabeled = None
+
+  def _stream(self, builder, split, batch, seed, train):
+    return make_streaming_iterator(
+        builder.name, split, global_batch_size=batch, image_size=self.image_size,
+        data_dir=self.config.data.data_dir, seed=seed, train=train, builder=builder,
+        num_model_replicas=self.num_model_replicas)
+
+  def start(self, step: int) -> None:
+    """(Re)opens the training streams; the seed depends on the step a run (re)starts from."""
+    seed = (self.config.seed * 1_000_003 + step) % (2**31)
+    c = self.config
+    self._labeled = self._stream(self.builder, c.data.labeled_split, c.batch_size, seed, True)
+    if self.uses_unlabeled:
+      self._unlabeled = self._stream(self.unlabeled_builder, c.data.unlabeled_split,
+                                     c.batch_size * c.mu, seed + 1, True)
+
+  def sample_images(self) -> np.ndarray:
+    return np.zeros((1, self.image_size, self.image_size, 3), np.uint8)
+
+  def next_batch(self):
+    local = {'labeled': next(self._labeled)}
+    if self._unlabeled is not None:
+      local['unlabeled'] = next(self._unlabeled)
+    return global_batch(local, self.sharding)
+
+  def eval_batches(self):
+    """One pass over the eval split: global batches with a 'mask' of real examples."""
+    for local in self._stream(self.builder, self.config.data.eval_split,
+                              self.config.eval_batch_size, 0, False):
+      yield global_batch(local, self.sharding)
