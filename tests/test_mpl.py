@@ -229,3 +229,34 @@ def test_mpl_resume_reproduces_uninterrupted_run(tmp_path):
   for key in ('params', 'opt_state', 'ema_params', 'method_state'):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a[key], b[key])
   assert float(a['method_state']['baseline']) != 0.0
+
+
+def test_finetune_stage_follows_mpl_and_resumes(tmp_path):
+  def config():
+    c = moons_config('method=mpl,labels=6,runlocal')
+    c.total_steps, c.checkpoint_every, c.eval_every = 10, 5, 5
+    c.finetune.steps, c.finetune.batch_size, c.finetune.lr = 6, 64, 0.5
+    return c
+
+  # Preempted inside the finetune stage (step 10 + 3), then resumed.
+  calls = []
+  def stop_in_finetune(step):
+    calls.append(step)
+    return len(calls) == 13
+  stopped = train.train_and_evaluate(config(), str(tmp_path), should_stop=stop_in_finetune)
+  assert stopped['stopped_at'] == 13
+  assert os.path.exists(tmp_path / 'finetune' / 'checkpoints')
+  summary = train.train_and_evaluate(config(), str(tmp_path))
+  assert summary['steps'] == 16 and summary['finetune_steps'] == 6
+  assert summary['before_finetune']['steps'] == 10
+  assert summary['final']['accuracy'] == summary['history'][-1]['raw']['accuracy']
+  assert os.path.exists(tmp_path / 'summary.json')
+
+
+def test_finetune_starts_from_the_mpl_student(tmp_path):
+  c = moons_config('method=mpl,labels=6,runlocal')
+  c.total_steps, c.checkpoint_every, c.eval_every = 10, 10, 10
+  c.ema_decay = 0.0
+  c.finetune.steps, c.finetune.batch_size, c.finetune.lr = 1, 64, 0.0  # lr 0: no change
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary['final']['accuracy'] == summary['before_finetune']['final']['accuracy_raw']

@@ -125,7 +125,6 @@ import numpy as np
 
 Array = Any
 
-MAX_LEVEL = 10.0
 FILL = 128.0  # Official grey, on the 0..255 scale.
 
 MPL_OPS = (
@@ -235,12 +234,12 @@ KEKMODEL_RANGES = {
 
 def op_param(name: str, level, variant: str = 'mpl', hw: tuple[int, int] = (32, 32)):
   """The parameter (degrees, bits, factor, threshold, shear, pixels) of op `name` at `level`."""
-  rng_ = RANGES[variant].get(name)
-  if rng_ is None:
+  r = RANGES[variant].get(name)
+  if r is None:
     raise ValueError(f'{name!r} is not a {variant!r} op; ops: {augment_ops(variant)}')
-  if rng_.fn is None:
+  if r.fn is None:
     return jnp.float32(0.0)
-  return jnp.asarray(rng_.fn(jnp.asarray(level, jnp.float32), hw), jnp.float32)
+  return jnp.asarray(r.fn(jnp.asarray(level, jnp.float32), hw), jnp.float32)
 
 
 def range_table() -> str:
@@ -334,9 +333,11 @@ def _autocontrast(x, p, u, q, fill):
   lo = jnp.min(flat, axis=0)
   hi = jnp.max(flat, axis=0)
   span = jnp.where(hi > lo, hi - lo, 1.0)
-  out = (x - lo) * 255.0 / span
-  out = jnp.clip(jnp.floor(out) if q else out, 0.0, 255.0)
-  return jnp.where(hi > lo, out, x)
+  if q:  # PIL's lut: int((v - lo) * 255 / (hi - lo)), here in exact integer arithmetic.
+    out = ((x - lo).astype(jnp.int32) * 255 // span.astype(jnp.int32)).astype(jnp.float32)
+  else:
+    out = (x - lo) * (255.0 / span)
+  return jnp.where(hi > lo, jnp.clip(out, 0.0, 255.0), x)
 
 
 def _equalize_batched(lv: Array) -> tuple[Array, Array]:

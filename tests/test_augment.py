@@ -1,0 +1,360 @@
+"""Tests of mpl.data.augment: shapes and dtypes, PIL parity, geometry, policy statistics."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, ImageOps
+
+from mpl.data import augment
+
+KEY = jax.random.key(0)
+# One compilation per (op, variant, shape); the level, sign and key are traced.
+apply_op = jax.jit(augment.apply_op, static_argnames=('name', 'variant'))
+sample_policy = jax.jit(augment.sample_policy,
+                        static_argnames=('batch', 'variant', 'magnitude', 'num_layers'))
+
+
+def _image(seed, shape, lo=0, hi=256):
+  return np.random.default_rng(seed).integers(lo, hi, shape).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ the table and the op lists
+
+
+def test_range_table_is_the_docstring_table():
+  for line in augment.range_table().splitlines():
+    assert line in augment.__doc__, line
+
+
+def test_op_lists():
+  mpl, fm = augment.augment_ops('mpl'), augment.augment_ops('fixmatch')
+  assert len(mpl) == 15 and len(set(mpl)) == 15 and 'Identity' not in mpl
+  assert len(fm) == 14 and len(set(fm)) == 14 and 'Identity' in fm
+  assert set(fm) == set(mpl) - {'Invert', 'Cutout'} | {'Identity'}
+  assert set(augment.RANGES['mpl']) == set(mpl)
+  assert set(augment.RANGES['fixmatch']) == set(fm)
+  with pytest.raises(ValueError):
+    augment.augment_ops('autoaugment')
+
+
+def test_official_ranges():
+  p = lambda name, level, variant: float(augment.op_param(name, level, variant))
+  # MPL at the CIFAR magnitude 16 (32x32: cutout_const = translate_const = 4).
+  assert p('Rotate', 16, 'mpl') == pytest.approx(48)
+  assert p('ShearX', 16, 'mpl') == pytest.approx(0.48)
+  assert p('TranslateY', 16, 'mpl') == pytest.approx(6.4)
+  assert p('Color', 16, 'mpl') == pytest.approx(2.98)
+  assert p('Posterize', 16, 'mpl') == 6
+  assert p('Solarize', 16, 'mpl') == 153  # int32 409 cast to uint8.
+  assert p('Solarize', 10, 'mpl') == 0
+  assert p('Cutout', 16, 'mpl') == 12
+  # FixMatch levels 1..9.
+  assert [p('Rotate', l, 'fixmatch') for l in (1, 9)] == [3, 27]
+  assert [p('Posterize', l, 'fixmatch') for l in range(1, 10)] == [4, 4, 3, 3, 2, 2, 2, 1, 1]
+  assert [p('Solarize', l, 'fixmatch') for l in (1, 9)] == [231, 26]
+  assert [p('TranslateX', l, 'fixmatch') for l in (1, 9)] == [1, 9]
+  assert p('Brightness', 9, 'fixmatch') == pytest.approx(1.72)
+
+
+# ------------------------------------------------------------------ the batched API
+
+
+@functools.lru_cache(maxsize=None)
+def _strong(variant):
+  # MPL as its official CIFAR pipeline: grey padding, and a second flip-and-jitter at the end.
+  kw = dict(pad_mode='constant', jitter_after=True) if variant == 'mpl' else {}
+  return jax.jit(functools.partial(augment.strong_view, variant=variant, **kw))
+
+
+@functools.lru_cache(maxsize=None)
+def _randaugment(variant):
+  return jax.jit(functools.partial(augment.randaugment, variant=variant, cutout_size=0))
+
+
+@pytest.mark.parametrize('variant,dtype,shape', [
+    ('mpl', np.uint8, (6, 16, 16, 3)),
+    ('fixmatch', np.float32, (6, 12, 20, 1)),
+])
+def test_strong_view_shape_dtype_range_determinism(variant, dtype, shape):
+  x = _image(1, shape)
+  x = jnp.asarray(x if dtype == np.uint8 else x / 255.0, dtype)
+  f = _strong(variant)
+  a, b, c = f(KEY, x), f(KEY, x), f(jax.random.key(1), x)
+  assert a.shape == x.shape and a.dtype == x.dtype
+  if dtype == np.float32:
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert not np.array_equal(a, x)
+
+
+def test_weak_view_and_cutout_keep_shape_and_dtype():
+  x = jnp.asarray(_image(2, (3, 10, 14, 4)))
+  weak = jax.jit(augment.weak_view, static_argnames=('pad', 'pad_mode', 'flip'))
+  cut = jax.jit(augment.cutout, static_argnums=2)
+  for inp in (x, x / 255.0):
+    for out in (weak(KEY, inp), weak(KEY, inp, pad_mode='constant'), cut(KEY, inp, 4)):
+      assert out.shape == inp.shape and out.dtype == inp.dtype
+
+
+# ------------------------------------------------------------------ photometric ops against PIL
+
+
+def _pil(name, im, arg):
+  if name == 'AutoContrast':
+    return ImageOps.autocontrast(im)
+  if name == 'Equalize':
+    return ImageOps.equalize(im)
+  if name == 'Invert':
+    return ImageOps.invert(im)
+  if name == 'Posterize':
+    return ImageOps.posterize(im, int(arg))
+  if name == 'Solarize':
+    return ImageOps.solarize(im, int(arg))
+  return getattr(ImageEnhance, name)(im).enhance(arg)
+
+
+def _pil_arg(name, level, variant):
+  """The PIL argument from the official formulas, written out independently of RANGES."""
+  if name in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
+    return level / 10 * 1.8 + 0.1
+  if name == 'Posterize':
+    return int(level / 10 * 4) if variant == 'mpl' else 4 - int(level * 4 / 10)
+  if name == 'Solarize':
+    return int(level / 10 * 256) % 256 if variant == 'mpl' else 256 - int(level * 256 / 10)
+  return None
+
+
+PHOTOMETRIC = ('AutoContrast', 'Equalize', 'Invert', 'Posterize', 'Solarize', 'Color',
+               'Contrast', 'Brightness', 'Sharpness')
+
+
+@pytest.mark.parametrize('name', PHOTOMETRIC)
+def test_photometric_op_matches_pil(name):
+  images = [_image(3, (16, 20, 3)), _image(4, (16, 20, 3), 60, 150), _image(5, (12, 12, 1), 30, 90)]
+  settings = [('mpl', 16), ('mpl', 5), ('fixmatch', 1), ('fixmatch', 9)]
+  checked = 0
+  for img in images:
+    pil_img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+    for variant, level in settings:
+      if name not in augment.augment_ops(variant):
+        continue
+      ours = np.asarray(apply_op(name, jnp.asarray(img), level, variant=variant))
+      ref = np.asarray(_pil(name, pil_img, _pil_arg(name, level, variant))).reshape(img.shape)
+      assert ours.dtype == np.uint8 and ours.shape == img.shape
+      close = np.abs(ours.astype(int) - ref.astype(int)) <= 1
+      assert close.mean() >= 0.95, (name, variant, level, img.shape, close.mean())
+      checked += 1
+  assert checked >= 6
+
+
+def test_photometric_ops_on_float_images_stay_close_to_uint8():
+  img = _image(6, (12, 12, 3))
+  for name in PHOTOMETRIC:
+    a = apply_op(name, jnp.asarray(img), 16)
+    b = apply_op(name, jnp.asarray(img / 255.0, jnp.float32), 16)
+    assert b.dtype == jnp.float32 and 0 <= float(b.min()) and float(b.max()) <= 1
+    assert np.mean(np.abs(np.asarray(b) * 255 - np.asarray(a)) <= 1.5) >= 0.95, name
+
+
+# ------------------------------------------------------------------ geometric ops on a known grid
+
+
+def _coordinate_image(h, w):
+  """R, G encode the pixel's x, y; B = 255 marks image pixels (the fill is grey 128)."""
+  ys, xs = np.mgrid[0:h, 0:w]
+  return np.stack([xs * 8, ys * 8, np.full_like(xs, 255)], -1).astype(np.uint8)
+
+
+def _expected_source(name, p, h, w):
+  """Where output pixel centres come from, from the textbook maps (float64)."""
+  ys, xs = np.mgrid[0:h, 0:w] + 0.5
+  if name == 'Rotate':  # Counter-clockwise by p degrees about the centre (y axis down).
+    t = np.deg2rad(p)
+    dx, dy = xs - w / 2, ys - h / 2
+    sx = np.cos(t) * dx - np.sin(t) * dy + w / 2
+    sy = np.sin(t) * dx + np.cos(t) * dy + h / 2
+  elif name == 'ShearX':
+    sx, sy = xs + p * ys, ys
+  elif name == 'ShearY':
+    sx, sy = xs, ys + p * xs
+  elif name == 'TranslateX':
+    sx, sy = xs + p, ys
+  else:
+    sx, sy = xs, ys + p
+  return np.floor(sx).astype(int), np.floor(sy).astype(int)
+
+
+@pytest.mark.parametrize('name', augment.GEOMETRIC_OPS)
+def test_geometric_op_moves_grid_where_the_affine_map_says(name):
+  h, w = 24, 28
+  img = _coordinate_image(h, w)
+  for variant, level, sign in [('mpl', 16, 1.0), ('fixmatch', 7, -1.0)]:
+    p = sign * float(augment.op_param(name, level, variant, (h, w)))
+    out = np.asarray(apply_op(name, jnp.asarray(img), level, variant=variant, sign=sign))
+    sx, sy = _expected_source(name, p, h, w)
+    inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    got_inside = out[..., 2] == 255
+    agree = np.where(inside, got_inside & (out[..., 0] == sx * 8) & (out[..., 1] == sy * 8),
+                     ~got_inside & np.all(out == 128, -1))
+    assert agree.mean() >= 0.99, (name, variant, agree.mean())
+    assert got_inside.mean() < 1.0 or name == 'Rotate' and abs(p) < 1  # Something moved out.
+    # And PIL (the reference implementation of both FixMatch codes) agrees.
+    pil_img = Image.fromarray(img)
+    if name == 'Rotate':
+      ref = pil_img.rotate(p, fillcolor=(128, 128, 128))
+    else:
+      coeffs = {'ShearX': (1, p, 0, 0, 1, 0), 'ShearY': (1, 0, 0, p, 1, 0),
+                'TranslateX': (1, 0, p, 0, 1, 0), 'TranslateY': (1, 0, 0, 0, 1, p)}[name]
+      ref = pil_img.transform(pil_img.size, Image.AFFINE, coeffs, fillcolor=(128, 128, 128))
+    assert np.all(out == np.asarray(ref), -1).mean() >= 0.99
+
+
+def test_rotate_forward_direction():
+  """A dot right of the centre goes up under Rotate(+90 degrees): counter-clockwise, as PIL."""
+  img = np.zeros((21, 21, 1), np.uint8)
+  img[10, 16] = 255
+  out = np.asarray(apply_op('Rotate', jnp.asarray(img), 30, variant='mpl', fill=0))
+  ys, xs = np.nonzero(out[..., 0])
+  assert (ys.item(), xs.item()) == (4, 10)
+
+
+# ------------------------------------------------------------------ policy statistics and wiring
+
+
+@pytest.mark.parametrize('variant', ['mpl', 'fixmatch'])
+def test_policy_statistics(variant):
+  n, layers = 40000, 2
+  pol = jax.tree.map(np.asarray, sample_policy(KEY, n, variant, num_layers=layers))
+  n_ops = len(augment.augment_ops(variant))
+  counts = np.bincount(pol['op'].ravel(), minlength=n_ops)
+  expected = n * layers / n_ops
+  assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected)), counts
+  assert np.mean(pol['sign'] > 0) == pytest.approx(0.5, abs=0.01)
+  if variant == 'mpl':
+    prob = pol['prob']
+    assert prob.min() >= 0.2 and prob.max() <= 0.8
+    assert prob.mean() == pytest.approx(0.5, abs=0.01)
+    assert prob.std() == pytest.approx(0.6 / np.sqrt(12), abs=0.01)
+    for lo in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7):  # P(apply | p) = p, for both layers.
+      sel = (prob >= lo) & (prob < lo + 0.1)
+      assert pol['apply'][sel].mean() == pytest.approx(lo + 0.05, abs=0.02)
+    # One p per image: the layers' decisions are correlated, E[p^2] = 0.25 + 0.6**2 / 12 = 0.28.
+    assert np.mean(pol['apply'][:, 0] & pol['apply'][:, 1]) == pytest.approx(0.28, abs=0.007)
+    assert np.all(pol['level'] == 16)
+  else:
+    assert np.all(pol['prob'] == 0.5)
+    assert pol['apply'].mean() == pytest.approx(0.5, abs=0.01)
+    assert np.mean(pol['apply'][:, 0] & pol['apply'][:, 1]) == pytest.approx(0.25, abs=0.01)
+    levels = np.bincount(pol['level'].astype(int).ravel(), minlength=10)
+    assert levels[0] == 0 and np.all(np.abs(levels[1:] / (n * layers) - 1 / 9) < 0.01), levels
+
+
+@pytest.mark.parametrize('variant', ['mpl', 'fixmatch'])
+def test_randaugment_applies_the_sampled_policy(variant):
+  """randaugment == the ops of sample_policy applied one by one with apply_op."""
+  x = jnp.asarray(_image(7, (12, 10, 10, 3)))
+  out = np.asarray(_randaugment(variant)(KEY, x))
+  pol = jax.tree.map(np.asarray, sample_policy(KEY, x.shape[0], variant))
+  ops = augment.augment_ops(variant)
+  checked = 0
+  for i in range(x.shape[0]):
+    names = [ops[j] for j in pol['op'][i]]
+    if 'Cutout' in names:  # Its position is not an apply_op argument.
+      continue
+    y = x[i]
+    for l, name in enumerate(names):
+      if pol['apply'][i, l]:
+        y = apply_op(name, y, pol['level'][i, l], variant=variant, sign=pol['sign'][i, l])
+    np.testing.assert_array_equal(out[i], np.asarray(y), err_msg=f'{variant} {i} {names}')
+    checked += 1
+  assert checked >= 6
+
+
+def test_jit_and_vmap_work():
+  keys = jax.random.split(KEY, 4)
+  x = jnp.asarray(_image(7, (12, 10, 10, 3)))  # The shape above: _randaugment is compiled.
+  for name in ('Rotate', 'Equalize'):  # Equalize has its own batching rule.
+    single = jax.jit(lambda k, im, name=name: apply_op(name, im, 16, rng=k))
+    batched = jax.jit(jax.vmap(single))(keys, x[:4])
+    np.testing.assert_array_equal(batched, np.stack([single(keys[i], x[i]) for i in range(4)]))
+  # vmap over keys of the batched policy (nested vmap) == one call per key.
+  nested = jax.vmap(_randaugment('fixmatch'), in_axes=(0, None))(keys[:2], x)
+  np.testing.assert_array_equal(nested[1], _randaugment('fixmatch')(keys[1], x))
+
+
+# ------------------------------------------------------------------ weak view, cutout, cutmix
+
+
+def test_weak_view_is_a_flip_and_a_crop_of_the_padded_image():
+  x = _image(9, (16, 8, 8, 1))
+  out = np.asarray(augment.weak_view(KEY, jnp.asarray(x), pad=2, pad_mode='reflect'))
+  flips, offsets = 0, set()
+  for i in range(len(x)):
+    found = None
+    for flip in (False, True):
+      src = np.pad(x[i, :, ::-1] if flip else x[i], ((2, 2), (2, 2), (0, 0)), mode='reflect')
+      for dy in range(5):
+        for dx in range(5):
+          if np.array_equal(src[dy:dy + 8, dx:dx + 8], out[i]):
+            found = (flip, dy, dx)
+    assert found is not None
+    flips += found[0]
+    offsets.add(found[1:])
+  assert 0 < flips < len(x) and len(offsets) > 3
+  zeros = jnp.zeros((16, 8, 8, 1), jnp.uint8)
+  const = np.asarray(augment.weak_view(KEY, zeros, pad_mode='constant'))
+  assert set(np.unique(const)) == {0, 128}
+  no_pad = np.asarray(augment.weak_view(KEY, jnp.asarray(x), pad=0))
+  assert all(np.array_equal(o, i) or np.array_equal(o, i[:, ::-1]) for o, i in zip(no_pad, x))
+
+
+def test_cutout_paints_one_clipped_square():
+  out = np.asarray(augment.cutout(KEY, jnp.zeros((64, 16, 16, 2), jnp.uint8), 6))
+  full = 0
+  for o in out:
+    ys, xs = np.nonzero(o[..., 0])
+    assert np.all(o[ys, xs] == 128)
+    hgt, wid = np.ptp(ys) + 1, np.ptp(xs) + 1
+    assert len(ys) == hgt * wid and 3 <= hgt <= 6 and 3 <= wid <= 6  # One rectangle.
+    full += hgt == wid == 6
+  assert full > 20
+
+
+def test_cutmix_mixes_labels_by_area():
+  b, h, w = 32, 16, 12
+  x = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None, None] / b, (b, h, w, 3))
+  y = jax.nn.one_hot(jnp.arange(b), b)
+  mixed, labels = jax.jit(augment.cutmix)(KEY, x, y)
+  mixed, labels = np.asarray(mixed), np.asarray(labels)
+  assert mixed.shape == x.shape and labels.shape == y.shape
+  np.testing.assert_allclose(labels.sum(1), 1.0, atol=1e-6)
+  own = np.asarray(x)[:, :1, :1, :1]
+  for i in range(b):
+    foreign = np.mean(mixed[i, ..., 0] != own[i, 0, 0, 0])
+    partner = int(np.argmax(np.where(np.arange(b) == i, -1, labels[i])))
+    if foreign > 0:
+      assert labels[i, partner] == pytest.approx(foreign, abs=1e-6)
+      assert np.all(np.isin(mixed[i], [own[i, 0, 0, 0], own[partner, 0, 0, 0]]))
+  assert np.mean(labels.max(1) < 1) > 0.5
+
+
+def test_cps_box_mask_is_the_xor_of_its_boxes():
+  b, h, w = 64, 20, 24
+  mask = np.asarray(jax.jit(augment.cps_box_mask, static_argnums=(1, 2, 3))(KEY, b, h, w))
+  boxes = np.asarray(jax.jit(augment.cps_boxes, static_argnums=(1, 2, 3))(KEY, b, h, w))
+  assert mask.shape == (b, h, w) and mask.dtype == np.float32
+  assert set(np.unique(mask)) <= {0.0, 1.0}
+  assert np.all(boxes[..., :2] >= 0) and np.all(boxes[..., 2] <= h) and np.all(boxes[..., 3] <= w)
+  area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]) / (h * w)
+  assert area.min() > 0.25 / 3 - 0.05 and area.max() < 0.5 / 3 + 0.05
+  expected = np.zeros((b, h, w), bool)
+  union = np.zeros((b, h, w), bool)
+  for i in range(b):
+    for y0, x0, y1, x1 in boxes[i]:
+      expected[i, y0:y1, x0:x1] ^= True
+      union[i, y0:y1, x0:x1] = True
+  np.testing.assert_array_equal(mask, expected)
+  assert np.any(expected != union)  # Some boxes overlap, and there they cancel.
