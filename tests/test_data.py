@@ -1,0 +1,304 @@
+"""Tests of mpl.data: datasets, IDX reader, labeled splits, streaming input."""
+import gzip
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mpl.data import datasets, idx, split, streaming
+from mpl.errors import ConfigError, DataError
+
+HAVE_TFDS = datasets.tensorflow_available()
+HAVE_FASHION = all(
+    os.path.isfile(os.path.join(datasets.FASHION_MNIST_DEFAULT_DIR, f))
+    for f in idx.FASHION_MNIST_FILES.values())
+needs_tfds = pytest.mark.skipif(not HAVE_TFDS, reason='needs tensorflow + tensorflow-datasets')
+needs_fashion = pytest.mark.skipif(
+    not HAVE_FASHION, reason='needs `apt-get install -y dataset-fashion-mnist`')
+
+
+@pytest.fixture(autouse=True)
+def _no_fashion_env(monkeypatch):
+  monkeypatch.delenv(datasets.FASHION_MNIST_ENV, raising=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST: IDX and TFDS give the same arrays.
+
+
+@pytest.fixture(scope='session')
+def fashion_idx():
+  return datasets.load_dataset('fashion_mnist', source='idx')
+
+
+@pytest.fixture(scope='session')
+def fashion_tfds_dir(tmp_path_factory):
+  """TFDS fashion_mnist built once (~20 s) from the Debian files into a temporary data dir."""
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@needs_fashion
+def test_fashion_mnist_idx(fashion_idx):
+  d = fashion_idx
+  assert d.train_images.shape == (60000, 28, 28, 1) and d.train_images.dtype == np.uint8
+  assert d.test_images.shape == (10000, 28, 28, 1) and d.test_images.dtype == np.uint8
+  assert d.train_labels.dtype == np.int32 and d.test_labels.dtype == np.int32
+  assert d.num_classes == 10
+  np.testing.assert_array_equal(np.bincount(d.train_labels), [6000] * 10)
+  np.testing.assert_allclose(d.mean, [d.train_images.mean(dtype=np.float64) / 255], rtol=1e-9)
+  np.testing.assert_allclose(d.std, [0.3530], atol=1e-4)  # The published Fashion-MNIST std.
+
+
+@needs_fashion
+@needs_tfds
+def test_fashion_mnist_tfds_equals_idx(fashion_idx, fashion_tfds_dir):
+  d = datasets.load_dataset('fashion_mnist', source='tfds', data_dir=fashion_tfds_dir)
+  assert os.path.isdir(os.path.join(fashion_tfds_dir, 'fashion_mnist', '3.0.1'))
+  for field in ('train_images', 'train_labels', 'test_images', 'test_labels'):
+    a, b = getattr(fashion_idx, field), getattr(d, field)
+    assert a.dtype == b.dtype and a.shape == b.shape, field
+    np.testing.assert_array_equal(a, b, err_msg=field)
+  assert d.mean == fashion_idx.mean and d.std == fashion_idx.std
+
+
+@needs_fashion
+def test_padding_keeps_content_centred(fashion_idx):
+  d = datasets.load_dataset('fashion_mnist', source='idx', image_size=32)
+  assert d.train_images.shape == (60000, 32, 32, 1) and d.test_images.shape[1:] == (32, 32, 1)
+  np.testing.assert_array_equal(d.train_images[:, 2:30, 2:30], fashion_idx.train_images)
+  border = d.test_images.copy()
+  border[:, 2:30, 2:30] = 0
+  assert not border.any()
+  assert d.mean == fashion_idx.mean  # Statistics of the unpadded images.
+
+
+def test_pad_odd_and_too_small():
+  x = np.ones((2, 3, 3, 1), np.uint8)
+  y = datasets.pad_to(x, 6)
+  assert y.shape == (2, 6, 6, 1) and y[:, 1:4, 1:4].all() and y.sum() == x.sum()
+  with pytest.raises(ConfigError, match='smaller'):
+    datasets.load_dataset('digits', image_size=4)
+
+
+def test_missing_fashion_files(tmp_path, monkeypatch):
+  monkeypatch.setenv(datasets.FASHION_MNIST_ENV, str(tmp_path))
+  with pytest.raises(DataError, match='apt-get install -y dataset-fashion-mnist'):
+    datasets.load_dataset('fashion_mnist', source='idx')
+  if HAVE_TFDS:  # Not prepared in data_dir and no files to build it from.
+    with pytest.raises(DataError, match='apt-get install -y dataset-fashion-mnist'):
+      datasets.load_dataset('fashion_mnist', source='tfds', data_dir=str(tmp_path))
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+  header = bytes([0, 0, 8, arr.ndim]) + np.array(arr.shape, '>u4').tobytes()
+  return header + arr.astype(np.uint8).tobytes()
+
+
+def test_idx_reader_and_corruption(tmp_path):
+  images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+  good = tmp_path / 'good.gz'
+  good.write_bytes(gzip.compress(_idx_bytes(images)))
+  np.testing.assert_array_equal(idx.read_idx(good, ndim=3), images)
+  cases = {
+      'magic': gzip.compress(b'\x01\x02' + _idx_bytes(images)[2:]),
+      'truncated': gzip.compress(_idx_bytes(images)[:-1]),
+      'dimensions': gzip.compress(_idx_bytes(images[0])),
+      'gzip': gzip.compress(_idx_bytes(images))[:-8] + b'garbage!',
+  }
+  for what, data in cases.items():
+    bad = tmp_path / f'{what}.gz'
+    bad.write_bytes(data)
+    with pytest.raises(DataError, match='dataset-fashion-mnist'):
+      idx.read_idx(bad, ndim=3)
+  # Through the loader: a directory of corrupted Fashion-MNIST files.
+  for fname in idx.FASHION_MNIST_FILES.values():
+    (tmp_path / fname).write_bytes(cases['truncated'])
+  with pytest.raises(DataError):
+    datasets.load_dataset('fashion_mnist', source='idx', data_dir=str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# Small sklearn datasets, names.
+
+
+def test_unknown_dataset_lists_names():
+  with pytest.raises(ConfigError) as e:
+    datasets.load_dataset('mnist')
+  for name in datasets.DATASETS:
+    assert name in str(e.value)
+
+
+def test_two_moons_and_digits():
+  m = datasets.load_dataset('two_moons', noise=0.1, seed=3)
+  assert m.train_images.shape == (2000, 2) and m.train_images.dtype == np.float32
+  np.testing.assert_array_equal(m.train_images, m.test_images)
+  assert m.train_labels.dtype == np.int32 and m.num_classes == 2 and m.mean == (0.,)
+  d = datasets.load_dataset('digits', image_size=12)
+  assert d.train_images.shape == (1438, 12, 12, 1) and d.test_images.shape == (359, 12, 12, 1)
+  assert d.train_images.dtype == np.uint8 and d.train_images.max() == 255
+  assert np.bincount(d.test_labels).min() >= 35  # Stratified: ~36 per class.
+  native = datasets.load_dataset('digits')
+  np.testing.assert_array_equal(d.train_images[:, 2:10, 2:10], native.train_images)
+  x = native.train_images.astype(np.float64) / 255
+  np.testing.assert_allclose(native.mean, [x.mean()], rtol=1e-9)
+  np.testing.assert_allclose(native.std, [x.std()], rtol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Labeled split.
+
+LABELS = np.repeat(np.arange(10), [30, 40, 50, 60, 70, 80, 90, 100, 110, 120]).astype(np.int32)
+np.random.default_rng(0).shuffle(LABELS)
+
+
+def test_split_balance_and_determinism():
+  idx_a = split.labeled_indices(LABELS, 253, 10, seed=0)
+  assert idx_a.dtype == np.int64 and len(idx_a) == 253 and len(np.unique(idx_a)) == 253
+  assert np.all(np.diff(idx_a) > 0)
+  counts = np.bincount(LABELS[idx_a], minlength=10)
+  assert set(counts) == {25, 26} and (counts == 26).sum() == 3
+  np.testing.assert_array_equal(idx_a, split.labeled_indices(LABELS, 253, 10, seed=0))
+  idx_b = split.labeled_indices(LABELS, 253, 10, seed=1)
+  assert not np.array_equal(idx_a, idx_b)
+  np.testing.assert_array_equal(split.labeled_indices(LABELS, -1, 10, 0), np.arange(750))
+
+
+def test_split_errors():
+  with pytest.raises(ConfigError, match='exceeds'):
+    split.labeled_indices(LABELS, 751, 10, seed=0)
+  with pytest.raises(ConfigError, match='num_classes'):
+    split.labeled_indices(LABELS, 9, 10, seed=0)
+  with pytest.raises(ConfigError, match='class 0 has only 30'):
+    split.labeled_indices(LABELS, 400, 10, seed=0)
+
+
+def test_unlabeled_indices():
+  labeled = np.array([1, 5, 7])
+  np.testing.assert_array_equal(split.unlabeled_indices(10, labeled, False), np.arange(10))
+  np.testing.assert_array_equal(split.unlabeled_indices(10, labeled, exclude_labeled=True),
+                                [0, 2, 3, 4, 6, 8, 9])
+
+
+def test_split_save_load(tmp_path):
+  workdir = str(tmp_path / 'run')
+  assert split.load_split(workdir) is None
+  labeled = split.labeled_indices(LABELS, 100, 10, seed=4)
+  meta = {'dataset': 'digits', 'num_labeled': 100, 'seed': 4}
+  split.save_split(workdir, labeled, meta, labels=LABELS)
+  loaded, saved_meta = split.load_split(workdir, expected=meta)
+  np.testing.assert_array_equal(loaded, labeled)
+  assert loaded.dtype == np.int64
+  assert saved_meta['per_class_counts'] == [10] * 10 and saved_meta['seed'] == 4
+  split.save_split(workdir, labeled, meta)  # Same split again: fine.
+  with pytest.raises(ConfigError, match='seed'):
+    split.load_split(workdir, expected={**meta, 'seed': 5})
+  with pytest.raises(ConfigError, match='num_labeled'):
+    split.save_split(workdir, labeled[:50], {**meta, 'num_labeled': 50})
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming: a tiny TFDS dataset built offline, read through the real pipeline.
+
+NUM_TINY = 25
+
+
+@pytest.fixture(scope='module')
+def tiny_builder(tmp_path_factory):
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """JPEGs of different sizes; example i is a flat image of value 10 * i."""
+    VERSION = tfds.core.Version('1.0.0')
+    url_infos = None  # Nothing to download.
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, supervised_keys=('image', 'label'),
+          features=tfds.features.FeaturesDict({
+              'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+              'label': tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {'train': self._generate_examples(NUM_TINY)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {'image': np.full((20 + 7 * (i % 3), 30, 3), 10 * i, np.uint8), 'label': i % 3}
+
+  builder = TinyImages(data_dir=str(tmp_path_factory.mktemp('tiny_tfds')))
+  builder.download_and_prepare()
+  return builder
+
+
+def _stream(builder, **kw):
+  args = dict(global_batch_size=8, image_size=16, data_dir=None, seed=0, train=False,
+              process_index=0, process_count=2, builder=builder)
+  args.update(kw)
+  return streaming.make_streaming_iterator('tiny_images', 'train', **args)
+
+
+def _ids(batches, batch_size=4):
+  ids = []
+  for b in batches:
+    assert b['image'].shape == (batch_size, 16, 16, 3) and b['image'].dtype == np.uint8
+    assert b['label'].dtype == np.int32
+    ids += [round(float(img.mean()) / 10) for img in b['image'][b['mask']]]
+    assert (b['label'][~b['mask']] == -1).all()
+  return ids
+
+
+def test_streaming_eval_shards_disjoint(tiny_builder):
+  shard0, shard1 = list(_stream(tiny_builder)), list(_stream(tiny_builder, process_index=1))
+  assert len(shard0) == len(shard1) == 4  # ceil(13 / 4): both hosts step together.
+  ids0, ids1 = _ids(shard0), _ids(shard1)
+  assert not set(ids0) & set(ids1)
+  assert sorted(ids0 + ids1) == list(range(NUM_TINY))
+  # Processes 0 and 1 in one model-parallel group read the same (only) shard.
+  same = [list(_stream(tiny_builder, process_index=p, num_model_replicas=2)) for p in (0, 1)]
+  assert _ids(same[0], 8) == _ids(same[1], 8) and sorted(_ids(same[0], 8)) == list(range(NUM_TINY))
+
+
+def test_streaming_train(tiny_builder):
+  it = _stream(tiny_builder, train=True, seed=1)
+  batches = [next(it) for _ in range(8)]  # More than one epoch of the 12-example shard.
+  for b in batches:
+    assert set(b) == {'image', 'label'}
+    assert b['image'].shape == (4, 16, 16, 3) and b['image'].dtype == np.uint8
+    assert b['label'].shape == (4,) and b['label'].dtype == np.int32
+  again = next(_stream(tiny_builder, train=True, seed=1))
+  np.testing.assert_array_equal(again['image'], batches[0]['image'])
+  with pytest.raises(ConfigError, match='multiple'):
+    _stream(tiny_builder, global_batch_size=7)
+
+
+def test_global_batch(tiny_builder):
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  local = next(_stream(tiny_builder, process_count=1))
+  batch = streaming.global_batch(local, sharding)
+  assert batch['image'].shape == (8, 16, 16, 3) and batch['image'].sharding == sharding
+  np.testing.assert_array_equal(np.asarray(batch['label']), local['label'])
+
+
+@needs_tfds
+def test_tfds_dataset_not_prepared(tmp_path):
+  with pytest.raises(DataError, match=r"tfds.builder\('cifar10'\).download_and_prepare\(\)"):
+    datasets.load_dataset('cifar10', data_dir=str(tmp_path))
+
+
+@needs_tfds
+def test_streaming_missing_imagenet(tmp_path):
+  with pytest.raises(DataError, match='manual'):
+    streaming.make_streaming_iterator(
+        'imagenet2012', 'train', global_batch_size=8, image_size=224, data_dir=str(tmp_path),
+        seed=0, train=True, process_index=0, process_count=1)
+
+
+def test_no_tensorflow_at_import():
+  code = ('import sys, mpl.data, mpl.data.split, mpl.data.streaming, mpl.data.idx; '
+          'assert "tensorflow" not in sys.modules')
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  subprocess.run([sys.executable, '-c', code], check=True,
+                 cwd=os.path.dirname(os.path.dirname(__file__)))
