@@ -244,3 +244,29 @@ def test_streaming_input_trains_and_evaluates(tmp_path):
   assert summary['steps'] == 4 and summary['num_labeled'] == 96
   assert 0.0 <= summary['final']['accuracy'] <= 1.0
   assert len(summary['history']) == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  import signal
+  import time
+  workdir = str(tmp_path / 'run')
+  command = [sys.executable, '-m', 'mpl.main', '--config', 'configs/two_moons.py:labels=-1',
+             '--workdir', workdir, '--config.total_steps=1000000',
+             '--config.checkpoint_every=1000000', '--config.eval_every=1000000']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    for line in process.stderr:  # wait until the loop runs
+      if 'Training supervised on two_moons' in line:
+        break
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 0, rest[-2000:]
+  assert 'SIGTERM received' in rest
+  steps = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 1_000_000
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
