@@ -47,7 +47,8 @@ def get_config(arg=None):
   config.optimizer.warmup_steps = 500
   config.optimizer.decay = 'cosine'
   config.augment.labeled = 'weak'
-  config.augment.pad_mode = 'constant'        # zero background: reflect would mirror garments
+  config.augment.pad_mode = 'constant'        # pad with the black background: reflect would
+  config.augment.fill = 0                     # mirror garments into the border
   config.ema_decay = 0.995
   if args.runlocal:
     if args.model == 'wrn28_2':

@@ -150,7 +150,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment = ml_collections.ConfigDict(dict(
       labeled='none',              # 'none' | 'weak' (flip + pad-and-crop)
       strong='mpl',                # RandAugment variant of strong views: 'mpl' | 'fixmatch'
-      magnitude=16.0, num_layers=2, cutout_size=16, pad=4, pad_mode='reflect', flip=True))
+      magnitude=16.0, num_layers=2, cutout_size=16, pad=4, pad_mode='reflect', flip=True,
+      fill=128))                   # grey fill of constant padding, rotations, Cutout
 
   # Pseudo Labels / Noisy Student (mpl/methods/pseudo_label.py); every network uses c.optimizer.
   c.pseudo_label = ml_collections.ConfigDict(dict(

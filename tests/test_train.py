@@ -57,7 +57,7 @@ def test_every_runlocal_config_trains_two_steps(path, tmp_path):
   config = load_config(path, 'runlocal')
   config.total_steps = 2
   summary = train.train_and_evaluate(config, str(tmp_path))
-  assert summary['steps'] == 2
+  assert summary['steps'] == 2 + config.finetune.steps
   assert 0.0 <= summary['final']['accuracy'] <= 1.0
   written = json.load(open(tmp_path / 'summary.json'))
   for key in ('config', 'method', 'dataset', 'num_labeled', 'steps', 'wall_s', 'final', 'best',
@@ -78,7 +78,8 @@ def test_parse_arg_rejects_unknown_keys():
 
 def test_supervised_mlp_two_moons_all_labels_reaches_97_percent(tmp_path):
   # The config's 10k steps at lr 0.1 reach 100%; a shorter, faster schedule keeps CI quick.
-  config = moons('labels=-1', **{'total_steps': 3000, 'optimizer.lr': 0.5, 'eval_every': 1000})
+  config = moons('labels=-1', **{'total_steps': 3000, 'optimizer.lr': 0.5, 'eval_every': 1000,
+                                 'mesh.data': 1})  # one device: 3x faster per step here
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary['num_labeled'] == 2000
   assert summary['final']['accuracy'] >= 0.97, summary['final']

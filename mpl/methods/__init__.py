@@ -2,10 +2,12 @@
 
 from mpl.errors import ConfigError
 from mpl.methods.mpl import MPL
+from mpl.methods.pseudo_label import PseudoLabel
 from mpl.methods.supervised import Supervised
 
 METHODS = {
     'supervised': Supervised,
+    'pseudo_label': PseudoLabel,
     'mpl': MPL,
 }
 

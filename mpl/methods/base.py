@@ -124,3 +124,38 @@ def ema_decay_at(step, decay: float):
   """The official MPL EMA decay: min(decay, (t + 1) / (t + 10))."""
   step = jnp.asarray(step, jnp.float32)
   return jnp.minimum(decay, (step + 1.0) / (step + 10.0))
+
+
+# -- views (augmentation inside the jitted step; mpl/data/augment.py) ---------------------------
+
+
+def labeled_view(config, rng, images):
+  """The labeled images as a method trains on them: as stored, or the weak view."""
+  if config.augment.labeled == 'none':
+    return images
+  return weak_view(config, rng, images)
+
+
+def weak_view(config, rng, images):
+  """Flip + pad-and-crop, as `config.augment` says."""
+  from mpl.data import augment  # pylint: disable=g-import-not-at-top
+  a = config.augment
+  return augment.weak_view(rng, images, pad=a.pad, pad_mode=a.pad_mode, flip=a.flip,
+                           fill=a.fill)
+
+
+def strong_view(config, rng, images):
+  """Weak view + RandAugment (`config.augment.strong` variant) + Cutout."""
+  from mpl.data import augment  # pylint: disable=g-import-not-at-top
+  a = config.augment
+  return augment.strong_view(rng, images, variant=a.strong, magnitude=a.magnitude,
+                             num_layers=a.num_layers, cutout_size=a.cutout_size, pad=a.pad,
+                             pad_mode=a.pad_mode, flip=a.flip, fill=a.fill)
+
+
+def unlabeled_views(config, rng, images):
+  """(weak, strong) views of the unlabeled images; the raw images when augment.strong='none'."""
+  if config.augment.strong == 'none':  # e.g. TwoMoons: points, not images
+    return images, images
+  weak_rng, strong_rng = jax.random.split(rng)
+  return weak_view(config, weak_rng, images), strong_view(config, strong_rng, images)

@@ -42,7 +42,7 @@ class Supervised(base.Method):
     rng = jax.random.fold_in(state.rng, state.step)
     augment_rng, dropout_rng = jax.random.split(rng)
     images, labels = batch['labeled']['image'], batch['labeled']['label']
-    images = labeled_view(self.config, augment_rng, images)
+    images = base.labeled_view(self.config, augment_rng, images)
     x = self.prepare(images)
 
     def loss_fn(params):
@@ -79,11 +79,3 @@ class Supervised(base.Method):
       models['ema'] = base.variables_of(state.ema_params, state.ema_batch_stats)
     return models
 
-
-def labeled_view(config, rng, images):
-  """The view of the labeled images a method trains on: as stored, or the weak view."""
-  kind = config.augment.labeled
-  if kind == 'none':
-    return images
-  from mpl.data import augment  # pylint: disable=g-import-not-at-top
-  return augment.weak_view(rng, images, pad=config.augment.pad, pad_mode=config.augment.pad_mode)

@@ -28,6 +28,7 @@ MODELS: dict[str, type] = {
     'wrn28_2': WideResNet,
     'wrn28_8': WideResNet,
     'resnet50': ResNet50,
+    'resnet': ResNet,         # any stage_sizes (bottleneck blocks per stage)
 }
 
 # Fields a registered name fixes; passing them to `get_model` is an error.
