@@ -114,12 +114,15 @@ def sample_batch(arrays, step, key, batch_size: int, unlabeled_batch_size: int):
   labeled_key, unlabeled_key = jax.random.split(key)
   pick = arrays['labeled_idx'][epoch_stream_indices(
       labeled_key, step, batch_size, arrays['labeled_idx'].shape[0])]
-  batch = {'labeled': {'image': arrays['images'][pick], 'label': arrays['labels'][pick]}}
+  # 'index' (position in the training set) lets methods look up per-example state.
+  batch = {'labeled': {'image': arrays['images'][pick], 'label': arrays['labels'][pick],
+                       'index': pick}}
   if unlabeled_batch_size:
     pick_u = arrays['unlabeled_idx'][epoch_stream_indices(
         unlabeled_key, step, unlabeled_batch_size, arrays['unlabeled_idx'].shape[0])]
     # The label is for monitoring (pseudo-label accuracy) only; methods never train on it.
-    batch['unlabeled'] = {'image': arrays['images'][pick_u], 'label': arrays['labels'][pick_u]}
+    batch['unlabeled'] = {'image': arrays['images'][pick_u], 'label': arrays['labels'][pick_u],
+                          'index': pick_u}
   return batch
 
 
