@@ -43,9 +43,18 @@ def moons(arg='labels=-1', **overrides):
 # --- configs ----------------------------------------------------------------------------------
 
 
+# Configs whose full (non-runlocal) variant needs an argument naming data or a previous run.
+REQUIRED_ARGS = {'imagenet_jft_mpl.py': 'unlabeled=my_unlabeled_tfds_set',
+                 'digits_reduced_mpl.py': 'teacher_workdir=/some/stage1/run'}
+
+
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_every_config_loads_and_validates(path):
-  for arg in (None, 'runlocal'):
+  required = REQUIRED_ARGS.get(os.path.basename(path))
+  if required:
+    with pytest.raises(ConfigError, match=required.split('=')[0]):
+      load_config(path, None)
+  for arg in (required, 'runlocal'):
     config = load_config(path, arg)
     config_lib.validate(config, jax.device_count())
     assert config.total_steps > 0
