@@ -9,6 +9,8 @@ The paper's setting (6 labels, 3 per moon): supervised finds a poor boundary (~7
 
 Arguments: method (see mpl/methods), labels (-1 = all 2000), noise, runlocal (a few steps).
 Unpublished in the paper, chosen here: noise 0.1, 10k steps, momentum 0.9, batch 64.
+Pseudo Labels (method=pseudo_label) as in the paper's figure: offline, one round (a teacher trained
+on the 6 labels for 5k steps, then frozen while the student learns its argmax labels for 5k).
 """
 
 from mpl import config_lib
@@ -35,6 +37,8 @@ def get_config(arg=None):
   config.optimizer.momentum = 0.9
   config.optimizer.decay = 'constant'
   config.augment.strong = 'none'    # points, not images: no views
+  # Pseudo Labels: teacher for total_steps // 2, then one student round on its hard labels.
+  config.pseudo_label.rounds = 1
   # MPL: the same networks and SGD 0.1 for teacher and student, no UDA, no schedules.
   config.mpl.uda_weight = 0.0
   for opt in (config.mpl.teacher_optimizer, config.mpl.student_optimizer):

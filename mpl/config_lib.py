@@ -180,6 +180,24 @@ def base_config() -> ml_collections.ConfigDict:
                              warmup_steps=5000, decay='cosine'),
   ))
 
+  # Reduced MPL (mpl/methods/reduced_mpl.py): a large teacher trained in stage 1 (any run), its
+  # distributions precomputed, and a small MLP "reduced teacher" on top of them with MPL feedback.
+  c.reduced_mpl = ml_collections.ConfigDict(dict(
+      teacher_workdir='',          # workdir of the stage-1 run; '' = error unless stand-in
+      teacher_source='auto',       # 'auto' (what stage 1 reported) | 'ema' | 'raw' | 'teacher'
+      standin_teacher_steps=0,     # > 0 with no teacher_workdir: throw-away teacher (runlocal)
+      hidden_sizes=(64,),          # reduced teacher: log p + MLP([p, log p]), identity at init
+      pseudo_label='sample',       # hard labels sampled from the reduced teacher | 'argmax'
+      baseline_decay=0.99,         # moving baseline of h
+      student_label_smoothing=0.0,
+      teacher_optimizer=dict(name='sgd', lr=0.1, scale_lr_by_batch=True, momentum=0.9,
+                             nesterov=True, weight_decay=5e-4, clip_norm=0.0, wait_steps=0,
+                             warmup_steps=5000, decay='cosine'),
+      student_optimizer=dict(name='sgd', lr=0.1, scale_lr_by_batch=True, momentum=0.9,
+                             nesterov=True, weight_decay=5e-4, clip_norm=0.0, wait_steps=3000,
+                             warmup_steps=5000, decay='cosine'),
+  ))
+
   # Finetune stage after MPL (paper): the student on labeled data only. steps=0: off.
   c.finetune = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=512))
 

@@ -3,12 +3,14 @@
 from mpl.errors import ConfigError
 from mpl.methods.mpl import MPL
 from mpl.methods.pseudo_label import PseudoLabel
+from mpl.methods.reduced_mpl import ReducedMPL
 from mpl.methods.supervised import Supervised
 
 METHODS = {
     'supervised': Supervised,
     'pseudo_label': PseudoLabel,
     'mpl': MPL,
+    'reduced_mpl': ReducedMPL,
 }
 
 

@@ -1,0 +1,238 @@
+"""Pseudo Labels / Noisy Student: each phase's update against an independent computation."""
+
+import functools
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import make_moons
+
+from mpl import models, sharding
+from mpl.errors import ConfigError
+from mpl.methods import base
+from mpl.methods.pseudo_label import PseudoLabel
+from mpl.methods.supervised import Supervised
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR = 0.5
+
+
+def make_config(**pseudo_label):
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, 'configs/two_moons.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('method=pseudo_label,labels=6')
+  config.total_steps = 10
+  config.ema_decay = 0.0
+  config.label_smoothing = 0.0
+  config.optimizer.update(dict(lr=LR, momentum=0.0, weight_decay=0.0, wait_steps=0,
+                               warmup_steps=0, decay='constant', scale_lr_by_batch=False))
+  config.pseudo_label.update(pseudo_label)
+  return config
+
+
+def make(config, cls=PseudoLabel):
+  model = models.get_model('mlp', 2, hidden_sizes=(8, 8), activation='tanh', initializer='lecun')
+  info = base.DataInfo(num_classes=2, mean=(0.0,), std=(1.0,), is_image=False)
+  return cls(config, model, info)
+
+
+def moons_batch(n_l=8, n_u=32, seed=0):
+  x, y = make_moons(n_l + n_u, noise=0.1, random_state=seed)
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+  return {'labeled': {'image': x[:n_l], 'label': y[:n_l]},
+          'unlabeled': {'image': x[n_l:], 'label': y[n_l:]}}
+
+
+def init_state(method, batch, seed=0):
+  return sharding.strip_boxes(method.init(jax.random.PRNGKey(seed),
+                                          batch['labeled']['image'][:1]))
+
+
+@functools.cache
+def jitted_update(method):
+  return jax.jit(method.update)
+
+
+def update(method, state, batch):
+  """One jitted update, as the loop runs it (compiled once per method)."""
+  return jitted_update(method)(state, batch)
+
+
+def apply(method, params, x):
+  return method.model.apply({'params': params}, x, train=False)
+
+
+def sgd_step(params, grads, lr=LR):
+  return jax.tree.map(lambda p, g: p - lr * g, params, grads)
+
+
+def assert_trees_close(a, b, **kw):
+  kw = {'rtol': 1e-5, 'atol': 1e-6, **kw}
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def self_training_grad(method, student, teacher_logits, batch, weight, threshold=0.0):
+  """grad of CE_l + weight * mean(mask * CE(argmax teacher, student(x_u))), written out."""
+  x_l, y_l, x_u = batch['labeled']['image'], batch['labeled']['label'], batch['unlabeled']['image']
+  yhat = jnp.argmax(teacher_logits, -1)
+  keep = jnp.max(jax.nn.softmax(teacher_logits), -1) >= threshold
+
+  def loss(p):
+    labeled = jnp.mean(base.cross_entropy(apply(method, p, x_l), y_l))
+    per_example = base.cross_entropy(apply(method, p, x_u), yhat)
+    return labeled + weight * jnp.mean(jnp.where(keep, per_example, 0.0))
+
+  return jax.grad(loss)(student)
+
+
+def test_phase1_trains_the_teacher_like_supervised_and_leaves_the_student():
+  config = make_config(rounds=1, teacher_steps=5)
+  method, batch = make(config), moons_batch()
+  state = init_state(method, batch)
+  new_state, metrics = update(method, state, batch)
+
+  supervised = make(config, Supervised)
+  sup_state = init_state(supervised, batch).replace(params=state.params['teacher'])
+  sup_state = sup_state.replace(opt_state=supervised.tx.init(sup_state.params))
+  sup_new, sup_metrics = update(supervised, sup_state, batch)
+  assert_trees_close(new_state.params['teacher'], sup_new.params)
+  np.testing.assert_allclose(metrics['loss_labeled'], sup_metrics['loss'], rtol=1e-6)
+  assert_trees_equal(new_state.params['student'], state.params['student'])
+  assert_trees_equal(new_state.opt_state['student'], state.opt_state['student'])
+  assert int(metrics['round']) == 0 and float(metrics['loss_unlabeled']) == 0.0
+  assert int(new_state.step) == 1
+
+
+@pytest.mark.parametrize('weight', [0.7, 2.0])
+def test_phase2_freezes_the_teacher_and_student_follows_ce_plus_pseudo_ce(weight):
+  config = make_config(rounds=1, teacher_steps=5, weight=weight)
+  method, batch = make(config), moons_batch()
+  state = init_state(method, batch).replace(step=jnp.int32(5))
+  new_state, metrics = update(method, state, batch)
+  assert int(metrics['round']) == 1
+  assert_trees_equal(new_state.params['teacher'], state.params['teacher'])
+
+  teacher_logits = apply(method, state.params['teacher'], batch['unlabeled']['image'])
+  grads = self_training_grad(method, state.params['student'], teacher_logits, batch, weight)
+  assert optax_norm(grads) > 1e-2
+  assert_trees_close(new_state.params['student'], sgd_step(state.params['student'], grads))
+  np.testing.assert_allclose(metrics['loss'],
+                             metrics['loss_labeled'] + weight * metrics['loss_unlabeled'],
+                             rtol=1e-6)
+
+
+def optax_norm(tree):
+  return float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree))))
+
+
+def test_threshold_masks_low_confidence_pseudo_labels():
+  batch = moons_batch(n_u=64)
+  method = make(make_config(rounds=1, teacher_steps=5))
+  state = init_state(method, batch, seed=1)
+  teacher_logits = apply(method, state.params['teacher'], batch['unlabeled']['image'])
+  confidence = jnp.max(jax.nn.softmax(teacher_logits), -1)
+  threshold = float(jnp.median(confidence))
+  expected_rate = float(jnp.mean(confidence >= threshold))
+  assert 0.2 < expected_rate < 0.8
+
+  method = make(make_config(rounds=1, teacher_steps=5, threshold=threshold))
+  state = state.replace(step=jnp.int32(5))
+  new_state, metrics = update(method, state, batch)
+  np.testing.assert_allclose(float(metrics['mask_rate']), expected_rate)
+  grads = self_training_grad(method, state.params['student'], teacher_logits, batch, 1.0,
+                             threshold)
+  assert_trees_close(new_state.params['student'], sgd_step(state.params['student'], grads))
+
+  everything = make(make_config(rounds=1, teacher_steps=5, threshold=0.0))
+  assert float(update(everything, state, batch)[1]['mask_rate']) == 1.0
+
+
+def test_online_with_zero_weight_is_the_supervised_update():
+  config = make_config(rounds=0, weight=0.0)
+  method, batch = make(config), moons_batch()
+  state = init_state(method, batch)
+  new_state, metrics = update(method, state, batch)
+  supervised = make(config, Supervised)
+  sup_new, _ = update(supervised, state, batch)  # same state structure: one network
+  assert_trees_close(new_state.params, sup_new.params, rtol=1e-6, atol=1e-7)
+  assert 'teacher' not in method.eval_variables(new_state)
+
+
+def test_online_labels_its_own_predictions_above_095():
+  config = make_config(rounds=0)
+  method, batch = make(config), moons_batch()
+  assert method.threshold == 0.95  # the online default
+  state = init_state(method, batch)
+  # Scaled-up weights make the network confident on some of the points, not all.
+  params = jax.tree.map(lambda p: 6.0 * p, state.params)
+  state = state.replace(params=params)
+  new_state, metrics = update(method, state, batch)
+  logits = apply(method, params, batch['unlabeled']['image'])
+  grads = self_training_grad(method, params, logits, batch, 1.0, threshold=0.95)
+  assert 0.0 < float(metrics['mask_rate']) < 1.0
+  assert_trees_close(new_state.params, sgd_step(params, grads))
+
+
+def test_round_switch_copies_the_student_into_the_teacher():
+  # teacher_steps 2, then 2 rounds of 4 steps: round 2 starts at step 6.
+  config = make_config(rounds=2, teacher_steps=2)
+  method, batch = make(config), moons_batch()
+  assert method.round_steps == 4
+  state = init_state(method, batch)
+  for step, expected_round, switch in ((5, 1, False), (6, 2, True), (7, 2, False)):
+    at = state.replace(step=jnp.int32(step))
+    new_state, metrics = update(method, at, batch)
+    assert int(metrics['round']) == expected_round
+    teacher = state.params['student'] if switch else state.params['teacher']
+    assert_trees_equal(new_state.params['teacher'], teacher)
+    # The student learns from the labels of the teacher in charge at this step.
+    logits = apply(method, teacher, batch['unlabeled']['image'])
+    grads = self_training_grad(method, state.params['student'], logits, batch, 1.0)
+    assert_trees_close(new_state.params['student'], sgd_step(state.params['student'], grads))
+
+
+def schedule_count(opt_state):
+  """The step count of an optax schedule inside an optimiser state."""
+  counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+            if 'count' in jax.tree_util.keystr(path)]
+  assert len(counts) == 1
+  return int(counts[0])
+
+
+def test_jitted_run_crosses_every_phase():
+  config = make_config(rounds=2, teacher_steps=2)
+  config.total_steps = 7  # 2 teacher steps, then rounds of 2 and 3 steps
+  config.optimizer.momentum = 0.9
+  method, batch = make(config), moons_batch()
+  state = init_state(method, batch)
+  jitted = jax.jit(method.update, donate_argnums=0)
+  rounds = []
+  for step in range(7):
+    student_before = jax.tree.map(np.asarray, state.params['student'])
+    state, metrics = jitted(state, batch)
+    rounds.append(int(metrics['round']))
+    assert np.isfinite(float(metrics['loss']))
+    if step == 4:  # the first step of round 2: the teacher is the student of round 1
+      assert_trees_equal(state.params['teacher'], student_before)
+  assert rounds == [0, 0, 1, 1, 2, 2, 2]
+  # The teacher stepped twice; the student's optimiser restarted at round 2 (3 steps since).
+  assert schedule_count(state.opt_state['teacher']) == 2
+  assert schedule_count(state.opt_state['student']) == 3
+  assert set(method.eval_variables(state)) == {'raw', 'teacher'}
+
+
+def test_config_errors():
+  with pytest.raises(ConfigError, match='rounds'):
+    make(make_config(rounds=-1))
+  with pytest.raises(ConfigError, match='teacher_steps'):
+    make(make_config(rounds=2, teacher_steps=9))
+  assert make(make_config(rounds=1)).threshold == 0.0
+  assert make(make_config(rounds=1)).teacher_steps == 5
