@@ -1,0 +1,481 @@
+"""Reduced Meta Pseudo Labels (METHODS.md section 6, "Reduced MPL"), for when two big networks
+do not fit next to each other.
+
+Two stages.
+  Stage 1 (any ordinary run, e.g. `supervised` or `mpl`, in a workdir A): the LARGE teacher.
+    `config.reduced_mpl.teacher_workdir = A`. At construction this method restores A's final
+    checkpoint (Orbax, A/checkpoints; A/finetune/checkpoints when that run had a finetune
+    stage), rebuilds the network from A/config.json with `mpl.models.get_model`, and computes
+    its softmax distribution p_L(x) on EVERY training image once: eval mode (no dropout,
+    batch-norm running statistics), no augmentation, batches of `config.eval_batch_size`
+    (`teacher_distribution`). The result, float32 [num_train, num_classes] in training-set
+    order, lives in `state.method_state['teacher_probs']`: replicated on every device and saved
+    in every checkpoint, 4 * num_train * num_classes bytes (digits 57 KB, CIFAR-10 2 MB,
+    ImageNet 5.1 GB: too much there; a top-k or bf16 table would be the next step).
+    Which network of run A is the large teacher (`reduced_mpl.teacher_source`):
+      auto     what run A reported as its result: the finetuned student if A had a finetune
+               stage, else its EMA network if it kept one, else its raw network (default)
+      ema      the EMA network (the EMA student of an MPL run)
+      raw      the raw network (the raw student of an MPL / offline pseudo-label run)
+      teacher  the teacher of an MPL / offline pseudo-label run (built from `mpl.teacher_model`
+               when A set one)
+    Checks (ConfigError): A has config.json and a checkpoint; A trained on the same dataset
+    (same name, image_size, and for two_moons noise and seed), so row i of the table is training
+    image i as the loop indexes it (both runs use the same `load_dataset`); and A's labeled
+    split is a subset of this run's, so the large teacher has seen no label this run treats
+    as unlabeled. Batches find their rows with `batch[...]['index']` (position in the training
+    set); the streaming input has no such index and is rejected.
+  Stage 2 (this method): a small REDUCED teacher T_r and the student S train together.
+    T_r(p) = log p + MLP([p, log p / 13.8])   (log p clipped at log 1e-6 = -13.8)
+    The MLP (`reduced_mpl.hidden_sizes`, ReLU, LeCun-normal kernels) sees only the large
+    teacher's distribution of an example, never its pixels: p in [0, 1] and the scaled log in
+    [-1, 0] (the log keeps the order of the small probabilities that p squashes to ~0). Its
+    last layer starts at zero, so at initialisation T_r reproduces the large teacher exactly
+    (softmax T_r(p) = p up to the 1e-6 clip), and weight decay on that layer (if the teacher
+    optimiser has any) pulls T_r back towards the large teacher: a residual correction of a
+    converged teacher, not a new classifier trained from scratch.
+    One update, the first_order MPL update of mpl.py with T(s(x_u)) replaced by T_r(p_L(x_u)):
+      1. Pseudo labels: hard labels yhat for the unlabeled batch, sampled from softmax
+         T_r(p_L(x_u)) (the paper) or its argmax (`reduced_mpl.pseudo_label`).
+      2. Student step on CE(yhat, S(s(x_u))): the student sees the strong views
+         (`base.unlabeled_views`) of the images whose clean-image distributions T_r labelled.
+         f_old = CE(y_l, S(x_l)) before it, f_new = CE(y_l, S'(x_l)) after it, exactly as mpl.py
+         (student in training mode both times; its batch statistics of the second pass are
+         discarded). The student never trains on the labels directly.
+      3. Feedback h = f_old - f_new, moving baseline b <- d b + (1 - d) h (updated with the
+         current h before it is subtracted, decay `reduced_mpl.baseline_decay`), and the
+         reduced teacher's loss
+           CE_ls(y_l, T_r(p_L(x_l))) + sg(h - b) * CE(yhat, T_r(p_L(x_u)))
+         (label smoothing `config.label_smoothing` on the labeled term). No UDA term: T_r never
+         sees pixels, so there is no weak/strong pair to make consistent. The labeled term uses
+         the large teacher's distributions of the labeled examples, which it fitted: it mostly
+         keeps T_r faithful to the labels; the feedback term is what T_r learns from.
+    Optimisers: `reduced_mpl.teacher_optimizer` and `reduced_mpl.student_optimizer` (the
+    fields of `mpl.*_optimizer`, mpl/optim.py). Student EMA with `config.ema_decay` (decay
+    min(d, (t+1)/(t+10))). Evaluated: {'raw': student, 'ema': student EMA when on}; T_r is not
+    an image model, so its accuracy is a training metric: `reduced_teacher_accuracy_labeled`
+    (argmax on the labeled batch) and, for monitoring only, `pseudo_label_accuracy`,
+    `reduced_teacher_accuracy_unlabeled` and `large_teacher_accuracy_unlabeled` on the unlabeled
+    batch (their labels are never trained on).
+  Without a stage-1 run (`teacher_workdir = ''`) construction fails with a ConfigError, unless
+  `reduced_mpl.standin_teacher_steps > 0`: then a throw-away large teacher (`config.model`,
+  Adam 1e-3) trains on this run's labeled examples for that many steps at construction, and its
+  distributions are computed as above. The `runlocal` smoke variants use this so that they run
+  alone; it is never a result.
+  Tests and notebooks can pass the table directly: `ReducedMPL(config, model, info,
+  teacher_probs=...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from mpl import models, optim
+from mpl.data import datasets, split
+from mpl.errors import ConfigError, DataError
+from mpl.methods import base
+from mpl.methods.mpl import PSEUDO_LABELS, smooth
+
+TEACHER_SOURCES = ('auto', 'ema', 'raw', 'teacher')
+LOG_EPS = 1e-6                     # log p is clipped at log(LOG_EPS) = -13.8
+LOG_SCALE = -float(np.log(LOG_EPS))
+STANDIN_LR = 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# The reduced teacher.
+
+
+class ReducedTeacher(nn.Module):
+  """logits = log p + MLP([p, log p / 13.8]); the last layer starts at zero (identity at init)."""
+  num_classes: int
+  hidden_sizes: Sequence[int] = (64,)
+
+  @nn.compact
+  def __call__(self, probs: jax.Array) -> jax.Array:
+    log_p = jnp.log(jnp.maximum(probs.astype(jnp.float32), LOG_EPS))
+    x = jnp.concatenate([probs, log_p / LOG_SCALE], axis=-1)
+    for i, size in enumerate(self.hidden_sizes):
+      x = nn.relu(nn.Dense(size, name=f'hidden_{i}')(x))
+    correction = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                          bias_init=nn.initializers.zeros, name='correction')(x)
+    return log_p + correction
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: the large teacher's distributions.
+
+
+def teacher_distribution(model: nn.Module, variables, images, *, prepare=None,
+                         batch_size: int = 1000) -> np.ndarray:
+  """softmax(model(prepare(images))) in eval mode: float32 [len(images), num_classes].
+
+  Row i belongs to images[i]. Batches of `batch_size` (the last one padded, so one compile).
+  """
+  prepare = prepare or (lambda x: x)
+  probs_of = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, prepare(x), train=False)))
+  n = len(images)
+  rows = []
+  for start in range(0, n, batch_size):
+    chunk = np.asarray(images[start:start + batch_size])
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    rows.append(np.asarray(probs_of(variables, chunk))[:batch_size - pad])
+  return np.concatenate(rows).astype(np.float32)
+
+
+def read_run_config(workdir: str) -> dict[str, Any]:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(
+        f'reduced_mpl.teacher_workdir={workdir!r} has no config.json: run stage 1 there first '
+        f'(see configs/digits_reduced_mpl.py).')
+  with open(path) as f:
+    return json.load(f)
+
+
+def restore_state(checkpoint_dir: str) -> dict[str, Any]:
+  """The latest TrainState saved by mpl.train in `checkpoint_dir`, as a tree of arrays.
+
+  Restored on the first local device whatever the saving run's device layout.
+  """
+  if not os.path.isdir(checkpoint_dir):
+    raise ConfigError(f'no checkpoints in {checkpoint_dir}: did stage 1 finish?')
+  with ocp.CheckpointManager(os.path.abspath(checkpoint_dir)) as manager:
+    step = manager.latest_step()
+  if step is None:
+    raise ConfigError(f'no checkpoints in {checkpoint_dir}: did stage 1 finish?')
+  path = os.path.join(os.path.abspath(checkpoint_dir), str(step), 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          tree)
+  return checkpointer.restore(path, abstract)
+
+
+def build_model(model_config: dict[str, Any], num_classes: int) -> nn.Module:
+  """A registry model from a saved config.json 'model' block (as mpl.train builds it)."""
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in model_config.items() if k != 'name'}
+  if kwargs.get('dtype') is not None:
+    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+  else:
+    kwargs.pop('dtype', None)
+  return models.get_model(model_config['name'], num_classes, **kwargs)
+
+
+def select_teacher(state: dict[str, Any], run_config: dict[str, Any], source: str,
+                   finetuned: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
+  """(model config, variables) of the large teacher in a restored stage-1 state.
+
+  `finetuned`: the state of the run's finetune stage, if it had one (used by 'auto').
+  """
+  params, stats = state['params'], state.get('batch_stats') or {}
+  two_networks = isinstance(params, dict) and set(params) == {'teacher', 'student'}
+  model_config = run_config['model']
+  has_ema = bool(state.get('ema_params'))
+  if source == 'auto':
+    if finetuned is not None:
+      return model_config, base.variables_of(finetuned['params'],
+                                             finetuned.get('batch_stats') or {})
+    source = 'ema' if has_ema else 'raw'
+  if source == 'ema':
+    if not has_ema:
+      raise ConfigError('reduced_mpl.teacher_source=ema but the stage-1 run kept no EMA '
+                        '(its ema_decay was 0); use raw or auto.')
+    return model_config, base.variables_of(state['ema_params'],
+                                           state.get('ema_batch_stats') or {})
+  if source == 'raw':
+    if two_networks:
+      return model_config, base.variables_of(params['student'], stats.get('student') or {})
+    return model_config, base.variables_of(params, stats)
+  if not two_networks:  # source == 'teacher'
+    raise ConfigError(f'reduced_mpl.teacher_source=teacher but the stage-1 run '
+                      f'({run_config.get("method")}) has no teacher network; use auto, ema or '
+                      f'raw.')
+  teacher_model = (run_config.get('mpl') or {}).get('teacher_model') or model_config
+  return teacher_model, base.variables_of(params['teacher'], stats.get('teacher') or {})
+
+
+def check_same_data(run_config: dict[str, Any], config, teacher_workdir: str) -> None:
+  """The stage-1 run must index the same training set as this run (ConfigError if not)."""
+  keys = [('dataset', run_config.get('dataset'), config.dataset),
+          ('data.image_size', run_config.get('data', {}).get('image_size'),
+           config.data.image_size)]
+  if config.dataset == 'two_moons':
+    keys += [(f'data.{k}', run_config.get('data', {}).get(k), config.data[k])
+             for k in ('noise', 'seed')]
+  for name, theirs, ours in keys:
+    if theirs != ours:
+      raise ConfigError(
+          f'the large teacher in {teacher_workdir} trained with {name}={theirs!r}, this run has '
+          f'{name}={ours!r}: its distributions would belong to other images. Stage 2 must use '
+          f'the training set of stage 1.')
+
+
+def training_set(config) -> datasets.InMemoryDataset:
+  """The training set as mpl.train.load_data loads it (same images, same order)."""
+  if config.data.streaming or config.dataset in datasets.STREAMING_DATASETS:
+    raise ConfigError('reduced_mpl needs the in-memory input (batches carry training-set '
+                      'indices there); the streaming input has no index.')
+  if config.data.standin != 'always':
+    try:
+      return datasets.load_dataset(
+          config.dataset, data_dir=config.data.data_dir,
+          image_size=config.data.image_size or None, source=config.data.source,
+          noise=config.data.noise, seed=config.data.seed)
+    except DataError:
+      if config.data.standin == 'never':
+        raise
+  return datasets.standin_dataset(config.dataset, image_size=config.data.image_size or None,
+                                  seed=config.data.seed)
+
+
+def train_standin_teacher(model: nn.Module, prepare, images, labels, steps: int,
+                          batch_size: int, rng) -> Any:
+  """A throw-away large teacher for runlocal smoke runs: Adam on CE over the given examples."""
+  tx = optax.adam(STANDIN_LR)
+  params_rng, dropout_rng = jax.random.split(rng)
+  variables = model.init({'params': params_rng, 'dropout': params_rng},
+                         prepare(jnp.asarray(images[:1])), train=False)
+  params = nn.meta.unbox(variables['params'])
+  stats = nn.meta.unbox(variables.get('batch_stats', {}))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step_fn(params, stats, opt_state, x, y, key):
+    def loss_fn(p):
+      logits, new_stats = base.apply_train(model, p, stats, prepare(x), key)
+      return jnp.mean(base.cross_entropy(logits, y)), new_stats
+    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state
+
+  n = len(labels)
+  for step in range(steps):
+    pick = (step * batch_size + np.arange(batch_size)) % n
+    params, stats, opt_state = step_fn(params, stats, opt_state, images[pick], labels[pick],
+                                       jax.random.fold_in(dropout_rng, step))
+  return base.variables_of(params, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# The method.
+
+
+class ReducedMPL(base.Method):
+  name = 'reduced_mpl'
+  uses_unlabeled = True
+
+  def __init__(self, config, model, info, teacher_probs=None):
+    super().__init__(config, model, info)
+    c = config.reduced_mpl
+    if c.pseudo_label not in PSEUDO_LABELS:
+      raise ConfigError(f'unknown reduced_mpl.pseudo_label {c.pseudo_label!r}; valid choices: '
+                        f'{list(PSEUDO_LABELS)}')
+    if c.teacher_source not in TEACHER_SOURCES:
+      raise ConfigError(f'unknown reduced_mpl.teacher_source {c.teacher_source!r}; valid '
+                        f'choices: {list(TEACHER_SOURCES)}')
+    self.student = model
+    self.teacher = ReducedTeacher(info.num_classes, tuple(c.hidden_sizes))
+    steps, batch = config.total_steps, config.batch_size
+    self.teacher_tx, self.teacher_lr = optim.make_optimizer(c.teacher_optimizer, steps, batch)
+    self.student_tx, self.student_lr = optim.make_optimizer(c.student_optimizer, steps, batch)
+    self.ema_decay = float(config.get('ema_decay', 0.0))
+    if teacher_probs is None:
+      teacher_probs = self.large_teacher_probs()
+    teacher_probs = np.asarray(teacher_probs, np.float32)
+    if teacher_probs.ndim != 2 or teacher_probs.shape[1] != info.num_classes:
+      raise ConfigError(f'large-teacher distributions of shape {teacher_probs.shape}; expected '
+                        f'[num_train, {info.num_classes}].')
+    self.teacher_probs = teacher_probs
+
+  def large_teacher_probs(self) -> np.ndarray:
+    """Stage 1's distributions on every training image (see the module docstring)."""
+    config, c = self.config, self.config.reduced_mpl
+    run_config = None
+    if c.teacher_workdir:
+      run_config = read_run_config(c.teacher_workdir)
+      check_same_data(run_config, config, c.teacher_workdir)
+    elif int(c.get('standin_teacher_steps', 0)) <= 0:
+      raise ConfigError(
+          'reduced_mpl.teacher_workdir is empty: reduced MPL needs a trained large teacher. Run '
+          'stage 1 (any method) in a workdir A, then pass teacher_workdir=A (see '
+          'configs/digits_reduced_mpl.py).')
+    data = training_set(config)
+    labeled = split.labeled_indices(
+        data.train_labels, len(data.train_labels) if config.num_labeled == -1
+        else int(config.num_labeled), data.num_classes, seed=config.data.seed)
+    if run_config is not None:
+      saved = split.load_split(c.teacher_workdir)
+      if saved is None or not np.isin(saved[0], labeled).all():
+        raise ConfigError(
+            f'the large teacher in {c.teacher_workdir} trained on labels this run treats as '
+            f'unlabeled (its labeled_split.json is missing or not a subset of this run\'s '
+            f'{len(labeled)} labeled examples): use the same labels (num_labeled, data.seed) '
+            f'in both stages.')
+      finetune_dir = os.path.join(c.teacher_workdir, 'finetune', 'checkpoints')
+      finetuned = (restore_state(finetune_dir)
+                   if c.teacher_source == 'auto' and os.path.isdir(finetune_dir) else None)
+      state = restore_state(os.path.join(c.teacher_workdir, 'checkpoints'))
+      model_config, variables = select_teacher(state, run_config, c.teacher_source, finetuned)
+      try:
+        model = build_model(model_config, self.info.num_classes)
+      except ValueError as e:
+        raise ConfigError(f'the stage-1 model in {c.teacher_workdir}: {e}') from e
+      what = f'{run_config.get("method")} run {c.teacher_workdir} ({c.teacher_source})'
+    else:
+      logging.warning('reduced_mpl: no teacher_workdir; training a throw-away large teacher '
+                      'for %d steps on the labeled examples (a smoke test, not a result).',
+                      c.standin_teacher_steps)
+      model = self.model
+      variables = train_standin_teacher(
+          model, self.prepare, data.train_images[labeled], data.train_labels[labeled],
+          int(c.standin_teacher_steps), config.batch_size, jax.random.PRNGKey(config.seed))
+      what = 'stand-in teacher'
+    num_train = len(data.train_labels)
+    probs = teacher_distribution(  # the test images only for the log line below
+        model, variables, np.concatenate([data.train_images, data.test_images]),
+        prepare=self.prepare, batch_size=config.eval_batch_size)
+    probs, test = probs[:num_train], probs[num_train:]
+    correct = np.argmax(probs, -1) == data.train_labels
+    logging.info('reduced_mpl: large teacher = %s: accuracy %.2f%% on all %d training images, '
+                 '%.2f%% on the labeled ones, %.2f%% on the test set.', what,
+                 100 * correct.mean(), len(correct), 100 * correct[labeled].mean(),
+                 100 * np.mean(np.argmax(test, -1) == data.test_labels))
+    return probs
+
+  # -- state ----------------------------------------------------------------------------------
+
+  def init(self, rng, sample_images):
+    teacher_rng, student_rng, state_rng = jax.random.split(rng, 3)
+    num_classes = self.info.num_classes
+    teacher = self.teacher.init(teacher_rng, jnp.full((1, num_classes), 1.0 / num_classes))
+    student, student_stats = self.init_network(student_rng, sample_images)
+    params = {'teacher': teacher['params'], 'student': student}
+    use_ema = self.ema_decay > 0
+    return base.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        rng=state_rng,
+        params=params,
+        batch_stats={'teacher': {}, 'student': student_stats},
+        opt_state={'teacher': self.teacher_tx.init(params['teacher']),
+                   'student': self.student_tx.init(student)},
+        ema_params=student if use_ema else None,
+        ema_batch_stats=student_stats if use_ema else None,
+        method_state={'baseline': jnp.zeros((), jnp.float32),
+                      'teacher_probs': jnp.asarray(self.teacher_probs)},
+    )
+
+  def eval_variables(self, state):
+    out = {'raw': base.variables_of(state.params['student'], state.batch_stats['student'])}
+    if self.ema_decay > 0:
+      out['ema'] = base.variables_of(state.ema_params, state.ema_batch_stats)
+    return out
+
+  def predict(self, variables, images):
+    return self.student.apply(variables, self.prepare(images), train=False)
+
+  # -- the update -------------------------------------------------------------------------------
+
+  def update(self, state, batch):
+    c = self.config.reduced_mpl
+    step = state.step
+    rng = jax.random.fold_in(state.rng, step)
+    labeled_rng, unlabeled_rng, student_rng, student_new_rng, label_rng = jax.random.split(rng, 5)
+    x_l = self.prepare(base.labeled_view(self.config, labeled_rng, batch['labeled']['image']))
+    _, x_s = base.unlabeled_views(self.config, unlabeled_rng, batch['unlabeled']['image'])
+    x_s = self.prepare(x_s)
+    y_l = batch['labeled']['label']
+    n_l = x_l.shape[0]
+    table = state.method_state['teacher_probs']
+    p_l, p_u = table[batch['labeled']['index']], table[batch['unlabeled']['index']]
+    teacher_params, student_params = state.params['teacher'], state.params['student']
+    reduced_teacher = lambda params, probs: self.teacher.apply({'params': params}, probs)
+
+    # 1. Hard pseudo labels from the reduced teacher on the large teacher's distributions.
+    t_u = reduced_teacher(teacher_params, p_u)
+    if c.pseudo_label == 'sample':
+      pseudo = jax.random.categorical(label_rng, t_u)
+    else:
+      pseudo = jnp.argmax(t_u, axis=-1)
+    targets = jax.nn.one_hot(pseudo, t_u.shape[-1])
+
+    # 2. The student step on the strong views, and its labeled loss before and after (mpl.py).
+    def loss_fn(params):
+      logits, new_stats = base.apply_train(
+          self.student, params, state.batch_stats['student'], jnp.concatenate([x_l, x_s]),
+          student_rng)
+      loss_u = jnp.mean(base.soft_cross_entropy(
+          logits[n_l:], smooth(targets, c.student_label_smoothing)))
+      f_old = jnp.mean(base.cross_entropy(logits[:n_l], y_l))
+      return loss_u, (f_old, new_stats)
+
+    (loss_u, (f_old, student_stats)), student_grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(student_params)
+    updates, student_opt = self.student_tx.update(student_grads, state.opt_state['student'],
+                                                  student_params)
+    student_params = optax.apply_updates(student_params, updates)
+    logits_new, _ = base.apply_train(self.student, student_params, student_stats, x_l,
+                                     student_new_rng)
+    f_new = jnp.mean(base.cross_entropy(logits_new, y_l))
+
+    # 3. First-order feedback against a moving baseline; the reduced teacher's step.
+    h = f_old - f_new
+    baseline = c.baseline_decay * state.method_state['baseline'] + (1 - c.baseline_decay) * h
+    coefficient = jax.lax.stop_gradient(h - baseline)
+
+    def teacher_loss(params):
+      t_l = reduced_teacher(params, p_l)
+      t_u = reduced_teacher(params, p_u)
+      labeled = jnp.mean(base.cross_entropy(t_l, y_l, self.config.label_smoothing))
+      feedback = coefficient * jnp.mean(base.cross_entropy(t_u, pseudo))
+      total = labeled + feedback
+      return total, {'loss_teacher': total, 'loss_teacher_labeled': labeled,
+                     'loss_mpl': feedback,
+                     'reduced_teacher_accuracy_labeled': base.accuracy(t_l, y_l)}
+
+    teacher_grads, teacher_metrics = jax.grad(teacher_loss, has_aux=True)(teacher_params)
+    updates, teacher_opt = self.teacher_tx.update(teacher_grads, state.opt_state['teacher'],
+                                                  teacher_params)
+    teacher_params = optax.apply_updates(teacher_params, updates)
+
+    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
+    if self.ema_decay > 0:
+      decay = base.ema_decay_at(step, self.ema_decay)
+      ema_params = optim.ema_update(ema_params, student_params, decay)
+      ema_batch_stats = optim.ema_update(ema_batch_stats, student_stats, decay)
+
+    metrics = {
+        **teacher_metrics,
+        'loss_student': loss_u,
+        'f_old': f_old, 'f_new': f_new, 'h': h, 'baseline': baseline,
+        'lr_teacher': self.teacher_lr(step), 'lr_student': self.student_lr(step),
+        'teacher_grad_norm': optax.tree.norm(teacher_grads),
+        'student_grad_norm': optax.tree.norm(student_grads),
+    }
+    if 'label' in batch['unlabeled']:  # monitoring only: never used for training
+      y_u = batch['unlabeled']['label']
+      metrics['pseudo_label_accuracy'] = jnp.mean(pseudo == y_u)
+      metrics['reduced_teacher_accuracy_unlabeled'] = base.accuracy(t_u, y_u)
+      metrics['large_teacher_accuracy_unlabeled'] = base.accuracy(p_u, y_u)
+    new_state = state.replace(
+        step=step + 1,
+        params={'teacher': teacher_params, 'student': student_params},
+        batch_stats={'teacher': state.batch_stats['teacher'], 'student': student_stats},
+        opt_state={'teacher': teacher_opt, 'student': student_opt},
+        ema_params=ema_params, ema_batch_stats=ema_batch_stats,
+        method_state={'baseline': baseline, 'teacher_probs': table})
+    return new_state, metrics

@@ -1,0 +1,234 @@
+"""Reduced MPL: identity at init, first-order feedback, table in training-set order, 2 stages."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import make_moons
+
+from mpl import models, sharding, train
+from mpl.data import datasets
+from mpl.errors import ConfigError
+from mpl.methods import base
+from mpl.methods.reduced_mpl import (ReducedMPL, ReducedTeacher, select_teacher,
+                                     teacher_distribution)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, 'configs', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def plain_sgd(opt, lr):
+  opt.update(dict(lr=lr, momentum=0.0, weight_decay=0.0, wait_steps=0, warmup_steps=0,
+                  decay='constant', scale_lr_by_batch=False))
+
+
+# -- unit tests on TwoMoons points with a given large-teacher table ----------------------------
+
+NUM_TRAIN = 32
+
+
+def make_method(*, student_lr=1e-3, teacher_lr=1.0, pseudo_label='argmax'):
+  config = load_config('two_moons.py', 'method=reduced_mpl,labels=6')
+  config.reduced_mpl.pseudo_label = pseudo_label
+  config.label_smoothing = 0.0
+  config.ema_decay = 0.0
+  plain_sgd(config.reduced_mpl.student_optimizer, student_lr)
+  plain_sgd(config.reduced_mpl.teacher_optimizer, teacher_lr)
+  model = models.get_model('mlp', 2, hidden_sizes=(8, 8), activation='tanh', initializer='lecun')
+  info = base.DataInfo(num_classes=2, mean=(0.0,), std=(1.0,), is_image=False)
+  table = np.random.default_rng(1).dirichlet(np.ones(2), NUM_TRAIN).astype(np.float32)
+  return ReducedMPL(config, model, info, teacher_probs=table)
+
+
+def moons_batch(n_l=8, n_u=16):
+  x, y = make_moons(NUM_TRAIN, noise=0.1, random_state=0)
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+  idx_l, idx_u = jnp.arange(n_l), jnp.arange(NUM_TRAIN - n_u, NUM_TRAIN)
+  return {'labeled': {'image': x[idx_l], 'label': y[idx_l], 'index': idx_l},
+          'unlabeled': {'image': x[idx_u], 'index': idx_u}}
+
+
+def init_state(method, batch, seed=0):
+  return sharding.strip_boxes(method.init(jax.random.PRNGKey(seed),
+                                          batch['labeled']['image'][:1]))
+
+
+def student_apply(method, params, x):
+  return method.student.apply({'params': params}, x, train=False)
+
+
+def test_reduced_teacher_reproduces_the_large_teacher_at_init():
+  probs = np.random.default_rng(0).dirichlet(np.full(10, 0.3), 64).astype(np.float32)
+  probs = np.maximum(probs, 1e-5)
+  probs = probs / probs.sum(-1, keepdims=True)
+  teacher = ReducedTeacher(num_classes=10, hidden_sizes=(32, 16))
+  params = teacher.init(jax.random.PRNGKey(1), probs)
+
+  @jax.jit
+  def output_and_grad(params):
+    loss = lambda p: jnp.mean(base.cross_entropy(teacher.apply(p, probs),
+                                                 jnp.zeros(64, jnp.int32)))
+    return jax.nn.softmax(teacher.apply(params, probs)), jax.grad(loss)(params)
+
+  softmax, grads = output_and_grad(params)
+  np.testing.assert_allclose(softmax, probs, rtol=1e-5, atol=1e-7)
+  # ... and it is not stuck there: its zero-initialised last layer gets a gradient.
+  assert float(jnp.abs(grads['params']['correction']['kernel']).max()) > 0
+
+
+def test_teacher_distribution_keeps_the_order_of_the_images():
+  model = models.get_model('mlp', 3, hidden_sizes=(8,), activation='tanh', initializer='lecun')
+  images = np.random.default_rng(0).normal(size=(25, 4)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(0), images[:1])
+  table = teacher_distribution(model, variables, images, batch_size=7)  # 4 batches, 3 padded
+  direct = jax.jit(lambda x: jax.nn.softmax(model.apply(variables, x)))(images)
+  assert table.shape == (25, 3)
+  np.testing.assert_allclose(table, direct, rtol=1e-5, atol=1e-7)
+
+
+def test_first_order_h_matches_exact_inner_product():
+  """h = f_old - f_new ~= eta_S <grad f(theta_S'), g_u>, with yhat from the reduced teacher."""
+  eta = 2e-3
+  method = make_method(student_lr=eta)
+  batch = moons_batch()
+  state = init_state(method, batch)
+  _, metrics = jax.jit(method.update)(state, batch)
+
+  p_u = method.teacher_probs[np.asarray(batch['unlabeled']['index'])]
+  pseudo = jnp.argmax(p_u, -1)  # the reduced teacher is the large teacher at init
+  x_u, x_l, y_l = (batch['unlabeled']['image'], batch['labeled']['image'],
+                   batch['labeled']['label'])
+
+  @jax.jit
+  def inner_product(student):
+    g_u = jax.grad(lambda p: jnp.mean(base.cross_entropy(student_apply(method, p, x_u),
+                                                         pseudo)))(student)
+    updated = jax.tree.map(lambda p, g: p - eta * g, student, g_u)
+    grad_f_new = jax.grad(lambda p: jnp.mean(base.cross_entropy(student_apply(method, p, x_l),
+                                                                y_l)))(updated)
+    return eta * sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(grad_f_new),
+                                                    jax.tree.leaves(g_u)))
+
+  expected = inner_product(state.params['student'])
+  assert abs(float(expected)) > 1e-5
+  np.testing.assert_allclose(float(metrics['h']), float(expected), rtol=2e-2)
+  np.testing.assert_allclose(float(metrics['f_old'] - metrics['f_new']), float(metrics['h']))
+  np.testing.assert_allclose(float(metrics['baseline']), 0.01 * float(metrics['h']), rtol=1e-6)
+
+
+@pytest.mark.parametrize('previous_baseline, direction', [(-1000.0, 1), (1000.0, -1)])
+def test_teacher_moves_pseudo_label_probability_with_the_feedback_sign(previous_baseline,
+                                                                       direction):
+  """coefficient h - b > 0 raises p(yhat) under the reduced teacher; < 0 lowers it."""
+  method = make_method(student_lr=0.1, teacher_lr=1e-5)
+  batch = moons_batch()
+  state = init_state(method, batch)
+  state = state.replace(method_state={**state.method_state,
+                                      'baseline': jnp.float32(previous_baseline)})
+  new_state, metrics = jax.jit(method.update)(state, batch)
+  assert np.sign(float(metrics['h'] - metrics['baseline'])) == direction
+
+  p_u = method.teacher_probs[np.asarray(batch['unlabeled']['index'])]
+  log_probs = jax.jit(lambda params: jax.nn.log_softmax(method.teacher.apply(
+      {'params': params}, p_u)))
+  before, after = log_probs(state.params['teacher']), log_probs(new_state.params['teacher'])
+  pseudo = jnp.argmax(before, -1)
+  change = jnp.take_along_axis(after - before, pseudo[:, None], -1).sum()
+  assert np.sign(float(change)) == direction
+
+
+def test_select_teacher_picks_the_configured_network():
+  net = lambda v: {'w': np.full(2, v, np.float32)}
+  mpl_state = {'params': {'teacher': net(1), 'student': net(2)},
+               'batch_stats': {'teacher': {}, 'student': {}}, 'ema_params': net(3)}
+  run = {'method': 'mpl', 'model': {'name': 'mlp'}, 'mpl': {'teacher_model': {'name': 'cnn'}}}
+  pick = lambda source, **kw: select_teacher(mpl_state, run, source, **kw)
+  assert pick('teacher')[0]['name'] == 'cnn' and pick('teacher')[1]['params']['w'][0] == 1
+  assert pick('raw')[1]['params']['w'][0] == 2
+  assert pick('ema')[1]['params']['w'][0] == 3 and pick('auto')[1]['params']['w'][0] == 3
+  finetuned = {'params': net(4), 'batch_stats': {}}
+  assert pick('auto', finetuned=finetuned)[1]['params']['w'][0] == 4
+  supervised = {'params': net(5), 'batch_stats': {}, 'ema_params': None}
+  assert select_teacher(supervised, run, 'auto')[1]['params']['w'][0] == 5
+  with pytest.raises(ConfigError, match='no teacher network'):
+    select_teacher(supervised, run, 'teacher')
+  with pytest.raises(ConfigError, match='no EMA'):
+    select_teacher(supervised, run, 'ema')
+
+
+# -- two stages on digits ------------------------------------------------------------------------
+
+
+def few_steps(config, steps):
+  config.total_steps = steps
+  config.eval_every = config.checkpoint_every = config.log_every = steps
+  config.mesh.data = 1  # one device: faster compiles and steps on a shared CPU
+  return config
+
+
+@pytest.fixture(scope='module')
+def stage1(tmp_path_factory):
+  """A large teacher: the digits supervised config, 30 steps, 100 labels, EMA on."""
+  workdir = str(tmp_path_factory.mktemp('stage1'))
+  config = few_steps(load_config('digits.py', 'labels=100'), 30)
+  config.optimizer.warmup_steps = 0
+  train.run_stage(config, workdir)
+  return workdir
+
+
+def stage2_config(teacher_workdir, arg='labels=100'):
+  return few_steps(load_config('digits_reduced_mpl.py', f'teacher_workdir={teacher_workdir},{arg}'),
+                   2)
+
+
+def test_two_stage_run_trains_with_the_table_in_training_set_order(stage1, tmp_path):
+  summary = train.train_and_evaluate(stage2_config(stage1), str(tmp_path))
+  assert summary['method'] == 'reduced_mpl' and summary['steps'] == 2
+  assert 0.0 <= summary['final']['accuracy'] <= 1.0 and 'accuracy_ema' in summary['final']
+  metrics = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  train_metrics = [m for m in metrics if 'train/h' in m][-1]
+  # The stage-1 teacher labels the unlabeled batch far above chance (10%).
+  assert train_metrics['train/large_teacher_accuracy_unlabeled'] > 0.5
+
+  # Row i of the table (checkpointed in the method state) is the large teacher on image i.
+  import orbax.checkpoint as ocp
+
+  def final_state(workdir):
+    with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+      return manager.restore(manager.latest_step())['state']
+
+  table = np.asarray(final_state(str(tmp_path))['method_state']['teacher_probs'])
+  data = datasets.load_dataset('digits')
+  assert table.shape == (len(data.train_labels), 10)
+  model = models.get_model('mlp', 10, **{k: v for k, v in load_config('digits.py').model.items()
+                                         if k != 'name'})
+  variables = {'params': final_state(stage1)['ema_params']}  # 'auto': stage 1's EMA network
+  index = np.array([0, 7, 500, 1437])
+  x = (data.train_images[index] / 255.0 - np.asarray(data.mean)) / np.asarray(data.std)
+  direct = jax.jit(lambda x: jax.nn.softmax(model.apply(variables, x)))(x.astype(np.float32))
+  np.testing.assert_allclose(table[index], direct, rtol=1e-4, atol=1e-6)
+
+
+def test_stage2_rejects_another_dataset_or_more_labels(stage1, tmp_path):
+  config = stage2_config(stage1)
+  config.dataset = 'two_moons'
+  with pytest.raises(ConfigError, match='dataset'):
+    train.build(config, str(tmp_path / 'a'))
+  with pytest.raises(ConfigError, match='labels this run treats as unlabeled'):
+    train.build(stage2_config(stage1, 'labels=50'), str(tmp_path / 'b'))
+  with pytest.raises(ConfigError, match='teacher_workdir'):
+    load_config('digits_reduced_mpl.py')
+  no_teacher = few_steps(load_config('digits_reduced_mpl.py', 'runlocal'), 2)
+  no_teacher.reduced_mpl.standin_teacher_steps = 0
+  with pytest.raises(ConfigError, match='teacher_workdir is empty'):
+    train.build(no_teacher, str(tmp_path / 'c'))
