@@ -48,28 +48,7 @@ def is_streaming(config) -> bool:
 
 def load_data(config, workdir):
   """Loads the in-memory dataset and the labeled/unlabeled split (saved in the workdir)."""
-  config_lib.check_choice('data.standin', config.data.standin, ('never', 'if_missing', 'always'))
-  data = None
-  if config.data.standin != 'always' and not is_streaming(config):
-    try:
-      data = datasets.load_dataset(
-          config.dataset, data_dir=config.data.data_dir,
-          image_size=config.data.image_size or None, source=config.data.source,
-          noise=config.data.noise, seed=config.data.seed)
-    except DataError:
-      if config.data.standin == 'never':
-        raise
-  if data is None:
-    if config.data.standin == 'never':
-      raise ConfigError(
-          f'{config.dataset} is a streaming dataset; the in-memory training loop cannot hold '
-          f'it. Streaming training is not wired into the loop yet.')
-    # runlocal variants of configs whose data users bring: the right shapes, random content.
-    logging.warning('Training on random STAND-IN data with the shapes of %s '
-                    '(config.data.standin=%s): a smoke test, not a result.', config.dataset,
-                    config.data.standin)
-    data = datasets.standin_dataset(config.dataset, image_size=config.data.image_size or None,
-                                    seed=config.data.seed)
+  data = datasets.load_from_config(config)
   num_train = len(data.train_labels)
   num_labeled = num_train if config.num_labeled == -1 else int(config.num_labeled)
   if num_labeled > num_train:
@@ -311,18 +290,6 @@ def plot_curves(stages: list[list[dict]], path: str, title: str) -> None:
   plt.close(fig)
 
 
-def _model_kwargs(config) -> dict[str, Any]:
-  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
-  if kwargs.get('dtype') is not None:
-    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
-  else:
-    kwargs.pop('dtype', None)
-  for k, v in kwargs.items():
-    if isinstance(v, list):
-      kwargs[k] = tuple(v)
-  return kwargs
-
-
 # --------------------------------------------------------------------------------------------
 # The loop.
 
@@ -403,7 +370,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     sample_images = data.train_images[:1]
     num_labeled = len(labeled_idx)
   try:
-    model = models.get_model(config.model.name, info.num_classes, **_model_kwargs(config))
+    model = models.from_config(config.model, info.num_classes)
   except ValueError as e:
     raise ConfigError(f'config.model: {e}') from e
   method = method_class(config, model, info)

@@ -227,6 +227,7 @@ CONV_AND_BN = {
     CNN: ('conv_1_1', 'bn_1_1'),
     WideResNet: ('block_1/conv_1', 'head_bn'),
     ResNet50: ('block_1/conv_2', 'stem_bn'),
+    ResNet: ('block_1/conv_2', 'stem_bn'),
 }
 
 

@@ -103,6 +103,35 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
   return InMemoryDataset(name=name, num_classes=num_classes, mean=mean, std=std, **arrays)
 
 
+def load_from_config(config) -> InMemoryDataset:
+  """The in-memory training/test set a config asks for (`config.dataset`, `config.data`).
+
+  `config.data.standin`: 'never' (missing data is an error), 'if_missing' (random stand-in
+  data of the right shapes when the real data is absent: the runlocal smoke tests of the paper
+  configs) or 'always'.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  standin = config.data.standin
+  if standin not in ('never', 'if_missing', 'always'):
+    raise ConfigError(f"unknown data.standin {standin!r}; valid: 'never', 'if_missing', 'always'")
+  streaming = bool(config.data.streaming) or config.dataset in STREAMING_DATASETS
+  if standin != 'always' and not streaming:
+    try:
+      return load_dataset(config.dataset, data_dir=config.data.data_dir,
+                          image_size=config.data.image_size or None, source=config.data.source,
+                          noise=config.data.noise, seed=config.data.seed)
+    except DataError:
+      if standin == 'never':
+        raise
+  if standin == 'never':
+    raise ConfigError(f'{config.dataset} is a streaming dataset: it cannot be loaded into '
+                      f'memory (set data.standin for a smoke test on random data).')
+  logging.warning('Using random STAND-IN data with the shapes of %s (data.standin=%s): a smoke '
+                  'test, not a result.', config.dataset, standin)
+  return standin_dataset(config.dataset, image_size=config.data.image_size or None,
+                         seed=config.data.seed)
+
+
 # Shapes of the datasets users bring, for stand-in data: (height, width, channels, classes).
 STANDIN_SHAPES: dict[str, tuple[int, int, int, int]] = {
     'fashion_mnist': (28, 28, 1, 10),

@@ -70,8 +70,7 @@ class MPL(base.Method):
     self.student = model
     self.teacher = model
     if c.get('teacher_model'):
-      kwargs = {k: v for k, v in c.teacher_model.to_dict().items() if k != 'name'}
-      self.teacher = models.get_model(c.teacher_model.name, info.num_classes, **kwargs)
+      self.teacher = models.from_config(c.teacher_model, info.num_classes)
     steps, batch = config.total_steps, config.batch_size
     self.teacher_tx, self.teacher_lr = optim.make_optimizer(c.teacher_optimizer, steps, batch)
     self.student_tx, self.student_lr = optim.make_optimizer(c.student_optimizer, steps, batch)

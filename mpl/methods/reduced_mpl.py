@@ -82,7 +82,7 @@ import orbax.checkpoint as ocp
 
 from mpl import models, optim
 from mpl.data import datasets, split
-from mpl.errors import ConfigError, DataError
+from mpl.errors import ConfigError
 from mpl.methods import base
 from mpl.methods.mpl import PSEUDO_LABELS, smooth
 
@@ -165,17 +165,6 @@ def restore_state(checkpoint_dir: str) -> dict[str, Any]:
   return checkpointer.restore(path, abstract)
 
 
-def build_model(model_config: dict[str, Any], num_classes: int) -> nn.Module:
-  """A registry model from a saved config.json 'model' block (as mpl.train builds it)."""
-  kwargs = {k: tuple(v) if isinstance(v, list) else v
-            for k, v in model_config.items() if k != 'name'}
-  if kwargs.get('dtype') is not None:
-    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
-  else:
-    kwargs.pop('dtype', None)
-  return models.get_model(model_config['name'], num_classes, **kwargs)
-
-
 def select_teacher(state: dict[str, Any], run_config: dict[str, Any], source: str,
                    finetuned: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
   """(model config, variables) of the large teacher in a restored stage-1 state.
@@ -230,17 +219,7 @@ def training_set(config) -> datasets.InMemoryDataset:
   if config.data.streaming or config.dataset in datasets.STREAMING_DATASETS:
     raise ConfigError('reduced_mpl needs the in-memory input (batches carry training-set '
                       'indices there); the streaming input has no index.')
-  if config.data.standin != 'always':
-    try:
-      return datasets.load_dataset(
-          config.dataset, data_dir=config.data.data_dir,
-          image_size=config.data.image_size or None, source=config.data.source,
-          noise=config.data.noise, seed=config.data.seed)
-    except DataError:
-      if config.data.standin == 'never':
-        raise
-  return datasets.standin_dataset(config.dataset, image_size=config.data.image_size or None,
-                                  seed=config.data.seed)
+  return datasets.load_from_config(config)
 
 
 def train_standin_teacher(model: nn.Module, prepare, images, labels, steps: int,
@@ -332,7 +311,7 @@ class ReducedMPL(base.Method):
       state = restore_state(os.path.join(c.teacher_workdir, 'checkpoints'))
       model_config, variables = select_teacher(state, run_config, c.teacher_source, finetuned)
       try:
-        model = build_model(model_config, self.info.num_classes)
+        model = models.from_config(model_config, self.info.num_classes)
       except ValueError as e:
         raise ConfigError(f'the stage-1 model in {c.teacher_workdir}: {e}') from e
       what = f'{run_config.get("method")} run {c.teacher_workdir} ({c.teacher_source})'

@@ -14,6 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mpl.models.cnn import CNN
 from mpl.models.mlp import MLP
@@ -63,6 +64,21 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return MODELS[name](num_classes=num_classes, **PRESETS.get(name, {}), **kwargs)
 
 
+def from_config(model_config: Any, num_classes: int) -> nn.Module:
+    """The model a config's `model` block describes (a ConfigDict, or a dict from config.json).
+
+    `name` picks the registry entry; every other key is an option of that model. `dtype` may be
+    a string ('bfloat16'); lists (from JSON) become tuples.
+    """
+    block = dict(model_config.to_dict() if hasattr(model_config, 'to_dict') else model_config)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in block.items() if k != 'name'}
+    if kwargs.get('dtype') is not None:
+        kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
+    else:
+        kwargs.pop('dtype', None)
+    return get_model(block['name'], num_classes, **kwargs)
+
+
 def _key_name(key: Any) -> str:
     """Name of one path entry: a str, or a jax.tree_util DictKey / GetAttrKey / SequenceKey."""
     for attr in ('key', 'name', 'idx'):
@@ -92,4 +108,4 @@ def decay_mask(params: Any) -> Any:
 
 
 __all__ = ['CNN', 'MLP', 'MODELS', 'PRESETS', 'ResNet', 'ResNet50', 'WideResNet', 'decay_mask',
-           'get_model', 'is_decayed', 'model_options']
+           'from_config', 'get_model', 'is_decayed', 'model_options']

@@ -61,7 +61,7 @@ class BottleneckBlock(nn.Module):
 class ResNet(nn.Module):
     """Bottleneck ResNet with `stage_sizes` blocks per stage; float32 logits (N, classes)."""
     num_classes: int
-    stage_sizes: Sequence[int]
+    stage_sizes: Sequence[int] = (3, 4, 6, 3)  # ResNet-50
     num_filters: int = 64
     dropout_rate: float = 0.0
     stochastic_depth_rate: float = 0.0
