@@ -57,6 +57,19 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(result)
 
 
+def flag_error_message(error: Exception) -> str:
+  """One line for a config mistake caught while absl parses --config / --config.* flags.
+
+  config_flags wraps errors from get_config (our ConfigError) with a formatted traceback, and
+  reports unknown keys as AttributeError/KeyError: keep only what the user needs to read.
+  """
+  message = str(error).strip().splitlines()[-1].replace('\\n', ' ').replace('\\', '')
+  message = message.replace('mpl.errors.ConfigError: ', '').strip('\'"')
+  if isinstance(error, (AttributeError, KeyError)):
+    message = f"unknown config key '{message}"
+  return message
+
+
 def check_choice(what: str, value: Any, choices) -> None:
   if value not in choices:
     raise ConfigError(f'unknown {what} {value!r}; valid choices: {sorted(choices)}')

@@ -59,12 +59,8 @@ def parse_flags(argv):
   try:
     return FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    # Config-file errors (ConfigError from get_config, unknown --config.* keys) land here,
-    # wrapped by config_flags with a formatted traceback: report the last line only.
-    message = str(e).strip().splitlines()[-1].replace('\\n', ' ').replace('\\', '')
-    message = message.replace('mpl.errors.ConfigError: ', '').strip('\'"')
-    if isinstance(e, (AttributeError, KeyError)):
-      message = f"unknown config key '{message}"
+    from mpl import config_lib  # pylint: disable=g-import-not-at-top
+    message = config_lib.flag_error_message(e)
   print(f'error: {message}\nUsage: python -m mpl.main --config configs/<file>.py[:args] '
         f'--workdir DIR [--config.key=value ...]', file=sys.stderr)
   sys.exit(2)
