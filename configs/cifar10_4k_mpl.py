@@ -131,5 +131,8 @@ def wrn28_2_mpl_config(dataset, args):
     config.data.max_eval_examples = 128
     config.eval_every = config.log_every = config.checkpoint_every = 3
     config.finetune.steps = 2
+    # No student wait/warm-up: the few smoke steps must exercise a real student step and feedback.
+    for opt in (config.mpl.teacher_optimizer, config.mpl.student_optimizer):
+      opt.wait_steps = opt.warmup_steps = 0
     config.finetune.batch_size = 16        # a multiple of the 8 test devices
   return config

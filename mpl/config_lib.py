@@ -109,7 +109,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.mu < 0:
     raise ConfigError(f'config.mu must be >= 0, got {config.mu}.')
   data = data_axis_size(config, num_devices)
-  for name, size in (('batch_size', config.batch_size),
+  finetune_batch = config.finetune.batch_size if config.finetune.steps > 0 else data
+  for name, size in (('finetune.batch_size', finetune_batch),
+                     ('batch_size', config.batch_size),
                      ('batch_size * mu (unlabeled batch)', config.batch_size * config.mu),
                      ('eval_batch_size', config.eval_batch_size)):
     if size % data:

@@ -7,8 +7,8 @@ Optimiser config (a ConfigDict, e.g. `config.optimizer` or `config.mpl.teacher_o
                 at batch 128)
   momentum, nesterov
   weight_decay  *coupled* decay: wd * param is added to the gradient before momentum, as the
-                official TF code adds an L2 term to the loss. Only conv/dense kernels are
-                decayed (batch-norm scale/bias and biases are skipped).
+                official TF code adds an L2 term to the loss. Every parameter is decayed
+                except those of normalisation layers (as the official code).
   clip_norm     global-norm clipping of the gradient (after weight decay); 0 = off
   wait_steps    lr = 0 for these first steps (the MPL student waits for the teacher)
   warmup_steps  linear warm-up after the wait
@@ -24,7 +24,7 @@ import ml_collections
 import optax
 
 from mpl.errors import ConfigError
-from mpl.models import decay_mask  # conv/dense kernels only
+from mpl.models import decay_mask  # all but normalisation-layer parameters
 
 DECAYS = ('cosine', 'constant', 'linear', 'fixmatch_cosine')
 OPTIMIZERS = ('sgd', 'adam', 'adamw')

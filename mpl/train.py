@@ -13,6 +13,7 @@ run sees exactly the batches the uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -78,14 +79,16 @@ def epoch_stream_indices(key, step, batch_size: int, pool_size: int):
 
   Position p = step * batch_size + j lies in epoch p // pool_size, whose order is
   permutation(fold_in(key, epoch)). Batches may span epochs, and may be larger than the pool.
+  int32-safe for any step: step * batch_size is never formed (step = q * pool + r), so only
+  pool_size * batch_size must stay below 2**31 (checked when the experiment is built).
   """
-  start = step * batch_size
-  first_epoch = start // pool_size
-  positions = start + jnp.arange(batch_size)
+  q, r = step // pool_size, step % pool_size
+  first_epoch = q * batch_size + (r * batch_size) // pool_size
+  within = (r * batch_size) % pool_size + jnp.arange(batch_size)  # from first_epoch's start
   epochs_spanned = batch_size // pool_size + 2  # static upper bound
   keys = jax.vmap(lambda e: jax.random.fold_in(key, e))(first_epoch + jnp.arange(epochs_spanned))
   perms = jax.vmap(lambda k: jax.random.permutation(k, pool_size))(keys)
-  return perms[positions // pool_size - first_epoch, positions % pool_size]
+  return perms[within // pool_size, within % pool_size]
 
 
 def sample_batch(arrays, step, key, batch_size: int, unlabeled_batch_size: int):
@@ -125,10 +128,10 @@ def make_eval_set(images, labels, eval_batch_size: int, mesh):
 def make_evaluate(method: base.Method):
   """jit(variables, eval set) -> {'accuracy', 'top5'}: one scan over the whole test set."""
 
-  def evaluate(variables, images, labels, mask):
+  def evaluate(variables, images, labels, mask, which):
     def body(totals, batch):
       x, y, m = batch
-      logits = method.predict(variables, x)
+      logits = method.predict(variables, x, which)
       correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
       k = min(5, logits.shape[-1])
       top_k = jnp.any(jax.lax.top_k(logits, k)[1] == y[:, None], axis=-1).astype(jnp.float32)
@@ -138,21 +141,21 @@ def make_evaluate(method: base.Method):
     count = jnp.sum(mask)
     return {'accuracy': totals[0] / count, 'top5': totals[1] / count}
 
-  return jax.jit(evaluate)
+  return jax.jit(evaluate, static_argnames='which')
 
 
 def make_evaluate_batch(method: base.Method):
   """jit(variables, batch with 'mask') -> sums of correct / top-5 / count, for streamed eval."""
 
-  def evaluate_batch(variables, batch):
-    logits = method.predict(variables, batch['image'])
+  def evaluate_batch(variables, batch, which):
+    logits = method.predict(variables, batch['image'], which)
     y, m = batch['label'], batch['mask'].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
     k = min(5, logits.shape[-1])
     top_k = jnp.any(jax.lax.top_k(logits, k)[1] == y[:, None], axis=-1).astype(jnp.float32)
     return jnp.stack([jnp.sum(correct * m), jnp.sum(top_k * m), jnp.sum(m)])
 
-  return jax.jit(evaluate_batch)
+  return jax.jit(evaluate_batch, static_argnames='which')
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +175,9 @@ class Checkpoints:
 
   def save(self, step: int, state, meta: dict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        # A copy: Orbax serialises the JSON in the background while the loop appends to meta.
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(copy.deepcopy(meta))),
+        force=True)
 
   def restore(self, abstract_state):
     step = self.manager.latest_step()
@@ -314,7 +319,7 @@ class Experiment:
   arrays: dict                 # the training set on the device
   train_step: Callable         # jitted (state, arrays) -> (state, metrics), state donated
   eval_set: tuple
-  evaluate: Callable           # jitted (variables, *eval_set) -> {'accuracy', 'top5'}
+  evaluate: Callable           # jitted (variables, *eval_set, which) -> {'accuracy', 'top5'}
   num_labeled: int
   stream: Any = None           # streaming.StreamingInput for data too large for memory
 
@@ -324,14 +329,14 @@ class Experiment:
       return self.train_step(state, self.arrays)
     return self.train_step(state, self.stream.next_batch())
 
-  def evaluate_model(self, variables) -> dict[str, float]:
-    """Top-1 and top-5 accuracy of one model on the whole evaluation set."""
+  def evaluate_model(self, variables, which: str = 'raw') -> dict[str, float]:
+    """Top-1 and top-5 accuracy of one model (`which`: its eval_variables key)."""
     if self.stream is None:
       return {k: float(v) for k, v in jax.device_get(
-          self.evaluate(variables, *self.eval_set)).items()}
+          self.evaluate(variables, *self.eval_set, which=which)).items()}
     totals = np.zeros(3)
     for batch in self.stream.eval_batches():
-      totals += np.asarray(jax.device_get(self.evaluate(variables, batch)))
+      totals += np.asarray(jax.device_get(self.evaluate(variables, batch, which=which)))
       if self.config.data.max_eval_examples and totals[2] >= self.config.data.max_eval_examples:
         break
     return {'accuracy': totals[0] / totals[2], 'top5': totals[1] / totals[2]}
@@ -375,9 +380,11 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     raise ConfigError(f'config.model: {e}') from e
   method = method_class(config, model, info)
   unlabeled_batch = config.batch_size * config.mu if method.uses_unlabeled else 0
-  if stream is None and len(unlabeled_idx) * max(config.batch_size * config.mu, 1) >= 2**31:
-    raise ConfigError('the unlabeled pool times the batch size overflows int32 positions; '
-                      'use the streaming input for datasets this large.')
+  if stream is None and max(len(unlabeled_idx) * config.batch_size * max(config.mu, 1),
+                            len(labeled_idx) * config.batch_size) >= 2**31:
+    raise ConfigError('the training set times the batch size overflows the int32 batch '
+                      'sampler; use the streaming input (config.data.streaming) for data this '
+                      'large.')
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # Shapes first, then the state is created (or restored) directly in its shardings.
@@ -426,7 +433,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
               should_stop: Callable[[int], bool] | None = None,
-              init_from: Callable[[Any], Any] | None = None) -> tuple[dict, Any]:
+              init_from: Callable[[Any], Any] | None = None,
+              preemption: 'PreemptionFlag | None' = None) -> tuple[dict, Any]:
   """Trains one stage of `config` in `workdir`, resuming from its latest checkpoint.
 
   Returns (summary, final state). `init_from(state)` edits a freshly created state (the
@@ -436,6 +444,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
   """
   experiment = build(config, workdir)
   method, mesh = experiment.method, experiment.mesh
+  preemption = preemption or PreemptionFlag()
 
   is_lead = jax.process_index() == 0
   writer = reporting.Writer(workdir, is_lead)
@@ -457,7 +466,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
     def run_eval(state, step):
       result = {'step': step}
       for key, variables in method.eval_variables(state).items():
-        result[key] = experiment.evaluate_model(variables)
+        result[key] = experiment.evaluate_model(variables, key)
       meta['evals'].append(result)
       writer.write_scalars(step, {f'eval/{key}_{name}': value
                                   for key, r in result.items() if key != 'step'
@@ -467,8 +476,20 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
     step = int(state.step)
     total = int(config.total_steps)
     report = reporting.Progress(total, writer)
-    pending = None  # (step, device metrics) of the previous update: read one step late
+    pending = None  # (step, device metrics) of the last update: read one step late (no sync)
     sums, count = {}, 0
+
+    def flush_pending():
+      """Fetches and checks the pending metrics; before any log, eval or checkpoint."""
+      nonlocal pending, count
+      if pending is not None:
+        done_step, done_metrics = pending[0], jax.device_get(pending[1])
+        pending = None
+        check_finite(done_metrics, done_step)
+        for k, v in done_metrics.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+        count += 1
+
     session_start = time.time()
     loop_start_time, loop_start_step = time.time(), step
     stopped_at = None
@@ -476,43 +497,36 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
                  config.dataset, step, total, dict(mesh.shape))
     if experiment.stream is not None:
       experiment.stream.start(step)
-    with PreemptionFlag() as preemption:
-      while step < total:
-        state, metrics = experiment.step(state)
-        if pending is not None:
-          done_metrics = jax.device_get(pending[1])
-          check_finite(done_metrics, pending[0])
-          for k, v in done_metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-          count += 1
-        step += 1
-        pending = (step, metrics)
-        report(step)
-        last = step == total
-        if step % config.log_every == 0 or last:
-          done_metrics = jax.device_get(pending[1])
-          check_finite(done_metrics, step)
-          for k, v in done_metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-          count += 1
-          pending = None
-          writer.write_scalars(step, {f'train/{k}': v / count for k, v in sums.items()})
-          sums, count = {}, 0
-        if step % config.eval_every == 0 or last:
-          result = run_eval(state, step)
-          rate = (step - loop_start_step) / max(time.time() - loop_start_time, 1e-9)
-          logging.info('step %d/%d  %s  (%.2f steps/s, ETA %.0f s)', step, total,
-                       '  '.join(f'{k}: {100 * v["accuracy"]:.2f}%'
-                                 for k, v in result.items() if k != 'step'),
-                       rate, (total - step) / max(rate, 1e-9))
-        preempt = preemption.requested or (should_stop is not None and should_stop(step))
-        if step % config.checkpoint_every == 0 or last or preempt:
-          meta['wall_s'] = meta.get('wall_s', 0.0) + time.time() - session_start
-          session_start = time.time()
-          checkpoints.save(step, state, meta)
-        if preempt and not last:
-          stopped_at = step
-          break
+    while step < total:
+      state, metrics = experiment.step(state)
+      flush_pending()  # the previous step's metrics, while this step runs
+      step += 1
+      pending = (step, metrics)
+      report(step)
+      last = step == total
+      preempt = preemption.requested or (should_stop is not None and should_stop(step))
+      log = step % config.log_every == 0 or last
+      evaluate = step % config.eval_every == 0 or last
+      save = step % config.checkpoint_every == 0 or last or preempt
+      if log or evaluate or save:
+        flush_pending()  # never evaluate or save a state whose losses were not checked
+      if log:
+        writer.write_scalars(step, {f'train/{k}': v / count for k, v in sums.items()})
+        sums, count = {}, 0
+      if evaluate:
+        result = run_eval(state, step)
+        rate = (step - loop_start_step) / max(time.time() - loop_start_time, 1e-9)
+        logging.info('step %d/%d  %s  (%.2f steps/s, ETA %.0f s)', step, total,
+                     '  '.join(f'{k}: {100 * v["accuracy"]:.2f}%'
+                               for k, v in result.items() if k != 'step'),
+                     rate, (total - step) / max(rate, 1e-9))
+      if save:
+        meta['wall_s'] = meta.get('wall_s', 0.0) + time.time() - session_start
+        session_start = time.time()
+        checkpoints.save(step, state, meta)
+      if preempt:
+        stopped_at = step
+        break
     checkpoints.close()
     writer.flush()
 
@@ -548,27 +562,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   > 0 (MPL), a finetune stage follows in WORKDIR/finetune; the summary's `final` is then the
   finetuned student and `before_finetune` holds the MPL stage's results.
   """
-  summary, state = run_stage(config, workdir, should_stop=should_stop)
-  stages = [summary]
-  if 'stopped_at' not in summary and config.finetune.steps > 0:
-    # Start from the evaluated student: the EMA when there is one (see the MPL docstring).
-    if state.ema_params is not None:
-      student = (state.ema_params, state.ema_batch_stats)
-    else:
-      student = (state.params['student'], state.batch_stats['student'])
-    del state
-    init_from = lambda s: s.replace(params=student[0], batch_stats=student[1])
-    ft_summary, _ = run_stage(finetune_config(config), os.path.join(workdir, 'finetune'),
-                              should_stop=should_stop, init_from=init_from)
-    stages.append(ft_summary)
-    summary = {**ft_summary, 'config': config.to_dict(), 'method': config.method,
-               'before_finetune': {k: summary[k] for k in ('final', 'best', 'median_last_20',
-                                                           'steps', 'wall_s', 'history')},
-               'finetune_steps': ft_summary['steps'],
-               'steps': summary['steps'] + ft_summary['steps'],
-               'wall_s': round(summary['wall_s'] + ft_summary['wall_s'], 2)}
-    if 'stopped_at' in ft_summary:
-      summary['stopped_at'] = summary['before_finetune']['steps'] + ft_summary['stopped_at']
+  # One SIGTERM handler for both stages: a request during the last MPL step stops the run
+  # before the finetune stage starts.
+  with PreemptionFlag() as preemption:
+    summary, state = run_stage(config, workdir, should_stop=should_stop, preemption=preemption)
+    stages = [summary]
+    if 'stopped_at' not in summary and config.finetune.steps > 0:
+      # Start from the evaluated student: the EMA when there is one (see the MPL docstring).
+      if state.ema_params is not None:
+        student = (state.ema_params, state.ema_batch_stats)
+      else:
+        student = (state.params['student'], state.batch_stats['student'])
+      del state
+      init_from = lambda s: s.replace(params=student[0], batch_stats=student[1])
+      ft_summary, _ = run_stage(finetune_config(config), os.path.join(workdir, 'finetune'),
+                                should_stop=should_stop, init_from=init_from,
+                                preemption=preemption)
+      stages.append(ft_summary)
+      summary = {**ft_summary, 'config': config.to_dict(), 'method': config.method,
+                 'before_finetune': {k: summary[k] for k in ('final', 'best', 'median_last_20',
+                                                             'steps', 'wall_s', 'history')},
+                 'finetune_steps': ft_summary['steps'],
+                 'steps': summary['steps'] + ft_summary['steps'],
+                 'wall_s': round(summary['wall_s'] + ft_summary['wall_s'], 2)}
+      if 'stopped_at' in ft_summary:
+        summary['stopped_at'] = summary['before_finetune']['steps'] + ft_summary['stopped_at']
   if 'stopped_at' in summary:
     return summary
   if jax.process_index() == 0:

@@ -267,20 +267,20 @@ def test_sharded_apply_matches_unsharded():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_is_decayed_picks_kernels_only():
+def test_is_decayed_skips_normalisation_layers_only():
     variables = jax.eval_shape(get_model('wrn28_2', 10).init, jax.random.key(0), _images())
     mask = decay_mask(nn.unbox(variables['params']))
     paths = jax.tree_util.tree_flatten_with_path(mask)[0]
     decayed = {'/'.join(str(k.key) for k in path) for path, v in paths if v}
     skipped = {'/'.join(str(k.key) for k in path) for path, v in paths if not v}
-    assert decayed and all(p.endswith('/kernel') for p in decayed)
-    assert 'stem/kernel' in decayed and 'classifier/kernel' in decayed
-    assert 'block_5/shortcut_conv/kernel' in decayed
-    assert {'classifier/bias', 'head_bn/scale', 'head_bn/bias', 'block_1/bn_1/scale'} <= skipped
-    assert not any(p.endswith('kernel') for p in skipped)
+    assert {'stem/kernel', 'classifier/kernel', 'classifier/bias',
+            'block_5/shortcut_conv/kernel'} <= decayed
+    assert {'head_bn/scale', 'head_bn/bias', 'block_1/bn_1/scale'} <= skipped
+    assert all('bn' in p.split('/')[-2] for p in skipped)
     # String paths (flax.traverse_util), boxed trees and shapeless calls follow the same rule.
     assert is_decayed(('hidden_0', 'kernel'), jnp.zeros((2, 3)))
-    assert not is_decayed(('hidden_0', 'bias'), jnp.zeros((3,)))
+    assert is_decayed(('hidden_0', 'bias'), jnp.zeros((3,)))
     assert not is_decayed(('bn', 'scale'))
+    assert not is_decayed(('LayerNorm_0', 'bias'))
     boxed_mask = decay_mask(variables['params'])
     assert jax.tree.leaves(boxed_mask) == jax.tree.leaves(mask)

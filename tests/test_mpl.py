@@ -260,3 +260,13 @@ def test_finetune_starts_from_the_mpl_student(tmp_path):
   c.finetune.steps, c.finetune.batch_size, c.finetune.lr = 1, 64, 0.0  # lr 0: no change
   summary = train.train_and_evaluate(c, str(tmp_path))
   assert summary['final']['accuracy'] == summary['before_finetune']['final']['accuracy_raw']
+
+
+def test_teacher_with_its_own_architecture_is_evaluated_with_it(tmp_path):
+  """mpl.teacher_model: a wider teacher than the student; evaluation must use each network."""
+  c = moons_config('method=mpl,labels=6,runlocal')
+  c.total_steps, c.eval_every, c.checkpoint_every = 4, 4, 4
+  c.mpl.teacher_model = type(c.model)(dict(name='mlp', hidden_sizes=(16, 16),
+                                            activation='sigmoid'))
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert 'accuracy_teacher' in summary['final']

@@ -280,3 +280,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   steps = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 1_000_000
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+
+
+def test_epoch_stream_is_int32_safe_at_large_steps():
+  """Steps where step * batch_size overflows int32 still give valid, epoch-consistent batches."""
+  key = jax.random.PRNGKey(0)
+  pool, batch = 1000, 896
+  step = 3_000_000  # step * batch = 2.7e9 > 2**31
+  picks = np.asarray(jax.jit(train.epoch_stream_indices, static_argnums=(2, 3))(
+      key, jnp.int32(step), batch, pool))
+  assert picks.min() >= 0 and picks.max() < pool
+  # Exact reference in Python integers.
+  positions = step * batch + np.arange(batch)
+  epochs, offsets = positions // pool, positions % pool
+  perms = {e: np.asarray(jax.random.permutation(jax.random.fold_in(key, int(e)), pool))
+           for e in set(epochs.tolist())}
+  expected = np.array([perms[e][o] for e, o in zip(epochs.tolist(), offsets.tolist())])
+  np.testing.assert_array_equal(picks, expected)

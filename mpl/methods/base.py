@@ -4,7 +4,7 @@ A method is a class with
   init(rng, sample_images) -> TrainState          (parameters may carry logical-axis boxes)
   update(state, batch) -> (TrainState, metrics)   (pure; the loop jits it once, donating state)
   eval_variables(state) -> {'raw': variables, 'ema': variables}   (what evaluation scores)
-  predict(variables, images) -> logits
+  predict(variables, images, which) -> logits   (`which`: the eval_variables key)
 A batch is {'labeled': {'image', 'label'}, 'unlabeled': {'image'}} with global arrays sharded on
 'data'; images arrive as stored (uint8, or float features for two_moons) and each method makes
 its own views (augmentation) inside the step, from `jax.random.fold_in(state.rng, state.step)`.
@@ -64,7 +64,9 @@ class Method:
   def eval_variables(self, state: TrainState) -> dict[str, Any]:
     raise NotImplementedError
 
-  def predict(self, variables, images) -> jax.Array:
+  def predict(self, variables, images, which: str = 'raw') -> jax.Array:
+    """Eval-mode logits of the network `which` (a key of `eval_variables`) names."""
+    del which  # one network; methods with several (MPL's teacher) override this
     return self.model.apply(variables, self.prepare(images), train=False)
 
   # -- helpers shared by methods -------------------------------------------------------------

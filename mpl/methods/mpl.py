@@ -106,8 +106,9 @@ class MPL(base.Method):
     out['teacher'] = base.variables_of(state.params['teacher'], state.batch_stats['teacher'])
     return out
 
-  def predict(self, variables, images):
-    return self.student.apply(variables, self.prepare(images), train=False)
+  def predict(self, variables, images, which='raw'):
+    network = self.teacher if which == 'teacher' else self.student
+    return network.apply(variables, self.prepare(images), train=False)
 
   # -- views ------------------------------------------------------------------------------------
 

@@ -364,7 +364,8 @@ class ReducedMPL(base.Method):
       out['ema'] = base.variables_of(state.ema_params, state.ema_batch_stats)
     return out
 
-  def predict(self, variables, images):
+  def predict(self, variables, images, which='raw'):
+    del which  # 'raw' and 'ema' are both the student network
     return self.student.apply(variables, self.prepare(images), train=False)
 
   # -- the update -------------------------------------------------------------------------------

@@ -4,10 +4,11 @@ Every model is called as `model.apply(variables, x, train=..., rngs={'dropout': 
 mutable=['batch_stats'] if train else False)` (nets without batch norm have no 'batch_stats')
 and returns float32 logits (N, num_classes) whatever its compute `dtype`; parameters are float32.
 
-Weight decay rule (`is_decayed`): a parameter is decayed iff it is named 'kernel' and has at
-least two dimensions, i.e. conv and dense weight matrices. Batch-norm scale and bias, dense
-biases and batch statistics are never decayed. (The official MPL code skips only batch-norm
-variables, so it also decays the classifier bias: num_classes numbers, a negligible difference.)
+Weight decay rule (`is_decayed`), as METHODS.md and the official MPL code (`get_l2_loss` skips
+batch-norm variables only): every parameter is decayed except those of normalisation layers,
+i.e. of modules whose name contains 'bn' or 'norm' (all our batch norms are named so). Conv and
+dense kernels and dense biases are decayed; batch-norm scale/bias are not; batch statistics are
+not parameters.
 """
 import dataclasses
 from typing import Any
@@ -96,10 +97,8 @@ def is_decayed(path: tuple, leaf: Any = None) -> bool:
     names = [_key_name(k) for k in path]
     if len(names) >= 2 and names[-1] == 'value':  # flattened through an nn.Partitioned box
         names = names[:-1]
-    if not names or names[-1] != 'kernel':
-        return False
-    shape = getattr(getattr(leaf, 'value', leaf), 'shape', None)
-    return shape is None or len(shape) >= 2
+    module = names[-2].lower() if len(names) >= 2 else ''
+    return bool(names) and 'bn' not in module and 'norm' not in module
 
 
 def decay_mask(params: Any) -> Any:
