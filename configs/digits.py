@@ -2,10 +2,17 @@ r"""Digits (scikit-learn's 8x8 handwritten digits, 1,438 train / 359 test), MLP,
 
   python -m mpl.main --config configs/digits.py:method=supervised,labels=-1 \
       --workdir /tmp/digits_all
-Expected: ~97% test accuracy with all labels, in about 15 s on a CPU (2000 steps).
+Expected: ~99% test accuracy with all labels (measured 99.16%), about 15 s on a CPU (2000 steps).
 
   python -m mpl.main --config configs/digits.py:labels=100 --workdir /tmp/digits_100
-Expected: ~85-90% with 100 labels (10 per class).
+Expected: ~95% with 100 labels (10 per class), weak view on the labeled images.
+
+  python -m mpl.main --config configs/digits.py:method=mpl,labels=100 --workdir /tmp/digits_mpl \
+      [--config.mpl.feedback=first_order|exact|official_release]
+Measured (seed 0, 100 labels, 2000 steps, 359 test images, ~20 s each on a CPU; final EMA student;
+in brackets the teacher, which for official_release is plain UDA):
+  supervised 94.99% | MPL first_order 97.21% (97.77%) | exact 97.77% (98.05%) |
+  official_release 97.49% (UDA teacher 98.89%). One seed: 1 test image = 0.28%.
 
 Arguments: method, labels (-1 = all), model ('mlp' | 'cnn'), runlocal (a few steps).
 """
@@ -38,6 +45,21 @@ def get_config(arg=None):
   config.optimizer.weight_decay = 5e-4
   config.optimizer.warmup_steps = 100
   config.ema_decay = 0.99
+  # Views sized for 8x8 digits (the CIFAR defaults, 4-px pad and 16x16 Cutout, erase them);
+  # no flips (digits are not mirror-symmetric). Used by the methods with strong views.
+  # The labeled images get the weak view too (as in the official MPL input): with raw labeled
+  # images and augmented unlabeled ones, the MPL teacher separates the two and UDA collapses
+  # every unlabeled image onto one class (measured: teacher test accuracy 23%).
+  config.augment.update(dict(labeled='weak', strong='mpl', magnitude=10.0, num_layers=2,
+                             cutout_size=2, pad=1, pad_mode='constant', flip=False, fill=0))
+  # MPL: the official recipe's shape at this scale (SGD 0.05 both, short warm-ups, UDA weight
+  # 8 ramped over 200 steps, label smoothing 0.15).
+  config.label_smoothing = 0.15
+  config.mpl.student_label_smoothing = 0.15
+  config.mpl.uda_ramp_steps = 200
+  for opt, wait in ((config.mpl.teacher_optimizer, 0), (config.mpl.student_optimizer, 100)):
+    opt.update(dict(lr=0.05, scale_lr_by_batch=False, weight_decay=5e-4, wait_steps=wait,
+                    warmup_steps=100, decay='cosine'))
   if args.runlocal:
     config.total_steps = 10
     config.eval_every = 5
