@@ -53,8 +53,20 @@ Arguments: unlabeled (TFDS name of the unlabeled set; required for a real run), 
 steps, default 1000000), seed, standin, runlocal.
 """
 
+import importlib.util
+import os
+
 from mpl import config_lib
 from mpl.errors import ConfigError
+
+
+def _imagenet10_mpl():
+  """configs/imagenet10_mpl.py, loaded by path (configs/ is not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet10_mpl.py')
+  spec = importlib.util.spec_from_file_location('mpl_configs_imagenet10_mpl', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def get_config(arg=None):
@@ -66,78 +78,16 @@ def get_config(arg=None):
         '(e.g. --config=configs/imagenet_jft_mpl.py:unlabeled=my_images), the name of a '
         'prepared TFDS image dataset in --config.data.data_dir. JFT-300M is not public; '
         'use configs/imagenet10_mpl.py for ImageNet alone.')
-  config = config_lib.base_config()
-  config.method = 'mpl'
-  config.dataset = 'imagenet2012'          # streamed (datasets.STREAMING_DATASETS)
-  config.num_labeled = -1                  # all of ImageNet is labeled
-  config.seed = args.seed
-  config.data.seed = args.seed
-  config.data.image_size = 224
+  # The ImageNet-10% recipe (ResNet-50, UDA, schedules, augmentation, finetune), then what
+  # differs: all of ImageNet labeled, another unlabeled set, 4096 + 32768 images per step.
+  flags = ','.join(f'{k}={v}' for k, v in (('steps', args.steps), ('seed', args.seed),
+                                           ('standin', args.standin),
+                                           ('runlocal', args.runlocal)))
+  config = _imagenet10_mpl().get_config(flags)
   config.data.labeled_split = 'train'
   config.data.unlabeled_dataset = args.unlabeled   # '' (runlocal/standin): imagenet2012 itself
-  config.data.unlabeled_split = 'train'
-  config.data.eval_split = 'validation'
-
-  config.batch_size = 4096
-  config.mu = 8                            # 32,768 unlabeled images per step
-  config.total_steps = args.steps
-  config.eval_batch_size = 1024
-  config.eval_every = 10_000
-  config.log_every = 100
-  config.checkpoint_every = 5000
-  config.label_smoothing = 0.1
-  config.ema_decay = 0.999
-
-  config.model = config_lib.ml_collections.ConfigDict(dict(
-      name='resnet50', dropout_rate=0.1, dtype='bfloat16'))
-
-  config.augment.labeled = 'none'          # the stream already crops and flips
-  config.augment.flip = True
-  config.augment.pad = 0                   # no pad-and-crop on top of the Inception crop
-  config.augment.fill = 128                # official grey
-  config.augment.strong = 'mpl'
-  config.augment.magnitude = 17.0
-  config.augment.num_layers = 2
-  config.augment.cutout_size = 0           # official ImageNet: no Cutout after RandAugment
-
-  mpl = config.mpl
-  mpl.feedback = 'first_order'
-  mpl.pseudo_label = 'sample'
-  mpl.baseline_decay = 0.99
-  mpl.student_label_smoothing = 0.1
-  mpl.uda_weight = 20.0
-  mpl.uda_ramp_steps = 50_000
-  mpl.uda_temperature = 0.5
-  mpl.uda_threshold = 0.6
-  for opt, lr, wait in ((mpl.teacher_optimizer, 0.15, 0), (mpl.student_optimizer, 0.1, 20_000)):
-    opt.name = 'sgd'
-    opt.lr = lr
-    opt.scale_lr_by_batch = True           # x 4096 / 256
-    opt.momentum = 0.9
-    opt.nesterov = True
-    opt.weight_decay = 1e-4
-    opt.clip_norm = 5.0
-    opt.wait_steps = wait
-    opt.warmup_steps = 5000
-    opt.decay = 'cosine'
-
-  config.finetune.steps = 2000             # UNVERIFIED for this run (see the docstring)
-  config.finetune.lr = 1e-5
-  config.finetune.batch_size = 512
-
-  if args.standin or args.runlocal:
-    config.data.standin = 'if_missing'     # stand-in data unless imagenet2012 is prepared
-    config.eval_batch_size = 64
-    config.data.max_eval_examples = 128
-  if args.runlocal:
-    config.data.image_size = 32
-    config.model = config_lib.ml_collections.ConfigDict(dict(
-        name='resnet', stage_sizes=(1, 1, 1, 1), num_filters=8, dropout_rate=0.1,
-        dtype='float32'))                  # 4 bottleneck blocks: fast to compile
-    config.batch_size = 8
-    config.mu = 2
-    config.total_steps = 3
-    config.eval_every = config.log_every = config.checkpoint_every = 3
-    config.finetune.steps = 2
-    config.finetune.batch_size = 16        # a multiple of the 8 test devices
+  config.finetune.steps = 2 if args.runlocal else 2000   # 2000: UNVERIFIED for this run
+  if not args.runlocal:
+    config.batch_size = 4096
+    config.mu = 8                          # 32,768 unlabeled images per step
   return config

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
 
 from mpl import config_lib, train
 from mpl.errors import ConfigError, DataError, NonFiniteLossError

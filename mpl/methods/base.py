@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import struct
 
+from mpl import optim
+
 
 @struct.dataclass
 class TrainState:
@@ -120,6 +122,15 @@ def soft_cross_entropy(logits, targets):
 
 def accuracy(logits, labels):
   return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def updated_ema(state: TrainState, params, batch_stats, decay: float):
+  """(ema_params, ema_batch_stats) after this step; unchanged (None) when the EMA is off."""
+  if decay <= 0:
+    return state.ema_params, state.ema_batch_stats
+  d = ema_decay_at(state.step, decay)
+  return (optim.ema_update(state.ema_params, params, d),
+          optim.ema_update(state.ema_batch_stats, batch_stats, d))
 
 
 def ema_decay_at(step, decay: float):

@@ -212,11 +212,7 @@ class MPL(base.Method):
                                                   teacher_params)
     teacher_params = optax.apply_updates(teacher_params, updates)
 
-    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
-    if self.ema_decay > 0:
-      decay = base.ema_decay_at(step, self.ema_decay)
-      ema_params = optim.ema_update(ema_params, student_params, decay)
-      ema_batch_stats = optim.ema_update(ema_batch_stats, student_stats, decay)
+    ema_params, ema_batch_stats = base.updated_ema(state, student_params, student_stats, self.ema_decay)
 
     metrics = {
         **teacher_metrics,

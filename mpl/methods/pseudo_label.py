@@ -173,12 +173,8 @@ class PseudoLabel(base.Method):
       metrics['pseudo_label_accuracy'] = jnp.mean(
           jnp.argmax(targets, -1) == batch['unlabeled']['label'])
 
-    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
-    if self.ema_decay > 0:
-      params, batch_stats = self.evaluated(state.params, state.batch_stats)
-      decay = base.ema_decay_at(step, self.ema_decay)
-      ema_params = optim.ema_update(ema_params, params, decay)
-      ema_batch_stats = optim.ema_update(ema_batch_stats, batch_stats, decay)
+    ema_params, ema_batch_stats = base.updated_ema(
+        state, *self.evaluated(state.params, state.batch_stats), self.ema_decay)
     return state.replace(step=step + 1, ema_params=ema_params,
                          ema_batch_stats=ema_batch_stats), metrics
 

@@ -56,11 +56,7 @@ class Supervised(base.Method):
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
-    if self.ema_decay > 0:
-      decay = base.ema_decay_at(state.step, self.ema_decay)
-      ema_params = optim.ema_update(ema_params, params, decay)
-      ema_batch_stats = optim.ema_update(ema_batch_stats, batch_stats, decay)
+    ema_params, ema_batch_stats = base.updated_ema(state, params, batch_stats, self.ema_decay)
 
     metrics = {
         'loss': loss,
