@@ -217,5 +217,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune = ml_collections.ConfigDict(dict(steps=0, lr=1e-5, batch_size=512))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # data=-1: all other devices
+  # mesh.model > 1 splits every weight over 'model' (tensor parallel); spatial_partition also
+  # cuts each image into mesh.model strips: '' | 'width' | 'height' (see mpl/sharding.py).
+  c.spatial_partition = ''
   c.sharding_rules = ()            # (logical name, mesh axis) overrides, see mpl/sharding.py
   return c

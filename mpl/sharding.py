@@ -1,11 +1,24 @@
 """The ('data', 'model') device mesh and the logical-axis rules that map names to it.
 
 Models annotate parameters (`nn.with_logical_partitioning`) and activations
-(`nn.with_logical_constraint`) with *logical* axis names; the rule table below maps each name
-to a mesh axis or to None (replicated). The default layout is pure data parallelism: only the
-batch is split, over 'data'. Model parallelism is a change of rules, not of code: e.g.
-`('channels', 'model')` splits every conv weight over 'model', and `('width', 'model')` splits
-images along their width (the MPL paper's spatial partitioning).
+(`nn.with_logical_constraint`) with *logical* axis names; a rule table maps each name to a mesh
+axis or to None (replicated). The table follows from the config:
+
+- `mesh.model == 1`: pure data parallelism. Only the batch is split, over 'data'.
+- `mesh.model > 1`: hybrid model-data parallelism. The batch is split over 'data' and every
+  weight over 'model' along its output features ('channels' of convs and batch norms,
+  'features' of hidden dense layers): tensor parallelism; activations follow (their channels
+  are split over 'model' too, and XLA inserts the collectives).
+- `spatial_partition = 'width'` (or 'height'), with `mesh.model > 1`: as the MPL paper's
+  EfficientNet-L2 run, each image is cut into `mesh.model` strips along its width and each
+  device of a model-parallel group convolves one strip (XLA exchanges the halos). The rule
+  ('width', 'model') comes before ('channels', 'model') and a mesh axis can be used once per
+  array, so activations are split along width while weights (which have no width axis) are
+  still split along channels.
+
+`config.sharding_rules` overrides single entries, e.g. `(('classes', 'model'),)`.
+A weight dimension that the mesh axis does not divide (10 classes on 4 devices, 8 hidden units on
+16) is replicated instead, with a log line: arrays must split evenly.
 """
 
 from __future__ import annotations
@@ -45,18 +58,121 @@ def make_mesh(config) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
+# Added to the data-parallel rules when config.mesh.model > 1: split weights (and the
+# activations that follow them) along their output features.
+TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
+    ('channels', 'model'),
+    ('features', 'model'),
+)
+SPATIAL_PARTITIONS = ('', 'height', 'width')
+
+
 def logical_rules(config) -> tuple[tuple[str, Any], ...]:
-  """The rule table: defaults, overridden per name by `config.sharding_rules` if present."""
+  """The rule table of `config` (see the module docstring); order is priority."""
   rules = dict(DATA_PARALLEL_RULES)
+  if int(config.mesh.model) > 1:
+    rules.update(TENSOR_PARALLEL_RULES)
+    spatial = config.get('spatial_partition') or ''
+    config_lib.check_choice('spatial_partition', spatial, SPATIAL_PARTITIONS)
+    if spatial:
+      rules[spatial] = 'model'  # 'height'/'width' precede 'channels' in the table
   for name, axis in (config.get('sharding_rules') or ()):
     rules[name] = axis
   return tuple(rules.items())
 
 
+def _mesh_axis_size(mesh, axis) -> int:
+  if axis is None:
+    return 1
+  names = axis if isinstance(axis, tuple) else (axis,)
+  return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def divisible_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
+  """`spec` with every mesh axis that does not divide its dimension replaced by None."""
+  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+  return P(*(axis if dim % _mesh_axis_size(mesh, axis) == 0 else None
+             for axis, dim in zip(spec, shape)))
+
+
+# Spatial activation dimensions are split only into strips this wide or wider (see constrain).
+MIN_SPATIAL_SHARD = 2
+
+
+def _splits(name: str | None, dim: int, parts: int) -> bool:
+  if parts == 1:
+    return True
+  minimum = MIN_SPATIAL_SHARD if name in ('height', 'width') else 1
+  return dim % parts == 0 and dim // parts >= minimum
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """`nn.with_logical_constraint(x, names)`, leaving unsplit the dims that split badly.
+
+  Models call this on their activations. Deep in a network the feature maps get small (a 4x4
+  map cannot be cut into 8 strips); such a dimension is gathered instead of split unevenly, and
+  so is a spatial one that would leave strips one pixel wide: XLA's SPMD partitioner computes a wrong
+  kernel gradient for a stride-2 conv whose input is split into 1-pixel strips and whose output
+  is not split (measured with jax 0.10 on CPU: 16x16 and 8x8 images in 8 strips; 2-pixel strips
+  and larger match the unsharded gradients, tests/test_model_parallel.py).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return nn.with_logical_constraint(x, names)
+  names = tuple(names)
+  while True:  # dropping one name can free a mesh axis for the next rule: resolve again
+    axes = nn.logical_to_mesh_axes(names, rules)
+    kept = tuple(name if _splits(name, x.shape[i], _mesh_axis_size(mesh, axes[i])) else None
+                 for i, name in enumerate(names))
+    if kept == names:
+      return nn.with_logical_constraint(x, names)
+    names = kept
+
+
+def spatially_partitioned() -> bool:
+  """Whether the active rule table splits images along height or width."""
+  rules = dict(nn.get_logical_axis_rules())
+  return rules.get('height') is not None or rules.get('width') is not None
+
+
+def gather_for_compute(variables):
+  """Under spatial partitioning: the variables, replicated for the forward/backward pass.
+
+  Weights are *stored* split over 'model' (parameters, optimizer states and EMA take 1/model of
+  the memory, as in the MPL paper), but every image strip needs the whole kernel, so each step
+  all-gathers them, and their gradients are reduce-scattered back by XLA (ZeRO-3 style).
+  Convolving width-split activations with channel-split kernels directly is also what trips
+  an XLA SPMD bug (wrong kernel gradients on a (4, 2) mesh, tests/test_model_parallel.py).
+  Without spatial partitioning the variables are returned as they are.
+  """
+  if jax.sharding.get_abstract_mesh().empty or not spatially_partitioned():
+    return variables
+  return jax.tree.map(lambda v: jax.lax.with_sharding_constraint(v, P()), variables)
+
+
 def state_shardings(abstract_boxed_state, mesh, rules):
-  """NamedShardings for every leaf of a (boxed) abstract state; unannotated leaves replicate."""
+  """NamedShardings for every leaf of a (boxed) abstract state; unannotated leaves replicate.
+
+  Optimizer states and EMA copies are built by mapping over the boxed parameters, so they carry
+  the same logical names and get the same shardings as the parameters they track.
+  """
   specs = nn.get_partition_spec(abstract_boxed_state)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  values = strip_boxes(abstract_boxed_state)
+  replicated_dims = set()
+
+  def fit(path, value, named):
+    spec = divisible_spec(named.spec, value.shape, mesh)
+    if any(a is not None and b is None for a, b in zip(named.spec, spec)):
+      replicated_dims.add(f'{jax.tree_util.keystr(path)} {value.shape} {named.spec}')
+    return NamedSharding(mesh, spec)
+
+  shardings = jax.tree_util.tree_map_with_path(fit, values, shardings)
+  if replicated_dims:
+    logging.info('Replicated %d weight dimension(s) that mesh %s does not divide, e.g. %s.',
+                 len(replicated_dims), dict(mesh.shape), sorted(replicated_dims)[0])
+  return shardings
 
 
 def batch_sharding(mesh, ndim: int = 1) -> NamedSharding:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import struct
 
-from mpl import optim
+from mpl import optim, sharding
 
 
 @struct.dataclass
@@ -93,10 +93,11 @@ class Method:
 
 
 def variables_of(params, batch_stats) -> dict[str, Any]:
+  """The variables dict of `model.apply`, laid out for compute (see sharding.gather_for_compute)."""
   variables = {'params': params}
   if batch_stats:
     variables['batch_stats'] = batch_stats
-  return variables
+  return sharding.gather_for_compute(variables)
 
 
 def apply_train(model: nn.Module, params, batch_stats, x, rng):

@@ -3,6 +3,8 @@
 Every model is called as `model.apply(variables, x, train=..., rngs={'dropout': key},
 mutable=['batch_stats'] if train else False)` (nets without batch norm have no 'batch_stats')
 and returns float32 logits (N, num_classes) whatever its compute `dtype`; parameters are float32.
+A registered name may fix some fields (`PRESETS`, an error to pass) and default others
+(`DEFAULTS`, e.g. each EfficientNet's official dropout, which `get_model` arguments override).
 
 Weight decay rule (`is_decayed`), as METHODS.md and the official MPL code (`get_l2_loss` skips
 batch-norm variables only): every parameter is decayed except those of normalisation layers,
@@ -18,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from mpl.models.cnn import CNN
+from mpl.models.efficientnet import VARIANTS as EFFICIENTNET_VARIANTS
+from mpl.models.efficientnet import EfficientNet
 from mpl.models.mlp import MLP
 from mpl.models.resnet import ResNet, ResNet50
 from mpl.models.wide_resnet import WideResNet
@@ -31,6 +35,17 @@ MODELS: dict[str, type] = {
     'wrn28_8': WideResNet,
     'resnet50': ResNet50,
     'resnet': ResNet,         # any stage_sizes (bottleneck blocks per stage)
+    'efficientnet': EfficientNet,  # any width_coefficient / depth_coefficient (default B0)
+    'efficientnet_b0': EfficientNet,
+    'efficientnet_b1': EfficientNet,
+    'efficientnet_b2': EfficientNet,
+    'efficientnet_b3': EfficientNet,
+    'efficientnet_b4': EfficientNet,
+    'efficientnet_b5': EfficientNet,
+    'efficientnet_b6': EfficientNet,
+    'efficientnet_b7': EfficientNet,
+    'efficientnet_l2': EfficientNet,
+    'efficientnet_b6_wide': EfficientNet,  # B6 depth, width 5.0 (the MPL code's b6-mpl)
 }
 
 # Fields a registered name fixes; passing them to `get_model` is an error.
@@ -39,6 +54,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     'wrn28_2': {'depth': 28, 'width': 2},
     'wrn28_8': {'depth': 28, 'width': 8},
     'resnet50': {'stage_sizes': (3, 4, 6, 3)},
+    # efficientnet_b0 ... efficientnet_b6_wide: the coefficients of efficientnet.VARIANTS.
+    **{f'efficientnet_{v}': {'width_coefficient': c.width, 'depth_coefficient': c.depth}
+       for v, c in EFFICIENTNET_VARIANTS.items()},
+}
+
+# Defaults a registered name sets but leaves open to `get_model` (unlike PRESETS): each
+# EfficientNet variant's official dropout before the classifier.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    f'efficientnet_{v}': {'dropout_rate': c.dropout} for v, c in EFFICIENTNET_VARIANTS.items()
 }
 
 _NOT_OPTIONS = ('parent', 'name', 'num_classes')
@@ -62,6 +86,7 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         note = f' ({sorted(fixed)} fixed by the preset)' if fixed else ''
         raise ValueError(f'Unknown option(s) {bad} for model {name!r}; '
                          f'valid options: {options}{note}.')
+    kwargs = {**DEFAULTS.get(name, {}), **kwargs}
     return MODELS[name](num_classes=num_classes, **PRESETS.get(name, {}), **kwargs)
 
 
@@ -106,5 +131,5 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-__all__ = ['CNN', 'MLP', 'MODELS', 'PRESETS', 'ResNet', 'ResNet50', 'WideResNet', 'decay_mask',
-           'from_config', 'get_model', 'is_decayed', 'model_options']
+__all__ = ['CNN', 'DEFAULTS', 'EfficientNet', 'MLP', 'MODELS', 'PRESETS', 'ResNet', 'ResNet50',
+           'WideResNet', 'decay_mask', 'from_config', 'get_model', 'is_decayed', 'model_options']

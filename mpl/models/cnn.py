@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpl.sharding import constrain
 from mpl.models.wide_resnet import DENSE_AXES, IMAGE_AXES, batch_norm, classifier, conv
 
 
@@ -29,7 +30,7 @@ class CNN(nn.Module):
         x = jnp.asarray(x, self.dtype)
         if x.ndim == 3:  # (N, H, W) grayscale
             x = x[..., None]
-        x = nn.with_logical_constraint(x, IMAGE_AXES)
+        x = constrain(x, IMAGE_AXES)
         for stage, features in enumerate(self.features):
             for i in range(2):
                 x = conv(features, 3, dtype=self.dtype, name=f'conv_{stage + 1}_{i + 1}')(x)
@@ -37,9 +38,9 @@ class CNN(nn.Module):
                                dtype=self.dtype, name=f'bn_{stage + 1}_{i + 1}')(x)
                 x = nn.relu(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
-            x = nn.with_logical_constraint(x, IMAGE_AXES)
+            x = constrain(x, IMAGE_AXES)
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.with_logical_constraint(x, DENSE_AXES)
+        x = constrain(x, DENSE_AXES)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         x = classifier(self.num_classes, dtype=self.dtype,
                        kernel_init=nn.initializers.lecun_normal())(x)

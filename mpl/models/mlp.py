@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpl.sharding import constrain
 from mpl.models.wide_resnet import DENSE_AXES, classifier
 
 ACTIVATIONS = {
@@ -57,7 +58,7 @@ class MLP(nn.Module):
         act = ACTIVATIONS[self.activation]
 
         x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
-        x = nn.with_logical_constraint(x, DENSE_AXES)
+        x = constrain(x, DENSE_AXES)
         for i, size in enumerate(self.hidden_sizes):
             x = nn.Dense(
                 size, dtype=self.dtype, param_dtype=jnp.float32,
@@ -65,7 +66,7 @@ class MLP(nn.Module):
                     kernel_init, ('features_in', 'features')),
                 bias_init=nn.with_logical_partitioning(bias_init, ('features',)),
                 name=f'hidden_{i}')(x)
-            x = nn.with_logical_constraint(act(x), DENSE_AXES)
+            x = constrain(act(x), DENSE_AXES)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         x = classifier(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
                        bias_init=bias_init)(x)

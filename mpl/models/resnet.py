@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpl.sharding import constrain
 from mpl.models.wide_resnet import (DENSE_AXES, IMAGE_AXES, StochasticDepth, batch_norm,
                                     classifier, conv, stochastic_depth_rates)
 
@@ -73,14 +74,14 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         drop_rates = stochastic_depth_rates(self.stochastic_depth_rate, sum(self.stage_sizes))
 
-        x = nn.with_logical_constraint(jnp.asarray(x, self.dtype), IMAGE_AXES)
+        x = constrain(jnp.asarray(x, self.dtype), IMAGE_AXES)
         x = conv(self.num_filters, 7, 2, padding=((3, 3), (3, 3)), dtype=self.dtype,
                  name='stem_conv')(x)
         x = batch_norm(train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                        dtype=self.dtype, name='stem_bn')(x)
         x = nn.relu(x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        x = nn.with_logical_constraint(x, IMAGE_AXES)
+        x = constrain(x, IMAGE_AXES)
 
         index = 0
         for stage, num_blocks in enumerate(self.stage_sizes):
@@ -91,11 +92,11 @@ class ResNet(nn.Module):
                     stochastic_depth_rate=drop_rates[index], dtype=self.dtype,
                     bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
                     name=f'block_{index + 1}')(x, train)
-                x = nn.with_logical_constraint(x, IMAGE_AXES)
+                x = constrain(x, IMAGE_AXES)
                 index += 1
 
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.with_logical_constraint(x, DENSE_AXES)
+        x = constrain(x, DENSE_AXES)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         x = classifier(self.num_classes, dtype=self.dtype,
                        kernel_init=nn.initializers.normal(0.01))(x)

@@ -39,6 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpl.sharding import constrain
+
 # Logical axis names of activations (see STYLE.md: mapped to mesh axes by rules in the config).
 IMAGE_AXES = ('batch', 'height', 'width', 'channels')
 DENSE_AXES = ('batch', 'features')
@@ -165,9 +167,9 @@ class WideResNet(nn.Module):
         widths, strides = (16 * k, 32 * k, 64 * k), (1, 2, 2)
         drop_rates = stochastic_depth_rates(self.stochastic_depth_rate, 3 * blocks_per_stage)
 
-        x = nn.with_logical_constraint(jnp.asarray(x, self.dtype), IMAGE_AXES)
+        x = constrain(jnp.asarray(x, self.dtype), IMAGE_AXES)
         x = conv(16 * k, 3, 1, dtype=self.dtype, name='stem')(x)
-        x = nn.with_logical_constraint(x, IMAGE_AXES)
+        x = constrain(x, IMAGE_AXES)
         index = 0
         for stage_width, stage_stride in zip(widths, strides):
             for b in range(blocks_per_stage):
@@ -176,14 +178,14 @@ class WideResNet(nn.Module):
                     stochastic_depth_rate=drop_rates[index], dtype=self.dtype,
                     bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
                     leaky_relu_slope=self.leaky_relu_slope, name=f'block_{index + 1}')(x, train)
-                x = nn.with_logical_constraint(x, IMAGE_AXES)
+                x = constrain(x, IMAGE_AXES)
                 index += 1
 
         x = batch_norm(train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                        dtype=self.dtype, name='head_bn')(x)
         x = nn.leaky_relu(x, negative_slope=self.leaky_relu_slope)
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.with_logical_constraint(x, DENSE_AXES)
+        x = constrain(x, DENSE_AXES)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         x = classifier(self.num_classes, dtype=self.dtype, kernel_init=official_dense_init)(x)
         return x.astype(jnp.float32)

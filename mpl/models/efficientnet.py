@@ -1,0 +1,255 @@
+"""EfficientNet B0-B7, L2 and B6-Wide, as in Noisy Student and Meta Pseudo Labels.
+
+Follows `EfficientNet` in google-research/google-research `meta_pseudo_labels/modeling.py` (and
+`mb_conv_block`, `squeeze_and_excitation`, `dw_conv2d` in `modeling_utils.py`), which builds
+the same network as tensorflow/tpu `models/official/efficientnet/efficientnet_builder.py` and
+`efficientnet_model.py` (written anew here, not copied):
+
+- Stem: 3x3 conv, stride 2, `round_filters(32)` channels -> BN -> swish.
+- Seven stages of MBConv blocks, `BLOCKS` below: (repeats, kernel, stride, expand ratio, output
+  filters) = (1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+  (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320); filters go through `round_filters`
+  and repeats through `round_repeats`; only a stage's first block has its stride.
+- MBConv block: [1x1 expand conv (in * expand) -> BN -> swish, skipped when expand is 1] ->
+  kxk depthwise conv (stride) -> BN -> swish -> squeeze-excitation -> 1x1 project conv -> BN
+  (no activation). When the stride is 1 and the width is unchanged, the branch goes through
+  drop-connect (per-example stochastic depth) and is added to the input; otherwise there is no
+  shortcut at all.
+- Squeeze-excitation: global average pool -> 1x1 conv with bias to
+  max(1, int(block_input_filters * 0.25)) channels (the block's *input*, not its expanded width)
+  -> swish -> 1x1 conv with bias back to the expanded width -> sigmoid -> multiply.
+- Head: 1x1 conv to `round_filters(1280)` -> BN -> swish -> global average pool -> dropout ->
+  dense -> cast to float32.
+- `round_filters(f, w)`: f * w rounded to the nearest multiple of 8 (at least 8), plus 8 more
+  if that lost over 10 %. `round_repeats(r, d)`: ceil(r * d).
+- Convs have no bias (except squeeze-excitation's); TF 'SAME' padding (flax's 'SAME' pads the
+  same way, the extra pixel at the bottom / right); swish = x * sigmoid(x).
+- Conv init: N(0, 2 / (kh * kw * out)) with TF's kernel layout, i.e. He-normal fan-out for
+  regular convs (`conv_kernel_init`). TF's depthwise kernel is (k, k, C, 1), so its "fan-out"
+  is k * k; flax stores it as (k, k, 1, C), whose fan-*in* is k * k: `depthwise_kernel_init`.
+  Squeeze-excitation convs use the regular conv init and zero biases.
+- Dense init: U(-1/sqrt(num_classes), 1/sqrt(num_classes)), zero bias (`official_dense_init`).
+- Batch norm: momentum 0.99, epsilon 1e-3 (TF's `batch_norm_decay` / `batch_norm_epsilon`).
+- Drop-connect: rate * block_index / num_blocks over all blocks (0-based; the first block is
+  never dropped), as both references; 0.2 in both (`drop_connect_rate`, the MPL flag
+  `stochastic_depth_drop_rate`).
+
+`VARIANTS` holds (width, depth, resolution, dropout) per variant. B0-B7 and L2 are
+tensorflow/tpu's `efficientnet_params` (L2 = (4.3, 5.3, 800, 0.5); the MPL code's table says 600
+for L2's evaluation size, and the MPL paper's L2 run used 512x512 images). B6-Wide is the MPL code's
+'efficientnet-b6-mpl' (5.0, 2.6, 800, 0.5): B6's depth with width 5.0. The resolution is only the
+customary image size; the network itself accepts any size.
+
+Sharding names, as the other models: conv kernels (None, None, 'conv_in', 'channels'), depthwise
+kernels (None, None, None, 'channels') (flax's (k, k, 1, C) layout), squeeze-excitation and
+batch-norm vectors ('channels',), classifier ('features_in', 'classes'); activations are
+constrained (`mpl.sharding.constrain`) to ('batch', 'height', 'width', 'channels') after the stem
+and after each block and to ('batch', 'features') after pooling. Batch norms are named '*_bn'
+(no weight decay, see models/__init__.py).
+
+`small_images=True` is the MPL code's variant for CIFAR / SVHN (`_is_small_net`): stride 1 in
+the stem and in stages 2 and 3 (stages 4 and 6 keep stride 2), so 32x32 inputs end at 8x8.
+
+Parameter counts with 1000 classes (checked in tests/test_efficientnet.py), equal to the
+published ones: B0 5,288,548, B1 7,794,184, B2 9,109,994, B3 12,233,232, B4 19,341,616,
+B5 30,389,784, B6 43,040,704, B7 66,347,960, L2 480,309,308 (timm's 480.31M); B6-Wide
+316,649,180 (no published figure found).
+"""
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mpl.models.wide_resnet import (DENSE_AXES, IMAGE_AXES, StochasticDepth, batch_norm,
+                                    classifier, conv, conv_kernel_init, official_dense_init,
+                                    stochastic_depth_rates)
+from mpl.sharding import constrain
+
+# TF's depthwise kernel (k, k, C, 1) has fan-out k * k; flax's (k, k, 1, C) has fan-in k * k.
+depthwise_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+
+class Stage(NamedTuple):
+    repeats: int
+    kernel: int
+    stride: int
+    expand_ratio: int
+    filters: int
+
+
+# The seven stages of EfficientNet-B0, before width / depth scaling.
+BLOCKS = (
+    Stage(1, 3, 1, 1, 16),
+    Stage(2, 3, 2, 6, 24),
+    Stage(2, 5, 2, 6, 40),
+    Stage(3, 3, 2, 6, 80),
+    Stage(3, 5, 1, 6, 112),
+    Stage(4, 5, 2, 6, 192),
+    Stage(1, 3, 1, 6, 320),
+)
+STEM_FILTERS, HEAD_FILTERS = 32, 1280
+SE_RATIO = 0.25
+DIVISOR = 8
+
+
+class Variant(NamedTuple):
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+
+
+VARIANTS: dict[str, Variant] = {
+    'b0': Variant(1.0, 1.0, 224, 0.2),
+    'b1': Variant(1.0, 1.1, 240, 0.2),
+    'b2': Variant(1.1, 1.2, 260, 0.3),
+    'b3': Variant(1.2, 1.4, 300, 0.3),
+    'b4': Variant(1.4, 1.8, 380, 0.4),
+    'b5': Variant(1.6, 2.2, 456, 0.4),
+    'b6': Variant(1.8, 2.6, 528, 0.5),
+    'b7': Variant(2.0, 3.1, 600, 0.5),
+    'l2': Variant(4.3, 5.3, 800, 0.5),
+    'b6_wide': Variant(5.0, 2.6, 800, 0.5),  # MPL's 'efficientnet-b6-mpl'
+}
+
+
+def round_filters(filters: int, width_coefficient: float, divisor: int = DIVISOR) -> int:
+    """filters * width, to the nearest multiple of `divisor` (>= divisor), never 10 % below."""
+    scaled = filters * width_coefficient
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:
+        rounded += divisor
+    return int(rounded)
+
+
+def round_repeats(repeats: int, depth_coefficient: float) -> int:
+    """Blocks in a stage: ceil(repeats * depth)."""
+    return int(math.ceil(repeats * depth_coefficient))
+
+
+def depthwise_conv(features: int, kernel: int, strides: int, *, dtype: Any,
+                   name: str) -> nn.Conv:
+    """Bias-free depthwise conv (multiplier 1); kernel (h, w, 1, channels), partitioned as
+    (None, None, None, 'channels')."""
+    return nn.Conv(
+        features, (kernel, kernel), strides=(strides, strides), padding='SAME',
+        feature_group_count=features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(
+            depthwise_kernel_init, (None, None, None, 'channels')),
+        name=name)
+
+
+def biased_conv1x1(features: int, *, dtype: Any, name: str) -> nn.Conv:
+    """1x1 conv with bias (squeeze-excitation), He fan-out init, zero bias; kernel
+    (None, None, 'conv_in', 'channels'), bias ('channels',)."""
+    return nn.Conv(
+        features, (1, 1), use_bias=True, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(
+            conv_kernel_init, (None, None, 'conv_in', 'channels')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('channels',)),
+        name=name)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gating: sigmoid(expand(swish(reduce(mean over H, W)))) * x."""
+    reduced_features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.swish(biased_conv1x1(self.reduced_features, dtype=self.dtype, name='reduce')(s))
+        s = biased_conv1x1(x.shape[-1], dtype=self.dtype, name='expand')(s)
+        return x * nn.sigmoid(s)
+
+
+class MBConvBlock(nn.Module):
+    """Mobile inverted bottleneck with squeeze-excitation (see the module docstring)."""
+    features: int
+    kernel: int
+    strides: int
+    expand_ratio: int
+    stochastic_depth_rate: float
+    dtype: Any
+    bn_momentum: float
+    bn_epsilon: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        bn = lambda name: batch_norm(train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                                     dtype=self.dtype, name=name)
+        in_features = x.shape[-1]
+        expanded = in_features * self.expand_ratio
+
+        y = x
+        if self.expand_ratio != 1:
+            y = conv(expanded, 1, dtype=self.dtype, name='expand_conv')(y)
+            y = nn.swish(bn('expand_bn')(y))
+        y = depthwise_conv(expanded, self.kernel, self.strides, dtype=self.dtype,
+                           name='depthwise_conv')(y)
+        y = nn.swish(bn('depthwise_bn')(y))
+        y = SqueezeExcite(max(1, int(in_features * SE_RATIO)), dtype=self.dtype, name='se')(y)
+        y = conv(self.features, 1, dtype=self.dtype, name='project_conv')(y)
+        y = bn('project_bn')(y)
+
+        if self.strides == 1 and in_features == self.features:
+            y = StochasticDepth(self.stochastic_depth_rate)(y, deterministic=not train)
+            return x + y
+        return y
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet with the given width / depth coefficients; float32 logits (N, classes).
+
+    Defaults are B0's with the official regularisation (dropout 0.2 before the classifier,
+    drop-connect 0.2); the registry's presets set each variant's coefficients and its official
+    dropout (see `VARIANTS`).
+    """
+    num_classes: int
+    width_coefficient: float = 1.0
+    depth_coefficient: float = 1.0
+    dropout_rate: float = 0.2
+    stochastic_depth_rate: float = 0.2
+    small_images: bool = False
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        bn = lambda name: batch_norm(train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                                     dtype=self.dtype, name=name)
+        filters = lambda f: round_filters(f, self.width_coefficient)
+        repeats = [round_repeats(s.repeats, self.depth_coefficient) for s in BLOCKS]
+        drop_rates = stochastic_depth_rates(self.stochastic_depth_rate, sum(repeats))
+        # The MPL code's CIFAR variant keeps the resolution in the stem and stages 2 and 3.
+        stem_stride, stage_strides = 2, [s.stride for s in BLOCKS]
+        if self.small_images:
+            stem_stride, stage_strides[1], stage_strides[2] = 1, 1, 1
+
+        x = constrain(jnp.asarray(x, self.dtype), IMAGE_AXES)
+        x = conv(filters(STEM_FILTERS), 3, stem_stride, dtype=self.dtype, name='stem_conv')(x)
+        x = nn.swish(bn('stem_bn')(x))
+        x = constrain(x, IMAGE_AXES)
+
+        index = 0
+        for stage, stride, num_blocks in zip(BLOCKS, stage_strides, repeats):
+            for b in range(num_blocks):
+                x = MBConvBlock(
+                    features=filters(stage.filters), kernel=stage.kernel,
+                    strides=stride if b == 0 else 1, expand_ratio=stage.expand_ratio,
+                    stochastic_depth_rate=drop_rates[index], dtype=self.dtype,
+                    bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+                    name=f'block_{index + 1}')(x, train)
+                x = constrain(x, IMAGE_AXES)
+                index += 1
+
+        x = conv(filters(HEAD_FILTERS), 1, dtype=self.dtype, name='head_conv')(x)
+        x = nn.swish(bn('head_bn')(x))
+        x = jnp.mean(x, axis=(1, 2))
+        x = constrain(x, DENSE_AXES)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        x = classifier(self.num_classes, dtype=self.dtype, kernel_init=official_dense_init)(x)
+        return x.astype(jnp.float32)

@@ -1,0 +1,290 @@
+"""EfficientNet: scaling rules, parameter counts, structure and init, forward, partitioning.
+
+The big variants are only ever traced (`jax.eval_shape`). Compiling a whole network's random
+init is slow on CPU, so the forward passes (B0 on 32x32 images, a tiny custom EfficientNet) run
+on stand-in weights and the real initialisers are checked on a single block.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from mpl.models import DEFAULTS, MODELS, PRESETS, decay_mask, get_model, model_options
+from mpl.models.efficientnet import (BLOCKS, VARIANTS, EfficientNet, MBConvBlock,
+                                     round_filters, round_repeats)
+
+# Tiny batches: XLA's compile time dominates, so compile without optimisation.
+_jit = functools.partial(
+    jax.jit, compiler_options={'xla_backend_optimization_level': 0,
+                               'xla_llvm_disable_expensive_passes': True})
+
+# Published parameter counts with 1000 classes: B0-B7 are the well-known figures (Keras
+# applications' trainable weights, torchvision, timm); all of them, B8 and L2 (timm's 480.31M) are
+# tabulated exactly in the model-zoo README of github.com/FrancescoSaverioZuppichini/glasses.
+PUBLISHED = {'b0': 5_288_548, 'b1': 7_794_184, 'b2': 9_109_994, 'b3': 12_233_232,
+             'b4': 19_341_616, 'b5': 30_389_784, 'b6': 43_040_704, 'b7': 66_347_960,
+             'l2': 480_309_308}
+
+
+def _images(n=2, size=32, seed=0):
+    return jax.random.normal(jax.random.key(seed), (n, size, size, 3))
+
+
+def _count(params):
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nn.unbox(params)))
+
+
+def _formula_count(width, depth, num_classes=1000):
+    """Independent count: stem conv + BN; per block [expand conv + BN], depthwise conv + BN,
+    squeeze-excitation (two biased 1x1 convs, reduced to a quarter of the block's input),
+    project conv + BN; head conv + BN; dense with bias."""
+    c_in = round_filters(32, width)
+    total = 3 * 3 * 3 * c_in + 2 * c_in
+    for repeats, kernel, _, expand, filters in BLOCKS:
+        c_out = round_filters(filters, width)
+        for _ in range(round_repeats(repeats, depth)):
+            c_exp = c_in * expand
+            if expand != 1:
+                total += c_in * c_exp + 2 * c_exp
+            total += kernel * kernel * c_exp + 2 * c_exp
+            c_se = max(1, int(c_in * 0.25))
+            total += c_exp * c_se + c_se + c_se * c_exp + c_exp
+            total += c_exp * c_out + 2 * c_out
+            c_in = c_out
+    head = round_filters(1280, width)
+    return total + c_in * head + 2 * head + head * num_classes + num_classes
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_variables(name):
+    """Shapes of the variables (bfloat16 compute, 1000 classes); traced, not initialised."""
+    model = get_model(name, 1000, dtype=jnp.bfloat16)
+    return jax.eval_shape(model.init, jax.random.key(0), _images(n=1))
+
+
+def test_scaling_rules_known_values():
+    # Stem / head widths of the published variants (round to multiples of 8).
+    stems = {'b0': 32, 'b2': 32, 'b3': 40, 'b4': 48, 'b5': 48, 'b6': 56, 'b7': 64, 'l2': 136}
+    heads = {'b0': 1280, 'b2': 1408, 'b3': 1536, 'b4': 1792, 'b5': 2048, 'b6': 2304,
+             'b7': 2560, 'l2': 5504}
+    for v, stem in stems.items():
+        assert round_filters(32, VARIANTS[v].width) == stem, v
+        assert round_filters(1280, VARIANTS[v].width) == heads[v], v
+    assert round_filters(40, 1.1) == 48      # 44 rounds half up
+    assert round_filters(11, 1.0) == 16      # nearest (8) loses > 10 %: one divisor more
+    assert round_filters(3, 1.0) == 8        # never below the divisor
+    assert round_filters(16, 4.3) == 72      # 68.8 -> 72
+    # Repeats are rounded up: B0 has 16 blocks, B1 23, B7 55, L2 88.
+    assert [round_repeats(s.repeats, 3.1) for s in BLOCKS] == [4, 7, 7, 10, 10, 13, 4]
+    assert [round_repeats(s.repeats, 1.1) for s in BLOCKS] == [2, 3, 3, 4, 4, 5, 2]
+    totals = {v: sum(round_repeats(s.repeats, VARIANTS[v].depth) for s in BLOCKS)
+              for v in ('b0', 'b1', 'b7', 'l2')}
+    assert totals == {'b0': 16, 'b1': 23, 'b7': 55, 'l2': 88}
+
+
+def test_param_counts():
+    # The independent formula reproduces every published count ...
+    for v, published in PUBLISHED.items():
+        assert _formula_count(VARIANTS[v].width, VARIANTS[v].depth) == published, v
+    assert _formula_count(2.2, 3.6) == 87_413_142  # B8 (not a preset; same table)
+    # B6-Wide (B6 depth, width 5.0): no published count found; this is the formula's.
+    assert _formula_count(5.0, 2.6) == 316_649_180
+    # The model itself, traced: B0 5,288,548; B7 66,347,960; L2 480,309,308.
+    for v in ('b0', 'b7', 'l2'):
+        assert _count(_abstract_variables(f'efficientnet_{v}')['params']) == PUBLISHED[v], v
+
+
+@pytest.mark.parametrize('name', ['efficientnet_b0', 'efficientnet_l2'])
+def test_every_param_logically_partitioned_and_float32(name):
+    variables = _abstract_variables(name)
+    boxed = jax.tree.leaves(variables['params'],
+                            is_leaf=lambda v: isinstance(v, nn.Partitioned))
+    assert all(isinstance(v, nn.LogicallyPartitioned) for v in boxed)
+    assert all(v.value.dtype == jnp.float32 for v in boxed)
+    assert all(len(v.names) == v.value.ndim for v in boxed)
+    specs = nn.get_partition_spec(variables)['params']
+    conv_spec = P(None, None, 'conv_in', 'channels')
+    for path, spec in jax.tree_util.tree_flatten_with_path(
+            specs, is_leaf=lambda s: isinstance(s, P))[0]:
+        *modules, param = [k.key for k in path]
+        module = modules[-1]
+        if module == 'classifier':
+            expected = P('features_in', 'classes') if param == 'kernel' else P('classes')
+        elif module.endswith('_bn'):
+            expected = P('channels')
+        elif module == 'depthwise_conv':
+            expected = P(None, None, None, 'channels')
+        elif param == 'kernel':  # stem / expand / project / head convs, squeeze-excitation
+            expected = conv_spec
+        else:  # squeeze-excitation biases
+            assert modules[-2] == 'se' and param == 'bias'
+            expected = P('channels')
+        assert spec == expected, (path, spec)
+
+
+def test_weight_decay_skips_exactly_the_batch_norms():
+    params = nn.unbox(_abstract_variables('efficientnet_b0')['params'])
+    mask = decay_mask(params)
+    paths = ['/'.join(k.key for k in path) for path, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]]
+    skipped = {p for p, v in zip(paths, jax.tree.leaves(mask)) if not v}
+    bn_params = {p for p in paths if p.split('/')[-2].endswith('_bn')}
+    assert skipped == bn_params
+    # stem + head + 16 blocks x (depthwise, project) + 15 expanding blocks: 49 norms.
+    assert len(bn_params) == 2 * 49
+    assert {'block_2/se/reduce/kernel', 'block_2/se/reduce/bias',
+            'block_2/depthwise_conv/kernel'} <= set(paths) - skipped
+
+
+def test_b0_structure():
+    params = nn.unbox(_abstract_variables('efficientnet_b0')['params'])
+    assert params['stem_conv']['kernel'].shape == (3, 3, 3, 32)
+    # Stage 1 (expand ratio 1) has no expand conv; squeeze-excitation reduces the block input.
+    assert set(params['block_1']) == {'depthwise_conv', 'depthwise_bn', 'se', 'project_conv',
+                                      'project_bn'}
+    assert params['block_1']['depthwise_conv']['kernel'].shape == (3, 3, 1, 32)
+    assert params['block_1']['se']['reduce']['kernel'].shape == (1, 1, 32, 8)
+    assert params['block_2']['expand_conv']['kernel'].shape == (1, 1, 16, 96)
+    assert params['block_2']['se']['reduce']['kernel'].shape == (1, 1, 96, 4)
+    assert params['block_2']['se']['expand']['bias'].shape == (96,)
+    assert params['block_4']['depthwise_conv']['kernel'].shape == (5, 5, 1, 144)
+    assert params['block_16']['project_conv']['kernel'].shape == (1, 1, 1152, 320)
+    assert 'block_17' not in params
+    assert params['head_conv']['kernel'].shape == (1, 1, 320, 1280)
+    assert params['classifier']['kernel'].shape == (1280, 1000)
+
+
+def test_registry_presets_and_official_dropout():
+    names = {f'efficientnet_{v}' for v in ('b0', 'b1', 'b2', 'b3', 'b4', 'b5', 'b6', 'b7', 'l2',
+                                           'b6_wide')}
+    assert names | {'efficientnet'} <= set(MODELS) and names <= set(PRESETS)
+    assert get_model('efficientnet', 10) == get_model('efficientnet_b0', 10)
+    b7 = get_model('efficientnet_b7', 10)
+    assert (b7.width_coefficient, b7.depth_coefficient, b7.dropout_rate) == (2.0, 3.1, 0.5)
+    assert b7.stochastic_depth_rate == 0.2 and (b7.bn_momentum, b7.bn_epsilon) == (0.99, 1e-3)
+    wide = get_model('efficientnet_b6_wide', 10)
+    assert (wide.width_coefficient, wide.depth_coefficient) == (5.0, VARIANTS['b6'].depth)
+    assert DEFAULTS['efficientnet_l2'] == {'dropout_rate': 0.5}
+    assert get_model('efficientnet_l2', 10, dropout_rate=0.1).dropout_rate == 0.1
+    assert 'width_coefficient' not in model_options('efficientnet_b3')
+    assert 'width_coefficient' in model_options('efficientnet')
+    with pytest.raises(ValueError, match="'depth_coefficient'.*fixed by the preset"):
+        get_model('efficientnet_b3', 10, depth_coefficient=2.0)
+    assert [VARIANTS[v].resolution for v in ('b0', 'b4', 'b7', 'l2', 'b6_wide')] == [
+        224, 380, 600, 800, 800]
+
+
+def _stand_in_variables(shapes, seed=0):
+    """Concrete variables for abstract ones without compiling the (slow) random init: kernels
+    N(0, 2 / fan_in), batch-norm scales and variances 1, biases and means 0."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name in ('scale', 'var'):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name in ('bias', 'mean'):
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, nn.unbox(shapes))
+
+
+def test_b0_train_step():
+    model = get_model('efficientnet_b0', 1000)
+    variables = _stand_in_variables(_abstract_variables('efficientnet_b0'))
+    x = _images(n=2, size=32)
+    logits, updates = _jit(lambda v, x, rng: model.apply(
+        v, x, train=True, rngs={'dropout': rng}, mutable=['batch_stats']))(
+            variables, x, jax.random.key(1))
+    assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
+    assert np.all(np.isfinite(logits))
+    old, new = jax.tree.leaves(variables['batch_stats']), jax.tree.leaves(updates)
+    assert len(old) == len(new) == 2 * 49  # mean and var of every batch norm
+    assert all(np.all(np.isfinite(b)) for b in new)
+    # Every variance moves, and every mean except those after the expand and head convs: their
+    # input, a batch norm's output (plus a shortcut of one), has zero batch mean.
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(variables['batch_stats'])[0]]
+    changed = {p for p, a, b in zip(paths, old, new) if not np.allclose(a, b)}
+    assert {p for p in paths if 'var' in p or not ('expand_bn' in p or 'head_bn' in p)} <= changed
+
+
+def test_block_init():
+    """B0's last block (192 -> 1152 -> 320 channels, 3x3), really initialised."""
+    block = MBConvBlock(features=320, kernel=3, strides=1, expand_ratio=6,
+                        stochastic_depth_rate=0.0, dtype=jnp.float32, bn_momentum=0.99,
+                        bn_epsilon=1e-3)
+    variables = _jit(lambda key: block.init(key, jnp.zeros((1, 1, 1, 192)), train=False))(
+        jax.random.key(0))
+    params = nn.unbox(variables['params'])
+    # He-normal fan-out in TF's kernel layout: depthwise (TF (k, k, C, 1)) std sqrt(2 / (k * k)),
+    # other convs sqrt(2 / (k * k * out)); zero biases; batch norm scale 1, bias 0.
+    stds = {'expand_conv': np.sqrt(2 / 1152), 'depthwise_conv': np.sqrt(2 / 9),
+            'project_conv': np.sqrt(2 / 320)}
+    for module, std in stds.items():
+        assert abs(np.asarray(params[module]['kernel']).std() / std - 1) < 0.03, module
+    se = params['se']
+    assert se['reduce']['kernel'].shape == (1, 1, 1152, 48)  # a quarter of the block's input
+    assert abs(np.asarray(se['reduce']['kernel']).std() / np.sqrt(2 / 48) - 1) < 0.03
+    assert abs(np.asarray(se['expand']['kernel']).std() / np.sqrt(2 / 1152) - 1) < 0.03
+    assert np.all(se['reduce']['bias'] == 0) and np.all(se['expand']['bias'] == 0)
+    assert np.all(params['project_bn']['scale'] == 1) and np.all(params['project_bn']['bias'] == 0)
+
+
+TINY = dict(width_coefficient=0.25, depth_coefficient=0.25)  # 7 blocks, stem 8 channels
+
+
+def _block_outputs(model, variables, x):
+    _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+    inter = state['intermediates']
+    return [inter[f'block_{i}']['__call__'][0] for i in range(1, 8)]
+
+
+def test_tiny_strides_noise_bfloat16_and_sharding():
+    """A tiny EfficientNet: block resolutions for ImageNet and for small images, randomness
+    only in training, bfloat16 compute, and a ('data', 'model') mesh with channels split over
+    'model' changing nothing."""
+    x = _images(n=8, size=32)
+    model = EfficientNet(10, dropout_rate=0.5, stochastic_depth_rate=0.5, **TINY)
+    assert sum(round_repeats(s.repeats, 0.25) for s in BLOCKS) == 7
+    variables = _stand_in_variables(jax.eval_shape(model.init, jax.random.key(0), x))
+
+    sizes = [o.shape[1] for o in
+             jax.eval_shape(lambda v: _block_outputs(model, v, x), variables)]
+    assert sizes == [16, 8, 4, 2, 2, 1, 1]
+    small = model.clone(small_images=True)  # the MPL code's CIFAR strides, same parameters
+    sizes = [o.shape[1] for o in
+             jax.eval_shape(lambda v: _block_outputs(small, v, x), variables)]
+    assert sizes == [32, 32, 32, 16, 16, 8, 8]
+
+    def train(v, x, rng):
+        return model.apply(v, x, train=True, rngs={'dropout': rng}, mutable=['batch_stats'])[0]
+
+    @_jit
+    def outputs(v, key_a, key_b):  # evaluation needs no rng
+        return (model.apply(v, x), model.clone(dtype=jnp.bfloat16).apply(v, x),
+                train(v, x, key_a), train(v, x, key_b))
+
+    logits, logits16, train_a, train_b = outputs(variables, jax.random.key(1),
+                                                 jax.random.key(2))
+    assert logits.shape == logits16.shape == (8, 10) and logits16.dtype == jnp.float32
+    assert np.all(np.isfinite(logits)) and np.all(np.isfinite(train_a))
+    assert not np.allclose(train_a, train_b)  # dropout and drop-connect draw from the rng
+    scale = float(np.abs(logits).max()) + 1e-3  # bfloat16 compute stays close to float32
+    np.testing.assert_allclose(logits16, logits, atol=0.05 * scale)
+
+    mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    rules = [('batch', 'data'), ('height', None), ('width', None), ('channels', 'model'),
+             ('features', None)]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = _jit(train)  # a fresh function: the trace cache does not see the rules
+        got = step(variables, x, jax.random.key(1))
+        hlo = step.lower(variables, x, jax.random.key(1)).as_text()
+    assert hlo.count('sharding_constraint') >= 10  # input, stem, 7 blocks, pooled features
+    np.testing.assert_allclose(got, train_a, rtol=1e-4, atol=1e-4)
