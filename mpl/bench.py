@@ -30,6 +30,19 @@ allocator statistics, e.g. CPU).
 method calls it, with the config's augment settings) on batch_size * mu random uint8 images of
 the config's image shape, sharded over the mesh's 'data' axis like a training batch.
 
+--dry_run --mesh MODEL (or DATAxMODEL): memory planning without the hardware. Creates
+DATA x MODEL fake CPU devices, builds a ('data', 'model') mesh of that shape, and lowers and
+compiles the config's train step on abstract inputs (nothing is allocated, no data is read).
+The global batch is scaled to DATA of the config's `mesh.data` replicas (override with
+--data_replicas), so each device sees the batch it would see in the real run: per-device memory
+of one model-parallel replica is that of the whole pod (data parallelism adds only the gradient
+all-reduce). Prints per-device bytes of parameters, optimizer states, EMA, batch statistics,
+method state, the batch, and XLA's temporaries (activations kept for the backward pass and
+scratch), their sum, and which accelerators that fits (HBM per device, 10 % headroom). The CPU
+compiler's buffer assignment is close to but not exactly an accelerator's (different fusions and
+layouts; bfloat16 stays bfloat16): treat the temporaries as an estimate within tens of percent.
+  python -m mpl.bench --config configs/efficientnet_l2_mpl.py:standin --dry_run --mesh 16
+
 Speed and memory targets belong here (and in launch/ scripts), not in timed tests.
 """
 
@@ -37,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -44,13 +58,15 @@ import time
 from typing import Any
 
 from absl import app, flags
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from mpl import config_lib, sharding, train
+from mpl import config_lib, methods, models, sharding, train
 from mpl.data import augment, datasets
+from mpl.methods import base
 from mpl.errors import ConfigError, DataError
 
 FLAGS = flags.FLAGS
@@ -252,6 +268,129 @@ def bench_augment(config, *, steps: int = 10, warmup: int = 2,
   }
 
 
+# HBM per JAX device (GiB). TPU v4/v5p chips are one JAX device each (megacore).
+ACCELERATOR_MEMORY_GIB = {
+    'TPU v3 core': 16, 'TPU v4 chip': 32, 'TPU v5e chip': 16, 'TPU v5p chip': 95,
+    'TPU v6e chip': 32, 'A100 40GB': 40, 'A100 80GB': 80, 'H100 80GB': 80, 'H200': 141,
+}
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+  """'16' -> (1, 16) (one data replica, model axis 16); '4x16' -> (4, 16)."""
+  parts = text.lower().split('x')
+  try:
+    sizes = [int(p) for p in parts]
+  except ValueError:
+    sizes = []
+  if len(sizes) not in (1, 2) or min(sizes) < 1:
+    raise ConfigError(f'--mesh must be MODEL or DATAxMODEL with positive sizes, got {text!r}.')
+  return (1, sizes[0]) if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+def use_fake_cpu_devices(count: int) -> None:
+  """Makes JAX start with `count` CPU devices; must run before the backend initialises."""
+  flags_now = os.environ.get('XLA_FLAGS', '')
+  os.environ['XLA_FLAGS'] = (flags_now + f' --xla_force_host_platform_device_count={count}')
+  jax.config.update('jax_platforms', 'cpu')
+
+
+def _image_info(config) -> tuple[tuple[int, int, int], int]:
+  """((H, W, C), num_classes) of the config's network input, without reading images."""
+  if config.dataset in datasets.STANDIN_SHAPES:
+    num_classes = datasets.STANDIN_SHAPES[config.dataset][3]
+  else:
+    num_classes = datasets.load_dataset(config.dataset, data_dir=config.data.data_dir,
+                                        source=config.data.source).num_classes
+  return _image_shape(config), int(num_classes)
+
+
+def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = None,
+            name: str = '') -> dict[str, Any]:
+  """Compiles `config`'s train step for a (data, model) mesh; per-device memory (module doc)."""
+  data, model = mesh_shape
+  if jax.device_count() < data * model:
+    raise ConfigError(f'--dry_run needs {data * model} devices but JAX has {jax.device_count()}; '
+                      f'run it as `python -m mpl.bench ... --dry_run`, which creates fake ones.')
+  replicas = data_replicas or (config.mesh.data if config.mesh.data > 0 else data)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    global_batch = int(config.batch_size)
+    if (global_batch * data) % replicas:
+      raise ConfigError(f'batch_size {global_batch} does not split over {replicas} replicas.')
+    config.batch_size = global_batch * data // replicas
+    config.mesh.data, config.mesh.model = data, model
+    config.eval_batch_size = data
+    config.finetune.steps = 0
+  config_lib.validate(config, jax.device_count())
+
+  (height, width, channels), num_classes = _image_info(config)
+  mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+  method_class = methods.get_method(config.method)
+  info = base.DataInfo(num_classes=num_classes, mean=(0.5,) * channels, std=(0.25,) * channels,
+                       is_image=True)
+  method = method_class(config, models.from_config(config.model, num_classes), info)
+  labeled = int(config.batch_size)
+  unlabeled = labeled * config.mu if method.uses_unlabeled else 0
+
+  def images(n):
+    return jax.ShapeDtypeStruct((n, height, width, channels), jnp.uint8)
+
+  def labels(n):
+    return jax.ShapeDtypeStruct((n,), jnp.int32)
+
+  batch = {'labeled': {'image': images(labeled), 'label': labels(labeled)}}
+  if unlabeled:
+    batch['unlabeled'] = {'image': images(unlabeled), 'label': labels(unlabeled)}
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_boxed = jax.eval_shape(method.init, jax.random.PRNGKey(0), images(1))
+    state_sharding = sharding.state_shardings(abstract_boxed, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        sharding.strip_boxes(abstract_boxed), state_sharding)
+    batch_sharding = sharding.batch_sharding(mesh)
+    abstract_batch = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_sharding), batch)
+    step = jax.jit(method.update, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    t0 = time.perf_counter()
+    lowered = step.lower(abstract_state, abstract_batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+  memory = _memory_analysis(compiled) or {}
+
+  state_bytes = {
+      field: sharding.bytes_per_device(getattr(abstract_state, field))
+      for field in ('params', 'opt_state', 'ema_params', 'batch_stats', 'ema_batch_stats',
+                    'method_state')}
+  per_device = {**{f'{k}_bytes': v for k, v in state_bytes.items()},
+                'batch_bytes': sharding.bytes_per_device(abstract_batch),
+                'temp_bytes': memory.get('temp_bytes'),
+                'generated_code_bytes': memory.get('generated_code_bytes')}
+  total = sum(v for v in per_device.values() if v)
+  fits = {accel: total <= 0.9 * gib * 2**30 for accel, gib in ACCELERATOR_MEMORY_GIB.items()}
+  return {
+      'mode': 'dry_run',
+      'config': name,
+      'method': config.method,
+      'model': config.model.name,
+      'dtype': str(config.model.get('dtype') or 'float32'),
+      'image_shape': [height, width, channels],
+      'spatial_partition': config.spatial_partition,
+      'mesh': {'data': data, 'model': model},
+      'data_replicas_of_real_run': replicas,
+      'batch_per_replica_labeled': labeled,
+      'batch_per_replica_unlabeled': unlabeled,
+      'parameters': int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))),
+      'per_device': per_device,
+      'per_device_total_bytes': total,
+      'per_device_total_gib': round(total / 2**30, 3),
+      'fits': fits,
+      'flops_per_step_per_device': _total_flops(compiled.cost_analysis()),
+      'compile_s': compile_s,
+  }
+
+
 def _config_name() -> str:
   """'configs/x.py:args' as given on the command line (the flag keeps only the path)."""
   for i, arg in enumerate(sys.argv):
@@ -266,7 +405,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    if FLAGS.augment_only:
+    if FLAGS.dry_run:
+      if not FLAGS.mesh:
+        raise ConfigError('--dry_run needs --mesh MODEL or DATAxMODEL, e.g. --mesh 16.')
+      data, model = parse_mesh(FLAGS.mesh)
+      result = dry_run(FLAGS.config, mesh_shape=(data, model),
+                       data_replicas=FLAGS.data_replicas, name=_config_name())
+    elif FLAGS.augment_only:
       result = bench_augment(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                              name=_config_name())
     else:
@@ -287,6 +432,11 @@ def define_flags() -> None:
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
   flags.DEFINE_bool('augment_only', False,
                     'Time only the strong augmentation of the unlabeled batch.')
+  flags.DEFINE_bool('dry_run', False, 'Compile for fake CPU devices and print per-device '
+                    'memory instead of timing (see the module docstring).')
+  flags.DEFINE_string('mesh', None, 'With --dry_run: MODEL (one data replica) or DATAxMODEL.')
+  flags.DEFINE_integer('data_replicas', None, 'With --dry_run: data-parallel replicas of the '
+                       "real run (default: the config's mesh.data).")
   flags.DEFINE_string('workdir', None, 'Where train.build writes the labeled split; default: a '
                       'temporary directory, removed afterwards.')
   flags.mark_flags_as_required(['config'])
@@ -304,6 +454,22 @@ def parse_flags(argv):
   sys.exit(2)
 
 
+def _fake_devices_for_dry_run(argv) -> None:
+  """Before JAX starts: `--dry_run --mesh D x M` needs D * M (fake CPU) devices."""
+  if '--dry_run' not in argv:
+    return
+  mesh = next((a.split('=', 1)[1] for a in argv if a.startswith('--mesh=')), None)
+  if mesh is None and '--mesh' in argv and argv.index('--mesh') + 1 < len(argv):
+    mesh = argv[argv.index('--mesh') + 1]
+  try:
+    data, model = parse_mesh(mesh) if mesh else (1, 1)
+  except ConfigError:
+    return  # reported after flag parsing
+  if mesh:
+    use_fake_cpu_devices(data * model)
+
+
 if __name__ == '__main__':
+  _fake_devices_for_dry_run(sys.argv)
   define_flags()
   app.run(main, flags_parser=parse_flags)

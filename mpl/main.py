@@ -5,6 +5,9 @@ r"""Runs one experiment.
       --config.total_steps=2000
 
 Rerunning the same command in the same workdir resumes from its latest checkpoint.
+Multi-host (every host runs the same command; see launch/ and the README's "Scaling up"):
+
+  python -m mpl.main --config configs/imagenet10_mpl.py --workdir gs://bucket/run --distributed
 """
 
 import sys
@@ -17,7 +20,12 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and summary.json.')
 flags.DEFINE_bool('distributed', False,
-                  'Call jax.distributed.initialize() first (multi-host TPU pods / GPU clusters).')
+                  'Call jax.distributed.initialize() first (multi-host TPU pods / GPU clusters). '
+                  'On TPU VMs and under SLURM it finds the other hosts itself; elsewhere give '
+                  'the three flags below.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --distributed).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --distributed).')
+flags.DEFINE_integer('process_id', None, 'This process\'s index (with --distributed).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -39,7 +47,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    logging.info('Process %d of %d; %d local of %d devices.', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   from mpl import train  # pylint: disable=g-import-not-at-top
   from mpl.errors import ConfigError, DataError, NonFiniteLossError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)

@@ -9,24 +9,37 @@ write, for tools and plots.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from absl import logging
+from etils import epath
 
 
 class JsonlWriter:
-  """Appends {"step": s, **scalars} lines to WORKDIR/metrics.jsonl (lead process only)."""
+  """Appends {"step": s, **scalars} lines to WORKDIR/metrics.jsonl (lead process only).
+
+  Object stores (gs://) cannot append: there the file is rewritten whole at every write (a
+  few hundred kB over a long run, written every `log_every` steps).
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.remote = '://' in workdir
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
     self.enabled = enabled
+    self.lines: list[str] = []
+    if enabled and self.remote and self.path.exists():  # a resumed run keeps its history
+      self.lines = self.path.read_text().splitlines(keepends=True)
 
   def write_scalars(self, step: int, scalars: dict) -> None:
-    if self.enabled:
+    if not self.enabled:
+      return
+    line = json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n'
+    if self.remote:
+      self.lines.append(line)
+      self.path.write_text(''.join(self.lines))
+    else:
       with open(self.path, 'a') as f:
-        f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
-                + '\n')
+        f.write(line)
 
   def flush(self) -> None:
     pass

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -162,12 +163,19 @@ def make_evaluate_batch(method: base.Method):
 # Checkpoints and preemption.
 
 
+def workdir_path(workdir: str) -> epath.Path:
+  """The workdir as a path that may be local or remote (gs://bucket/run on Cloud TPU)."""
+  if '://' in workdir:
+    return epath.Path(workdir)
+  return epath.Path(os.path.abspath(workdir))
+
+
 class Checkpoints:
   """Orbax CheckpointManager for (state, json metadata) in WORKDIR/checkpoints."""
 
   def __init__(self, workdir: str, keep: int):
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, 'checkpoints')),
+        workdir_path(workdir) / 'checkpoints',
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self):
@@ -215,6 +223,18 @@ class PreemptionFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every host if `flag` is True on any host (one tiny all-gather on multi-host runs).
+
+  A SIGTERM reaches the hosts of a pod at different steps; a host that stopped alone would
+  start a checkpoint save the others never join, and the run would hang.
+  """
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.bool_))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +311,8 @@ def plot_curves(stages: list[list[dict]], path: str, title: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
 
 
@@ -351,7 +372,7 @@ class Experiment:
 def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Validates `config`, loads the data and builds the method, shardings and jitted steps."""
   config_lib.validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  workdir_path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_rules(config)
   method_class = methods.get_method(config.method)
@@ -449,8 +470,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
   is_lead = jax.process_index() == 0
   writer = reporting.Writer(workdir, is_lead)
   if is_lead:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
+    (workdir_path(workdir) / 'config.json').write_text(
+        json.dumps(config.to_dict(), indent=2, default=str))
   checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
 
   with experiment.activate():
@@ -504,7 +525,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
       pending = (step, metrics)
       report(step)
       last = step == total
-      preempt = preemption.requested or (should_stop is not None and should_stop(step))
+      preempt = any_process(preemption.requested or
+                            (should_stop is not None and should_stop(step)))
       log = step % config.log_every == 0 or last
       evaluate = step % config.eval_every == 0 or last
       save = step % config.checkpoint_every == 0 or last or preempt
@@ -590,8 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if 'stopped_at' in summary:
     return summary
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2, default=str)
+    (workdir_path(workdir) / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
     if summary['final']:
       plot_curves([s['history'] for s in stages], os.path.join(workdir, 'curves.png'),
                   f'{config.method} on {config.dataset} ({summary["num_labeled"]} labels)')

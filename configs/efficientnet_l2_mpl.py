@@ -1,0 +1,93 @@
+r"""Meta Pseudo Labels at the paper's largest scale: EfficientNet-L2, ImageNet + JFT, 512x512.
+
+  python -m mpl.main --config configs/efficientnet_l2_mpl.py:unlabeled=<tfds_name> \
+      --workdir gs://<bucket>/l2_mpl --config.data.data_dir=gs://<bucket>/tensorflow_datasets \
+      --distributed          # on every host of a 2048-core TPU pod: launch/tpu_vm.sh
+
+Paper (Pham et al. 2021): 90.2 % top-1 on the ImageNet validation set, EfficientNet-L2 teacher
+and student, 512x512 inputs, 2,048 labeled + 16,384 unlabeled images per step, 1M steps, about
+11 days on 2,048 TPUv3 cores laid out as 128 data-parallel replicas x 16 cores: each replica cut
+every image into 16 strips along its width and every weight tensor 16 ways.
+
+That layout here: `mesh = (data=128, model=16)` and `spatial_partition='width'` (mpl/sharding.py):
+images are split along width over 'model' while their feature maps are at least 2 pixels per
+strip (512 -> 16 strips of 32 px at the input; the last 16x16 stage is gathered), weights,
+optimizer states and the EMA are stored split 16 ways along their output channels and gathered
+for the forward/backward pass. `data=-1` also works: every device not in 'model' goes to 'data'.
+
+Memory before you launch (no accelerator needed; compiles one replica's step on fake CPU devices):
+  python -m mpl.bench --config configs/efficientnet_l2_mpl.py:standin --dry_run --mesh 16
+prints per-device bytes of parameters, optimizer states, EMA, batch statistics and the compiled
+step's temporaries, and which accelerators they fit (see mpl/bench.py).
+
+Data the user must bring (streamed, one shard per host; hosts of one model-parallel replica read
+the same shard): TFDS `imagenet2012` (labeled, all of 'train'; evaluated on 'validation') and an
+unlabeled TFDS image dataset passed as `unlabeled=<tfds name>` (JFT-300M is Google-internal and
+not public). See configs/imagenet_jft_mpl.py for how to prepare both.
+
+Recipe: the ImageNet MPL recipe of configs/imagenet_jft_mpl.py (itself the ImageNet-10% recipe of
+METHODS.md section 6) with what the paper states for this run: EfficientNet-L2 for teacher and
+student (480,309,308 parameters each with 1000 classes), 512x512 inputs, 2,048 + 16,384 images
+per step (mu = 8), 1M steps. UNVERIFIED (the sources give no L2-specific values; kept from the
+ImageNet recipe): learning rates 0.15 / 0.1 x batch / 256, warm-ups 5k, student wait 20k, weight
+decay 1e-4, clipping 5.0, label smoothing 0.1, UDA 0.5 / 0.6 / 20 / 50k ramp, RandAugment
+magnitude 17, EMA 0.999, finetune 2,000 steps; EfficientNet-L2's own dropout 0.5 and
+drop-connect 0.2 (mpl/models/efficientnet.py); bfloat16 compute.
+
+  python -m mpl.main --config configs/efficientnet_l2_mpl.py:runlocal --workdir /tmp/l2_local
+A smoke test on random stand-in images: the same method and loop with a tiny EfficientNet
+(width 0.1, depth 0.1: one block per stage, CIFAR strides) at 32x32, 8 + 16 images per step,
+3 MPL steps and 2 finetune steps; add --config.mesh.model=2 on 2+ devices for width strips. Expected: finishes in about a minute on 2 CPU cores; says
+nothing about accuracy. `:standin` keeps every full-size setting on stand-in data (for
+`mpl.bench`).
+
+Arguments: unlabeled (TFDS name of the unlabeled set; required for a real run), steps (default
+1000000), seed, standin, runlocal.
+"""
+
+import importlib.util
+import os
+
+from mpl import config_lib
+from mpl.errors import ConfigError
+
+
+def _imagenet_jft_mpl():
+  """configs/imagenet_jft_mpl.py, loaded by path (configs/ is not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_jft_mpl.py')
+  spec = importlib.util.spec_from_file_location('mpl_configs_imagenet_jft_mpl', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, unlabeled='', steps=1_000_000, seed=0, standin=False,
+                              runlocal=False)
+  if not args.unlabeled and not (args.runlocal or args.standin):
+    raise ConfigError(
+        'configs/efficientnet_l2_mpl.py needs the unlabeled dataset: pass unlabeled=<tfds name> '
+        '(a prepared TFDS image dataset in --config.data.data_dir; JFT-300M is not public). For '
+        'a smoke test use :runlocal, for memory planning :standin with mpl.bench --dry_run.')
+  config = _imagenet_jft_mpl().get_config(','.join(
+      f'{k}={v}' for k, v in (('unlabeled', args.unlabeled), ('steps', args.steps),
+                              ('seed', args.seed), ('standin', args.standin),
+                              ('runlocal', args.runlocal))))
+  if args.runlocal:
+    config.model = config_lib.ml_collections.ConfigDict(dict(
+        name='efficientnet', width_coefficient=0.1, depth_coefficient=0.1,
+        small_images=True, dropout_rate=0.0, stochastic_depth_rate=0.0))
+    config.spatial_partition = 'width'     # takes effect with --config.mesh.model=2 or more
+    return config
+
+  config.data.image_size = 512
+  config.batch_size = 2048
+  config.mu = 8                              # 16,384 unlabeled images per step
+  config.eval_batch_size = 2048
+  config.model = config_lib.ml_collections.ConfigDict(dict(
+      name='efficientnet_l2', dtype='bfloat16'))  # dropout 0.5, drop-connect 0.2: L2 defaults
+  config.mesh.data, config.mesh.model = 128, 16   # 2,048 cores
+  config.spatial_partition = 'width'
+  if args.standin:
+    config.mesh.data = -1                    # whatever devices there are
+  return config
