@@ -38,9 +38,11 @@ The global batch is scaled to DATA of the config's `mesh.data` replicas (overrid
 of one model-parallel replica is that of the whole pod (data parallelism adds only the gradient
 all-reduce). Prints per-device bytes of parameters, optimizer states, EMA, batch statistics,
 method state, the batch, and XLA's temporaries (activations kept for the backward pass and
-scratch), their sum, and which accelerators that fits (HBM per device, 10 % headroom). The CPU
-compiler's buffer assignment is close to but not exactly an accelerator's (different fusions and
-layouts; bfloat16 stays bfloat16): treat the temporaries as an estimate within tens of percent.
+scratch), their sum, and which accelerators that fits (HBM per device, 10 % headroom). The state
+and batch bytes are exact. The temporaries come from the CPU compiler's buffer assignment, which
+fuses less than the TPU/GPU compilers and may compute bfloat16 convolutions in float32: read
+them as an upper estimate (the GPU figure of the same step is `memory_analysis.temp_bytes` of
+the timed bench).
   python -m mpl.bench --config configs/efficientnet_l2_mpl.py:standin --dry_run --mesh 16
 
 Speed and memory targets belong here (and in launch/ scripts), not in timed tests.
@@ -294,14 +296,16 @@ def use_fake_cpu_devices(count: int) -> None:
   jax.config.update('jax_platforms', 'cpu')
 
 
-def _image_info(config) -> tuple[tuple[int, int, int], int]:
-  """((H, W, C), num_classes) of the config's network input, without reading images."""
+def _input_info(config) -> tuple[tuple[int, ...], Any, int, bool]:
+  """(example shape, dtype, num_classes, is_image) of the config's data, reading no images."""
   if config.dataset in datasets.STANDIN_SHAPES:
     num_classes = datasets.STANDIN_SHAPES[config.dataset][3]
-  else:
-    num_classes = datasets.load_dataset(config.dataset, data_dir=config.data.data_dir,
-                                        source=config.data.source).num_classes
-  return _image_shape(config), int(num_classes)
+    return _image_shape(config), jnp.uint8, int(num_classes), True
+  data = datasets.load_dataset(config.dataset, data_dir=config.data.data_dir,
+                               source=config.data.source)
+  is_image = data.train_images.ndim == 4
+  shape = _image_shape(config) if is_image else data.train_images.shape[1:]
+  return tuple(shape), data.train_images.dtype, int(data.num_classes), is_image
 
 
 def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = None,
@@ -323,17 +327,18 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
     config.finetune.steps = 0
   config_lib.validate(config, jax.device_count())
 
-  (height, width, channels), num_classes = _image_info(config)
+  shape, dtype, num_classes, is_image = _input_info(config)
   mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
   method_class = methods.get_method(config.method)
+  channels = shape[-1] if is_image else 1
   info = base.DataInfo(num_classes=num_classes, mean=(0.5,) * channels, std=(0.25,) * channels,
-                       is_image=True)
+                       is_image=is_image)
   method = method_class(config, models.from_config(config.model, num_classes), info)
   labeled = int(config.batch_size)
   unlabeled = labeled * config.mu if method.uses_unlabeled else 0
 
   def images(n):
-    return jax.ShapeDtypeStruct((n, height, width, channels), jnp.uint8)
+    return jax.ShapeDtypeStruct((n, *shape), dtype)
 
   def labels(n):
     return jax.ShapeDtypeStruct((n,), jnp.int32)
@@ -375,7 +380,7 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
       'method': config.method,
       'model': config.model.name,
       'dtype': str(config.model.get('dtype') or 'float32'),
-      'image_shape': [height, width, channels],
+      'input_shape': list(shape),
       'spatial_partition': config.spatial_partition,
       'mesh': {'data': data, 'model': model},
       'data_replicas_of_real_run': replicas,

@@ -63,6 +63,8 @@ def make_mesh(config) -> jax.sharding.Mesh:
 TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
     ('channels', 'model'),
     ('features', 'model'),
+    ('classes', 'model'),      # the classifier: split its outputs if 'model' divides them,
+    ('features_in', 'model'),  # else its inputs (1000 classes do not split 16 ways)
 )
 SPATIAL_PARTITIONS = ('', 'height', 'width')
 
@@ -88,13 +90,6 @@ def _mesh_axis_size(mesh, axis) -> int:
   return int(np.prod([mesh.shape[n] for n in names]))
 
 
-def divisible_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
-  """`spec` with every mesh axis that does not divide its dimension replaced by None."""
-  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
-  return P(*(axis if dim % _mesh_axis_size(mesh, axis) == 0 else None
-             for axis, dim in zip(spec, shape)))
-
-
 # Spatial activation dimensions are split only into strips this wide or wider (see constrain).
 MIN_SPATIAL_SHARD = 2
 
@@ -106,28 +101,39 @@ def _splits(name: str | None, dim: int, parts: int) -> bool:
   return dim % parts == 0 and dim // parts >= minimum
 
 
+def fitted_names(names, shape, mesh, rules) -> tuple[str | None, ...]:
+  """The logical `names` of an array of `shape`, without those the mesh would split badly.
+
+  A name whose mesh axis does not divide its dimension (or leaves spatial strips 1 pixel wide)
+  is dropped, and the rules are resolved again, since the freed mesh axis may serve a later
+  name: a (features_in, classes) kernel with 1000 classes on 16 devices is split along
+  features_in instead.
+  """
+  names = tuple(names) + (None,) * (len(shape) - len(names))
+  while True:
+    axes = nn.logical_to_mesh_axes(names, rules)
+    kept = tuple(name if _splits(name, dim, _mesh_axis_size(mesh, axis)) else None
+                 for name, dim, axis in zip(names, shape, axes))
+    if kept == names:
+      return names
+    names = kept
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """`nn.with_logical_constraint(x, names)`, leaving unsplit the dims that split badly.
 
   Models call this on their activations. Deep in a network the feature maps get small (a 4x4
   map cannot be cut into 8 strips); such a dimension is gathered instead of split unevenly, and
-  so is a spatial one that would leave strips one pixel wide: XLA's SPMD partitioner computes a wrong
-  kernel gradient for a stride-2 conv whose input is split into 1-pixel strips and whose output
-  is not split (measured with jax 0.10 on CPU: 16x16 and 8x8 images in 8 strips; 2-pixel strips
-  and larger match the unsharded gradients, tests/test_model_parallel.py).
+  so is a spatial one that would leave strips one pixel wide: XLA's SPMD partitioner computes a
+  wrong kernel gradient for a stride-2 conv whose input is split into 1-pixel strips and whose
+  output is not split (measured with jax 0.10 on CPU: 16x16 and 8x8 images in 8 strips; 2-pixel
+  strips and larger match the unsharded gradients, tests/test_model_parallel.py).
   """
   mesh = jax.sharding.get_abstract_mesh()
   rules = nn.get_logical_axis_rules()
   if mesh.empty or not rules:
     return nn.with_logical_constraint(x, names)
-  names = tuple(names)
-  while True:  # dropping one name can free a mesh axis for the next rule: resolve again
-    axes = nn.logical_to_mesh_axes(names, rules)
-    kept = tuple(name if _splits(name, x.shape[i], _mesh_axis_size(mesh, axes[i])) else None
-                 for i, name in enumerate(names))
-    if kept == names:
-      return nn.with_logical_constraint(x, names)
-    names = kept
+  return nn.with_logical_constraint(x, fitted_names(names, x.shape, mesh, rules))
 
 
 def spatially_partitioned() -> bool:
@@ -155,23 +161,28 @@ def state_shardings(abstract_boxed_state, mesh, rules):
   """NamedShardings for every leaf of a (boxed) abstract state; unannotated leaves replicate.
 
   Optimizer states and EMA copies are built by mapping over the boxed parameters, so they carry
-  the same logical names and get the same shardings as the parameters they track.
+  the same logical names and get the same shardings as the parameters they track. Names the
+  mesh does not divide are dropped (`fitted_names`); arrays must split evenly.
   """
-  specs = nn.get_partition_spec(abstract_boxed_state)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  values = strip_boxes(abstract_boxed_state)
-  replicated_dims = set()
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  unfit = []
 
-  def fit(path, value, named):
-    spec = divisible_spec(named.spec, value.shape, mesh)
-    if any(a is not None and b is None for a, b in zip(named.spec, spec)):
-      replicated_dims.add(f'{jax.tree_util.keystr(path)} {value.shape} {named.spec}')
-    return NamedSharding(mesh, spec)
+  def sharding_of(path, leaf):
+    if not is_box(leaf):
+      return NamedSharding(mesh, P())
+    value = leaf.unbox(apply_constraint=False)
+    names = fitted_names(leaf.names, value.shape, mesh, rules)
+    wanted = nn.logical_to_mesh_axes(tuple(leaf.names), rules)
+    got = nn.logical_to_mesh_axes(names, rules)
+    if sum(a is not None for a in got) < sum(a is not None for a in wanted):
+      unfit.append(f'{jax.tree_util.keystr(path)} {value.shape} {leaf.names}')
+    return NamedSharding(mesh, got)
 
-  shardings = jax.tree_util.tree_map_with_path(fit, values, shardings)
-  if replicated_dims:
-    logging.info('Replicated %d weight dimension(s) that mesh %s does not divide, e.g. %s.',
-                 len(replicated_dims), dict(mesh.shape), sorted(replicated_dims)[0])
+  shardings = jax.tree_util.tree_map_with_path(sharding_of, abstract_boxed_state,
+                                               is_leaf=is_box)
+  if unfit:
+    logging.info('%d weight(s) split less than their names ask (mesh %s does not divide them), '
+                 'e.g. %s.', len(unfit), dict(mesh.shape), unfit[0])
   return shardings
 
 

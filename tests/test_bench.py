@@ -85,3 +85,42 @@ def test_bench_cli_prints_one_json_line():
   assert record['mode'] == 'augment_only'
   assert record['batch'] == 16 * 4  # the --config.mu override took effect
   assert record['images_per_s'] > 0
+
+
+def _dry_run(mesh_shape, spatial='', data_replicas=None):
+  config = load_config('efficientnet_l2_mpl.py', 'runlocal')
+  config.batch_size, config.mu = 16, 2
+  config.mesh.data = 8           # the "real run" has 8 replicas of 16 labeled images in all
+  config.spatial_partition = spatial
+  return bench.dry_run(config, mesh_shape=mesh_shape, data_replicas=data_replicas,
+                       name='l2:runlocal')
+
+
+def test_dry_run_memory_per_device_follows_the_mesh():
+  one = _dry_run((1, 1))
+  split = _dry_run((1, 4), spatial='width')
+  for record in (one, split):
+    json.dumps(record)
+    assert record['mode'] == 'dry_run'
+    assert record['batch_per_replica_labeled'] == 2     # 16 labeled over 8 replicas
+    assert record['batch_per_replica_unlabeled'] == 4
+    for key in ('params_bytes', 'opt_state_bytes', 'ema_params_bytes', 'temp_bytes'):
+      assert record['per_device'][key] > 0, key
+    assert record['per_device_total_bytes'] == sum(v for v in record['per_device'].values() if v)
+  assert one['parameters'] == split['parameters']
+  # Splitting weights 4 ways shrinks their per-device bytes (not exactly 4x: vectors that 4
+  # does not divide stay whole), and the optimizer state follows them.
+  for key in ('params_bytes', 'opt_state_bytes', 'ema_params_bytes'):
+    assert split['per_device'][key] < 0.6 * one['per_device'][key], key
+  assert split['mesh'] == {'data': 1, 'model': 4}
+
+
+def test_dry_run_command_line_creates_its_fake_devices(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'mpl.bench', '--config', 'configs/two_moons.py:method=mpl,runlocal',
+       '--dry_run', '--mesh', '2x2'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})
+  assert out.returncode == 0, out.stderr[-2000:]
+  record = json.loads(out.stdout.strip().splitlines()[-1])
+  assert record['mesh'] == {'data': 2, 'model': 2}
