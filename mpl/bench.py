@@ -44,6 +44,8 @@ fuses less than the TPU/GPU compilers and may compute bfloat16 convolutions in f
 them as an upper estimate (the GPU figure of the same step is `memory_analysis.temp_bytes` of
 the timed bench).
   python -m mpl.bench --config configs/efficientnet_l2_mpl.py:standin --dry_run --mesh 16
+`--nocompile` skips the compilation (minutes for EfficientNet-L2 on CPU) and reports the exact
+state and batch bytes only.
 
 Speed and memory targets belong here (and in launch/ scripts), not in timed tests.
 """
@@ -292,7 +294,9 @@ def parse_mesh(text: str) -> tuple[int, int]:
 def use_fake_cpu_devices(count: int) -> None:
   """Makes JAX start with `count` CPU devices; must run before the backend initialises."""
   flags_now = os.environ.get('XLA_FLAGS', '')
-  os.environ['XLA_FLAGS'] = (flags_now + f' --xla_force_host_platform_device_count={count}')
+  # No LLVM optimisation: the program is compiled for its buffer sizes, never run.
+  os.environ['XLA_FLAGS'] = (flags_now + f' --xla_force_host_platform_device_count={count}'
+                             ' --xla_backend_optimization_level=0')
   jax.config.update('jax_platforms', 'cpu')
 
 
@@ -309,7 +313,7 @@ def _input_info(config) -> tuple[tuple[int, ...], Any, int, bool]:
 
 
 def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = None,
-            name: str = '') -> dict[str, Any]:
+            name: str = '', compile_step: bool = True) -> dict[str, Any]:
   """Compiles `config`'s train step for a (data, model) mesh; per-device memory (module doc)."""
   data, model = mesh_shape
   if jax.device_count() < data * model:
@@ -360,9 +364,9 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
     t0 = time.perf_counter()
     lowered = step.lower(abstract_state, abstract_batch)
-    compiled = lowered.compile()
+    compiled = lowered.compile() if compile_step else None
     compile_s = time.perf_counter() - t0
-  memory = _memory_analysis(compiled) or {}
+  memory = (_memory_analysis(compiled) if compiled else None) or {}
 
   state_bytes = {
       field: sharding.bytes_per_device(getattr(abstract_state, field))
@@ -373,7 +377,8 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
                 'temp_bytes': memory.get('temp_bytes'),
                 'generated_code_bytes': memory.get('generated_code_bytes')}
   total = sum(v for v in per_device.values() if v)
-  fits = {accel: total <= 0.9 * gib * 2**30 for accel, gib in ACCELERATOR_MEMORY_GIB.items()}
+  fits = ({accel: total <= 0.9 * gib * 2**30 for accel, gib in ACCELERATOR_MEMORY_GIB.items()}
+          if compiled else None)  # without the temporaries the total is only a lower bound
   return {
       'mode': 'dry_run',
       'config': name,
@@ -391,7 +396,7 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
       'per_device_total_bytes': total,
       'per_device_total_gib': round(total / 2**30, 3),
       'fits': fits,
-      'flops_per_step_per_device': _total_flops(compiled.cost_analysis()),
+      'flops_per_step_per_device': _total_flops(compiled.cost_analysis()) if compiled else None,
       'compile_s': compile_s,
   }
 
@@ -414,8 +419,8 @@ def main(argv):
       if not FLAGS.mesh:
         raise ConfigError('--dry_run needs --mesh MODEL or DATAxMODEL, e.g. --mesh 16.')
       data, model = parse_mesh(FLAGS.mesh)
-      result = dry_run(FLAGS.config, mesh_shape=(data, model),
-                       data_replicas=FLAGS.data_replicas, name=_config_name())
+      result = dry_run(FLAGS.config, mesh_shape=(data, model), data_replicas=FLAGS.data_replicas,
+                       name=_config_name(), compile_step=FLAGS.compile)
     elif FLAGS.augment_only:
       result = bench_augment(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                              name=_config_name())
@@ -442,6 +447,8 @@ def define_flags() -> None:
   flags.DEFINE_string('mesh', None, 'With --dry_run: MODEL (one data replica) or DATAxMODEL.')
   flags.DEFINE_integer('data_replicas', None, 'With --dry_run: data-parallel replicas of the '
                        "real run (default: the config's mesh.data).")
+  flags.DEFINE_bool('compile', True, 'With --dry_run: compile the step (for the temporaries); '
+                    '--nocompile reports the exact state and batch bytes in seconds.')
   flags.DEFINE_string('workdir', None, 'Where train.build writes the labeled split; default: a '
                       'temporary directory, removed afterwards.')
   flags.mark_flags_as_required(['config'])

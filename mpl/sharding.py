@@ -65,6 +65,7 @@ TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
     ('features', 'model'),
     ('classes', 'model'),      # the classifier: split its outputs if 'model' divides them,
     ('features_in', 'model'),  # else its inputs (1000 classes do not split 16 ways)
+    ('conv_in', 'model'),      # a conv kernel whose output channels 'model' does not divide
 )
 SPATIAL_PARTITIONS = ('', 'height', 'width')
 

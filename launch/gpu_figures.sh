@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU figures the open issues ask for, in two device calls of under 10 minutes each.
+#
+# Here, on the CPU machine (once per session; .gpu_carry/ is ignored by git):
+#   bash launch/gpu_figures.sh prepare
+#     -> .gpu_carry/wheels (ml_collections, absl-py, PyYAML: the GPU image lacks them) and
+#        .gpu_carry/fashion-mnist (the Debian package's 4 files; the GPU machine has no network)
+# On the GPU (the `device` tool: run with carry [".gpu_carry"], timeout_s 580):
+#   bash launch/gpu_figures.sh speed     # ~5 min: MPL step fp32/bf16, augmentation, Fashion all labels
+#   bash launch/gpu_figures.sh compare   # ~8 min: Fashion-MNIST 1000 labels, supervised vs MPL x 3
+# Every result is one JSON line in $OUT (the device tool returns that folder) and in the log.
+#
+#   speed:   mpl.bench of configs/cifar10_4k_mpl.py (WRN-28-2, batch 128 + 7 x 128, 32x32x3,
+#            stand-in pixels) in float32 and bfloat16 (issue target: <= 32 ms/step in bf16),
+#            the strong augmentation alone (issue: images/s and share of the MPL step), and
+#            supervised WRN-28-2 on all 60,000 Fashion-MNIST labels (issue target: >= 92 %).
+#   compare: at 1000 labels and equal steps ($STEPS, default 3000): supervised, MPL with each
+#            feedback mode; the official_release run's teacher is plain UDA. Expected ordering:
+#            MPL > UDA > supervised.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_figures}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+
+setup_device() {
+  python -c "import ml_collections" 2>/dev/null ||
+    pip install -q --no-index --find-links .gpu_carry/wheels ml_collections absl-py PyYAML
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+}
+
+fashion() {  # fashion NAME CONFIG_ARGS [--config.x=y ...]
+  local name=$1 args=$2
+  shift 2
+  rm -rf "/tmp/runs/$name"
+  timeout 900 python -m mpl.main --config "configs/fashion_mnist.py:$args" \
+    --workdir "/tmp/runs/$name" --config.data.data_dir="$PWD/.gpu_carry" \
+    --config.data.source=idx "$@" > "$OUT/$name.log" 2>&1 || echo "$name failed" | tee -a "$OUT/errors.txt"
+  python - "$name" <<'EOF' | tee -a "$OUT/results.jsonl"
+import json, sys
+name = sys.argv[1]
+try:
+  s = json.load(open(f'/tmp/runs/{name}/summary.json'))
+  print(json.dumps({'run': name, 'steps': s['steps'], 'wall_s': s['wall_s'], 'final': s['final'],
+                    'best': s['best'], 'median_last_20': s['median_last_20']}))
+except FileNotFoundError:
+  print(json.dumps({'run': name, 'error': 'no summary.json'}))
+EOF
+}
+
+case "${1:-}" in
+  prepare)
+    mkdir -p .gpu_carry/wheels .gpu_carry/fashion-mnist
+    grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
+    cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .gpu_carry/fashion-mnist/
+    pip download -q --no-deps -d .gpu_carry/wheels "ml_collections==1.1.0" absl-py
+    pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d .gpu_carry/wheels PyYAML
+    du -sh .gpu_carry
+    ;;
+  speed)
+    setup_device
+    for dtype in float32 bfloat16; do
+      python -m mpl.bench --config configs/cifar10_4k_mpl.py --steps 50 \
+        --config.data.standin=always --config.model.dtype=$dtype 2>"$OUT/bench_$dtype.err" |
+        tee -a "$OUT/results.jsonl"
+    done
+    python -m mpl.bench --config configs/cifar10_4k_mpl.py --augment_only --steps 50 \
+      --config.data.standin=always 2>"$OUT/augment.err" | tee -a "$OUT/results.jsonl"
+    fashion fashion_all_wrn 'labels=-1' --config.eval_every=2500
+    ;;
+  compare)
+    setup_device
+    steps=${STEPS:-3000}
+    fashion fm1000_supervised "labels=1000,steps=$steps"
+    for feedback in first_order exact official_release; do
+      fashion "fm1000_mpl_$feedback" "method=mpl,labels=1000,steps=$steps" \
+        --config.mpl.feedback=$feedback
+    done
+    ;;
+  *)
+    sed -n 2,20p "$0"
+    exit 2
+    ;;
+esac
