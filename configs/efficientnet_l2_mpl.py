@@ -45,20 +45,8 @@ Arguments: unlabeled (TFDS name of the unlabeled set; required for a real run), 
 1000000), seed, standin, runlocal.
 """
 
-import importlib.util
-import os
-
 from mpl import config_lib
 from mpl.errors import ConfigError
-
-
-def _imagenet_jft_mpl():
-  """configs/imagenet_jft_mpl.py, loaded by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_jft_mpl.py')
-  spec = importlib.util.spec_from_file_location('mpl_configs_imagenet_jft_mpl', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg=None):
@@ -69,7 +57,7 @@ def get_config(arg=None):
         'configs/efficientnet_l2_mpl.py needs the unlabeled dataset: pass unlabeled=<tfds name> '
         '(a prepared TFDS image dataset in --config.data.data_dir; JFT-300M is not public). For '
         'a smoke test use :runlocal, for memory planning :standin with mpl.bench --dry_run.')
-  config = _imagenet_jft_mpl().get_config(','.join(
+  config = config_lib.sibling_config(__file__, 'imagenet_jft_mpl.py').get_config(','.join(
       f'{k}={v}' for k, v in (('unlabeled', args.unlabeled), ('steps', args.steps),
                               ('seed', args.seed), ('standin', args.standin),
                               ('runlocal', args.runlocal))))

@@ -53,20 +53,8 @@ Arguments: unlabeled (TFDS name of the unlabeled set; required for a real run), 
 steps, default 1000000), seed, standin, runlocal.
 """
 
-import importlib.util
-import os
-
 from mpl import config_lib
 from mpl.errors import ConfigError
-
-
-def _imagenet10_mpl():
-  """configs/imagenet10_mpl.py, loaded by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet10_mpl.py')
-  spec = importlib.util.spec_from_file_location('mpl_configs_imagenet10_mpl', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg=None):
@@ -83,7 +71,7 @@ def get_config(arg=None):
   flags = ','.join(f'{k}={v}' for k, v in (('steps', args.steps), ('seed', args.seed),
                                            ('standin', args.standin),
                                            ('runlocal', args.runlocal)))
-  config = _imagenet10_mpl().get_config(flags)
+  config = config_lib.sibling_config(__file__, 'imagenet10_mpl.py').get_config(flags)
   config.data.labeled_split = 'train'
   config.data.unlabeled_dataset = args.unlabeled   # '' (runlocal/standin): imagenet2012 itself
   config.finetune.steps = 2 if args.runlocal else 2000   # 2000: UNVERIFIED for this run

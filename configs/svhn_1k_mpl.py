@@ -44,23 +44,12 @@ Arguments: labels (default 1000), steps (MPL steps, default 300000), seed (init,
 randomness and the labeled split), runlocal.
 """
 
-import importlib.util
-import os
-
 from mpl import config_lib
-
-
-def _cifar10_4k_mpl():
-  """configs/cifar10_4k_mpl.py, loaded by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10_4k_mpl.py')
-  spec = importlib.util.spec_from_file_location('mpl_configs_cifar10_4k_mpl', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, labels=1000, steps=300_000, seed=0, runlocal=False)
-  config = _cifar10_4k_mpl().wrn28_2_mpl_config('svhn_cropped', args)
+  cifar10_4k_mpl = config_lib.sibling_config(__file__, 'cifar10_4k_mpl.py')
+  config = cifar10_4k_mpl.wrn28_2_mpl_config('svhn_cropped', args)
   config.augment.flip = False              # digits: no mirroring (see the docstring)
   return config

@@ -70,6 +70,21 @@ def flag_error_message(error: Exception) -> str:
   return message
 
 
+def sibling_config(config_file: str, name: str):
+  """The module configs/<name> beside `config_file`, loaded by path (configs/ is no package).
+
+  For configs that build on another recipe:
+  `config_lib.sibling_config(__file__, 'imagenet10_mpl.py').get_config('steps=1000')`.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  spec = importlib.util.spec_from_file_location(f'mpl_configs_{name[:-3]}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def check_choice(what: str, value: Any, choices) -> None:
   if value not in choices:
     raise ConfigError(f'unknown {what} {value!r}; valid choices: {sorted(choices)}')
