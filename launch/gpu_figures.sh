@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# The GPU figures the open issues ask for, in two device calls of under 10 minutes each.
+# The GPU figures the open issues ask for, in two device calls (a session has 15 device-minutes
+# in all, machine start included: run `speed` first; `compare` if the time is left).
 #
 # Here, on the CPU machine (once per session; .gpu_carry/ is ignored by git):
 #   bash launch/gpu_figures.sh prepare
 #     -> .gpu_carry/wheels (ml_collections, absl-py, PyYAML: the GPU image lacks them) and
 #        .gpu_carry/fashion-mnist (the Debian package's 4 files; the GPU machine has no network)
 # On the GPU (the `device` tool: run with carry [".gpu_carry"], timeout_s 580):
-#   bash launch/gpu_figures.sh speed     # ~5 min: MPL step fp32/bf16, augmentation, Fashion all labels
-#   bash launch/gpu_figures.sh compare   # ~8 min: Fashion-MNIST 1000 labels, supervised vs MPL x 3
-# Every result is one JSON line in $OUT (the device tool returns that folder) and in the log.
+#   bash launch/gpu_figures.sh speed     # ~5 min (estimate): MPL step fp32/bf16, augmentation, Fashion all labels
+#   bash launch/gpu_figures.sh compare   # ~7 min (estimate): Fashion-MNIST 1000 labels, supervised vs MPL x 3
+# Each training run is cut at $RUN_TIMEOUT s (default 240). Every result is one JSON line in $OUT (the device tool returns that folder) and in the log.
 #
 #   speed:   mpl.bench of configs/cifar10_4k_mpl.py (WRN-28-2, batch 128 + 7 x 128, 32x32x3,
 #            stand-in pixels) in float32 and bfloat16 (issue target: <= 32 ms/step in bf16),
 #            the strong augmentation alone (issue: images/s and share of the MPL step), and
 #            supervised WRN-28-2 on all 60,000 Fashion-MNIST labels (issue target: >= 92 %).
-#   compare: at 1000 labels and equal steps ($STEPS, default 3000): supervised, MPL with each
+#   compare: at 1000 labels and equal steps ($STEPS, default 2000): supervised, MPL with each
 #            feedback mode; the official_release run's teacher is plain UDA. Expected ordering:
 #            MPL > UDA > supervised.
 set -euo pipefail
@@ -33,7 +34,7 @@ fashion() {  # fashion NAME CONFIG_ARGS [--config.x=y ...]
   local name=$1 args=$2
   shift 2
   rm -rf "/tmp/runs/$name"
-  timeout 900 python -m mpl.main --config "configs/fashion_mnist.py:$args" \
+  timeout "${RUN_TIMEOUT:-240}" python -m mpl.main --config "configs/fashion_mnist.py:$args" \
     --workdir "/tmp/runs/$name" --config.data.data_dir="$PWD/.gpu_carry" \
     --config.data.source=idx "$@" > "$OUT/$name.log" 2>&1 || echo "$name failed" | tee -a "$OUT/errors.txt"
   python - "$name" <<'EOF' | tee -a "$OUT/results.jsonl"
@@ -62,15 +63,16 @@ case "${1:-}" in
     for dtype in float32 bfloat16; do
       python -m mpl.bench --config configs/cifar10_4k_mpl.py --steps 50 \
         --config.data.standin=always --config.model.dtype=$dtype 2>"$OUT/bench_$dtype.err" |
-        tee -a "$OUT/results.jsonl"
+        tee -a "$OUT/results.jsonl" || echo "bench $dtype failed" | tee -a "$OUT/errors.txt"
     done
     python -m mpl.bench --config configs/cifar10_4k_mpl.py --augment_only --steps 50 \
-      --config.data.standin=always 2>"$OUT/augment.err" | tee -a "$OUT/results.jsonl"
+      --config.data.standin=always 2>"$OUT/augment.err" | tee -a "$OUT/results.jsonl" ||
+      echo "augment bench failed" | tee -a "$OUT/errors.txt"
     fashion fashion_all_wrn 'labels=-1' --config.eval_every=2500
     ;;
   compare)
     setup_device
-    steps=${STEPS:-3000}
+    steps=${STEPS:-2000}
     fashion fm1000_supervised "labels=1000,steps=$steps"
     for feedback in first_order exact official_release; do
       fashion "fm1000_mpl_$feedback" "method=mpl,labels=1000,steps=$steps" \

@@ -301,7 +301,11 @@ def use_fake_cpu_devices(count: int) -> None:
 
 
 def _input_info(config) -> tuple[tuple[int, ...], Any, int, bool]:
-  """(example shape, dtype, num_classes, is_image) of the config's data, reading no images."""
+  """(example shape, dtype, num_classes, is_image) of the config's data.
+
+  Datasets with stand-in shapes (the image datasets users bring) are not read at all; the small
+  built-in ones (two_moons, digits, fashion_mnist) are loaded for their shapes.
+  """
   if config.dataset in datasets.STANDIN_SHAPES:
     num_classes = datasets.STANDIN_SHAPES[config.dataset][3]
     return _image_shape(config), jnp.uint8, int(num_classes), True
@@ -347,9 +351,12 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
   def labels(n):
     return jax.ShapeDtypeStruct((n,), jnp.int32)
 
-  batch = {'labeled': {'image': images(labeled), 'label': labels(labeled)}}
+  # As the in-memory sampler's batches: 'index' is the example's position in the training set.
+  batch = {'labeled': {'image': images(labeled), 'label': labels(labeled),
+                       'index': labels(labeled)}}
   if unlabeled:
-    batch['unlabeled'] = {'image': images(unlabeled), 'label': labels(unlabeled)}
+    batch['unlabeled'] = {'image': images(unlabeled), 'label': labels(unlabeled),
+                          'index': labels(unlabeled)}
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_boxed = jax.eval_shape(method.init, jax.random.PRNGKey(0), images(1))
@@ -468,7 +475,8 @@ def parse_flags(argv):
 
 def _fake_devices_for_dry_run(argv) -> None:
   """Before JAX starts: `--dry_run --mesh D x M` needs D * M (fake CPU) devices."""
-  if '--dry_run' not in argv:
+  if not any(a == '--dry_run' or a.startswith('--dry_run=') and a.split('=', 1)[1].lower()
+             in ('true', '1', 'yes') for a in argv):
     return
   mesh = next((a.split('=', 1)[1] for a in argv if a.startswith('--mesh=')), None)
   if mesh is None and '--mesh' in argv and argv.index('--mesh') + 1 < len(argv):

@@ -46,6 +46,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   import jax  # pylint: disable=g-import-not-at-top
+  explicit = [f for f in ('coordinator_address', 'num_processes', 'process_id')
+              if FLAGS[f].value is not None]
+  if explicit and not FLAGS.distributed:
+    raise app.UsageError(f'--{explicit[0]} needs --distributed.')
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)

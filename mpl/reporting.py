@@ -18,8 +18,10 @@ from etils import epath
 class JsonlWriter:
   """Appends {"step": s, **scalars} lines to WORKDIR/metrics.jsonl (lead process only).
 
-  Object stores (gs://) cannot append: there the file is rewritten whole at every write (a
-  few hundred kB over a long run, written every `log_every` steps).
+  Object stores (gs://) cannot append: there the file is rewritten whole at every write, every
+  `log_every` steps. It grows by about 1 kB a write (a few MB over a 1M-step run at
+  log_every=100, so late rewrites upload MBs each): the TensorBoard events, written by clu when
+  TensorFlow is installed, are the better log for such runs.
   """
 
   def __init__(self, workdir: str, enabled: bool = True):

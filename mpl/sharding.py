@@ -34,16 +34,31 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mpl import config_lib
 
 # Logical axis names used by mpl.models.
+# Order is priority: a mesh axis goes to the first name in this order that asks for it and that
+# it divides. 'conv_in' and 'features_in' come last: they split a weight along its inputs only
+# when its outputs ('channels', 'classes') cannot be split (see fitted_names).
 DATA_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
     ('batch', 'data'),
     ('height', None),
     ('width', None),
     ('channels', None),
-    ('conv_in', None),
     ('features', None),
-    ('features_in', None),
     ('classes', None),
+    ('conv_in', None),
+    ('features_in', None),
 )
+
+# Set on top of the data-parallel rules when config.mesh.model > 1: split weights (and the
+# activations that follow them) along their output features; a weight whose outputs 'model'
+# does not divide (1000 classes on 16 devices, 136 channels) is split along its inputs.
+TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
+    ('channels', 'model'),
+    ('features', 'model'),
+    ('classes', 'model'),
+    ('conv_in', 'model'),
+    ('features_in', 'model'),
+)
+SPATIAL_PARTITIONS = ('', 'height', 'width')
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
@@ -58,25 +73,13 @@ def make_mesh(config) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-# Added to the data-parallel rules when config.mesh.model > 1: split weights (and the
-# activations that follow them) along their output features.
-TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
-    ('channels', 'model'),
-    ('features', 'model'),
-    ('classes', 'model'),      # the classifier: split its outputs if 'model' divides them,
-    ('features_in', 'model'),  # else its inputs (1000 classes do not split 16 ways)
-    ('conv_in', 'model'),      # a conv kernel whose output channels 'model' does not divide
-)
-SPATIAL_PARTITIONS = ('', 'height', 'width')
-
-
 def logical_rules(config) -> tuple[tuple[str, Any], ...]:
   """The rule table of `config` (see the module docstring); order is priority."""
   rules = dict(DATA_PARALLEL_RULES)
+  spatial = config.get('spatial_partition') or ''
+  config_lib.check_choice('spatial_partition', spatial, SPATIAL_PARTITIONS)
   if int(config.mesh.model) > 1:
     rules.update(TENSOR_PARALLEL_RULES)
-    spatial = config.get('spatial_partition') or ''
-    config_lib.check_choice('spatial_partition', spatial, SPATIAL_PARTITIONS)
     if spatial:
       rules[spatial] = 'model'  # 'height'/'width' precede 'channels' in the table
   for name, axis in (config.get('sharding_rules') or ()):
@@ -148,12 +151,18 @@ def gather_for_compute(variables):
 
   Weights are *stored* split over 'model' (parameters, optimizer states and EMA take 1/model of
   the memory, as in the MPL paper), but every image strip needs the whole kernel, so each step
-  all-gathers them, and their gradients are reduce-scattered back by XLA (ZeRO-3 style).
+  all-gathers them, and XLA reduce-scatters their gradients back. The constraint covers the
+  whole tree at once, and XLA's scheduler decides how many gathered weights are alive together
+  (not layer by layer as ZeRO-3): `mpl.bench --dry_run` measures the result.
   Convolving width-split activations with channel-split kernels directly is also what trips
   an XLA SPMD bug (wrong kernel gradients on a (4, 2) mesh, tests/test_model_parallel.py).
   Without spatial partitioning the variables are returned as they are.
   """
   if jax.sharding.get_abstract_mesh().empty or not spatially_partitioned():
+    return variables
+  # Only inside a jitted function: eagerly this would materialise every weight whole on every
+  # device (e.g. when the loop collects the variables it evaluates).
+  if not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(variables)):
     return variables
   return jax.tree.map(lambda v: jax.lax.with_sharding_constraint(v, P()), variables)
 

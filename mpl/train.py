@@ -229,7 +229,8 @@ def any_process(flag: bool) -> bool:
   """True on every host if `flag` is True on any host (one tiny all-gather on multi-host runs).
 
   A SIGTERM reaches the hosts of a pod at different steps; a host that stopped alone would
-  start a checkpoint save the others never join, and the run would hang.
+  start a checkpoint save the others never join, and the run would hang. The all-gather waits
+  for the step in flight, so the loop calls it every `stop_check_every` steps, not every step.
   """
   if jax.process_count() == 1:
     return flag
@@ -514,6 +515,9 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
     session_start = time.time()
     loop_start_time, loop_start_step = time.time(), step
     stopped_at = None
+    stop_asked = False
+    multihost = jax.process_count() > 1
+    stop_check_every = min(config.log_every, 10)
     logging.info('Training %s on %s from step %d to %d on mesh %s.', config.method,
                  config.dataset, step, total, dict(mesh.shape))
     if experiment.stream is not None:
@@ -525,8 +529,11 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
       pending = (step, metrics)
       report(step)
       last = step == total
-      preempt = any_process(preemption.requested or
-                            (should_stop is not None and should_stop(step)))
+      stop_asked = (stop_asked or preemption.requested or
+                    (should_stop is not None and should_stop(step)))
+      preempt = stop_asked
+      if multihost:  # all hosts stop at the same step, agreed every few steps
+        preempt = (step % stop_check_every == 0 or last) and any_process(stop_asked)
       log = step % config.log_every == 0 or last
       evaluate = step % config.eval_every == 0 or last
       save = step % config.checkpoint_every == 0 or last or preempt

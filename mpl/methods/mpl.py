@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mpl import models, optim
+from mpl import models, optim, sharding
 from mpl.errors import ConfigError
 from mpl.methods import base
 
@@ -108,7 +108,8 @@ class MPL(base.Method):
 
   def predict(self, variables, images, which='raw'):
     network = self.teacher if which == 'teacher' else self.student
-    return network.apply(variables, self.prepare(images), train=False)
+    return network.apply(sharding.gather_for_compute(variables), self.prepare(images),
+                         train=False)
 
   # -- views ------------------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from mpl import models, optim
+from mpl import models, optim, sharding
 from mpl.data import datasets, split
 from mpl.errors import ConfigError
 from mpl.methods import base
@@ -366,7 +366,8 @@ class ReducedMPL(base.Method):
 
   def predict(self, variables, images, which='raw'):
     del which  # 'raw' and 'ema' are both the student network
-    return self.student.apply(variables, self.prepare(images), train=False)
+    return self.student.apply(sharding.gather_for_compute(variables), self.prepare(images),
+                              train=False)
 
   # -- the update -------------------------------------------------------------------------------
 
