@@ -83,7 +83,8 @@ def wrn28_2_mpl_config(dataset, args):
   config.ema_decay = 0.995
 
   config.model = config_lib.ml_collections.ConfigDict(dict(
-      name='wrn', depth=28, width=2, dropout_rate=0.2, dtype='float32'))  # WRN-28-2
+      name='wrn', depth=28, width=2, dropout_rate=0.2, dtype='float32',
+      remat=False))  # WRN-28-2; remat=True trades compute for activation memory
 
   config.augment.labeled = 'weak'          # flip + 4-pixel pad-and-crop
   config.augment.flip = True

@@ -22,7 +22,10 @@ step's temporaries, and which accelerators they fit (see mpl/bench.py). Measured
 on 2 CPU cores): parameters 241 MB, optimizer state 241 MB, EMA 121 MB per device (960.6M
 parameters, teacher + student, split 16 ways), batch 113 MB, temporaries 921 GiB (the CPU
 compiler's upper estimate). It does NOT fit a TPU v3 core as it stands: the paper's run must have
-rematerialised activations, which this code does not do yet (`jax.checkpoint` per block: open).
+rematerialised activations: `--config.model.remat=True` recomputes each MBConv block in the
+backward pass (same gradients, tested), but the CPU dry run does not show its saving (its
+temporaries barely move, also for WRN-28-2 and ResNet-50), so whether L2 then fits a v3 core is
+for an accelerator's compiler to say: OPEN.
 
 Data the user must bring (streamed, one shard per host; hosts of one model-parallel replica read
 the same shard): TFDS `imagenet2012` (labeled, all of 'train'; evaluated on 'validation') and an
@@ -77,7 +80,8 @@ def get_config(arg=None):
   config.mu = 8                              # 16,384 unlabeled images per step
   config.eval_batch_size = 2048
   config.model = config_lib.ml_collections.ConfigDict(dict(
-      name='efficientnet_l2', dtype='bfloat16'))  # dropout 0.5, drop-connect 0.2: L2 defaults
+      name='efficientnet_l2', dtype='bfloat16',   # dropout 0.5, drop-connect 0.2: L2 defaults
+      remat=False))   # True: recompute each block in the backward pass (see the docstring)
   # 2,048 cores. mpl.bench --dry_run reads mesh.data as the real run's replica count; to time
   # a slice of the step on one GPU: --config.mesh.data=1 --config.mesh.model=1 and a small batch.
   config.mesh.data, config.mesh.model = 128, 16

@@ -91,7 +91,7 @@ def get_config(arg=None):
   config.ema_decay = 0.999
 
   config.model = config_lib.ml_collections.ConfigDict(dict(
-      name='resnet50', dropout_rate=0.1, dtype='bfloat16'))
+      name='resnet50', dropout_rate=0.1, dtype='bfloat16', remat=False))
 
   config.augment.labeled = 'none'          # the stream already crops and flips
   config.augment.flip = True

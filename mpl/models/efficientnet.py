@@ -214,6 +214,7 @@ class EfficientNet(nn.Module):
     stochastic_depth_rate: float = 0.2
     small_images: bool = False
     dtype: Any = jnp.float32
+    remat: bool = False      # recompute each block's activations in the backward pass
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
 
@@ -234,10 +235,12 @@ class EfficientNet(nn.Module):
         x = nn.swish(bn('stem_bn')(x))
         x = constrain(x, IMAGE_AXES)
 
+        # remat: keep only block inputs for the backward pass (memory for compute).
+        block_class = nn.remat(MBConvBlock, static_argnums=(2,)) if self.remat else MBConvBlock
         index = 0
         for stage, stride, num_blocks in zip(BLOCKS, stage_strides, repeats):
             for b in range(num_blocks):
-                x = MBConvBlock(
+                x = block_class(
                     features=filters(stage.filters), kernel=stage.kernel,
                     strides=stride if b == 0 else 1, expand_ratio=stage.expand_ratio,
                     stochastic_depth_rate=drop_rates[index], dtype=self.dtype,

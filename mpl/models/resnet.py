@@ -67,6 +67,7 @@ class ResNet(nn.Module):
     dropout_rate: float = 0.0
     stochastic_depth_rate: float = 0.0
     dtype: Any = jnp.float32
+    remat: bool = False      # recompute each block's activations in the backward pass
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
 
@@ -83,10 +84,12 @@ class ResNet(nn.Module):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         x = constrain(x, IMAGE_AXES)
 
+        # remat: keep only block inputs for the backward pass (memory for compute).
+        block_class = nn.remat(BottleneckBlock, static_argnums=(2,)) if self.remat else BottleneckBlock
         index = 0
         for stage, num_blocks in enumerate(self.stage_sizes):
             for b in range(num_blocks):
-                x = BottleneckBlock(
+                x = block_class(
                     features=self.num_filters * 2 ** stage,
                     strides=2 if stage > 0 and b == 0 else 1,
                     stochastic_depth_rate=drop_rates[index], dtype=self.dtype,

@@ -154,6 +154,7 @@ class WideResNet(nn.Module):
     dropout_rate: float = 0.0
     stochastic_depth_rate: float = 0.0
     dtype: Any = jnp.float32
+    remat: bool = False      # recompute each block's activations in the backward pass
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     leaky_relu_slope: float = 0.2
@@ -170,10 +171,12 @@ class WideResNet(nn.Module):
         x = constrain(jnp.asarray(x, self.dtype), IMAGE_AXES)
         x = conv(16 * k, 3, 1, dtype=self.dtype, name='stem')(x)
         x = constrain(x, IMAGE_AXES)
+        # remat: keep only block inputs for the backward pass (memory for compute).
+        block_class = nn.remat(WideResNetBlock, static_argnums=(2,)) if self.remat else WideResNetBlock
         index = 0
         for stage_width, stage_stride in zip(widths, strides):
             for b in range(blocks_per_stage):
-                x = WideResNetBlock(
+                x = block_class(
                     features=stage_width, strides=stage_stride if b == 0 else 1,
                     stochastic_depth_rate=drop_rates[index], dtype=self.dtype,
                     bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
