@@ -13,7 +13,8 @@
 #
 #   speed:   mpl.bench of configs/cifar10_4k_mpl.py (WRN-28-2, batch 128 + 7 x 128, 32x32x3,
 #            stand-in pixels) in float32 and bfloat16 (issue target: <= 32 ms/step in bf16),
-#            the strong augmentation alone (issue: images/s and share of the MPL step), and
+#            float32 with remat (its memory_analysis calibrates `mpl.bench --dry_run`), the
+#            strong augmentation alone (issue: images/s and share of the MPL step), and
 #            supervised WRN-28-2 on all 60,000 Fashion-MNIST labels (issue target: >= 92 %).
 #   compare: at 1000 labels and equal steps ($STEPS, default 2000): supervised, MPL with each
 #            feedback mode; the official_release run's teacher is plain UDA. Expected ordering:
@@ -65,6 +66,10 @@ case "${1:-}" in
         --config.data.standin=always --config.model.dtype=$dtype 2>"$OUT/bench_$dtype.err" |
         tee -a "$OUT/results.jsonl" || echo "bench $dtype failed" | tee -a "$OUT/errors.txt"
     done
+    # Calibrates the CPU dry run: GPU memory_analysis with and without remat, fp32.
+    python -m mpl.bench --config configs/cifar10_4k_mpl.py --steps 10 --config.data.standin=always \
+      --config.model.remat=True 2>"$OUT/bench_remat.err" | tee -a "$OUT/results.jsonl" ||
+      echo "bench remat failed" | tee -a "$OUT/errors.txt"
     python -m mpl.bench --config configs/cifar10_4k_mpl.py --augment_only --steps 50 \
       --config.data.standin=always 2>"$OUT/augment.err" | tee -a "$OUT/results.jsonl" ||
       echo "augment bench failed" | tee -a "$OUT/errors.txt"
