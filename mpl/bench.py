@@ -463,14 +463,9 @@ def define_flags() -> None:
 
 def parse_flags(argv):
   """absl flag parsing; a config mistake is reported as one line (as mpl.main does)."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    from mpl import config_lib  # pylint: disable=g-import-not-at-top
-    message = config_lib.flag_error_message(e)
-  print(f'error: {message}\nUsage: python -m mpl.bench --config configs/<file>.py[:args] '
-        f'[--steps N] [--warmup N] [--augment_only] [--config.key=value ...]', file=sys.stderr)
-  sys.exit(2)
+  return config_lib.parse_flags_or_exit(
+      argv, 'python -m mpl.bench --config configs/<file>.py[:args] [--steps N] [--warmup N] '
+      '[--augment_only | --dry_run --mesh [DATAx]MODEL [--nocompile]] [--config.key=value ...]')
 
 
 def _fake_devices_for_dry_run(argv) -> None:

@@ -66,7 +66,7 @@ def flag_error_message(error: Exception) -> str:
   message = str(error).strip().splitlines()[-1].replace('\\n', ' ').replace('\\', '')
   message = message.replace('mpl.errors.ConfigError: ', '').strip('\'"')
   if isinstance(error, (AttributeError, KeyError)):
-    message = f"unknown config key '{message}"
+    message = f"unknown config key '{message}'"
   return message
 
 
@@ -83,6 +83,18 @@ def sibling_config(config_file: str, name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def parse_flags_or_exit(argv, usage: str):
+  """absl flag parsing for a command; a config mistake is one line plus `usage`, exit 2."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = flag_error_message(e)
+  print(f'error: {message}\nUsage: {usage}', file=sys.stderr)
+  sys.exit(2)
 
 
 def check_choice(what: str, value: Any, choices) -> None:

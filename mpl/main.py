@@ -71,14 +71,10 @@ def main(argv):
 
 def parse_flags(argv):
   """absl flag parsing, with config mistakes reported as one line instead of a traceback."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    from mpl import config_lib  # pylint: disable=g-import-not-at-top
-    message = config_lib.flag_error_message(e)
-  print(f'error: {message}\nUsage: python -m mpl.main --config configs/<file>.py[:args] '
-        f'--workdir DIR [--config.key=value ...]', file=sys.stderr)
-  sys.exit(2)
+  from mpl import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.parse_flags_or_exit(
+      argv, 'python -m mpl.main --config configs/<file>.py[:args] --workdir DIR '
+      '[--config.key=value ...]')
 
 
 if __name__ == '__main__':
