@@ -53,6 +53,7 @@ Speed and memory targets belong here (and in launch/ scripts), not in timed test
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -273,6 +274,19 @@ def bench_augment(config, *, steps: int = 10, warmup: int = 2,
 
 
 # HBM per JAX device (GiB). TPU v4/v5p chips are one JAX device each (megacore).
+# TPU generations `--dry_run --tpu` compiles for: (topology-name prefix, chip config, HBM GiB per
+# JAX device). v2/v3 chips show each of their 2 cores as a device; v4/v5p run as one megacore
+# device per chip; v5e/v6e chips have one core.
+TPU_GENERATIONS = {
+    'v2': ('v2', 'default', 8), 'v3': ('v3', 'default', 16), 'v4': ('v4', 'megacore', 32),
+    'v5e': ('v5e', 'default', 16), 'v5p': ('v5p', 'megacore', 95), 'v6e': ('v6e', 'default', 32),
+}
+# Slice shapes (in chips) tried in order for the smallest slice with enough devices. libtpu's
+# default host is 2x2x1 chips, so the smallest slice is 2x2.
+_TPU_2D_SHAPES = ('2x2', '2x4', '4x4', '4x8', '8x8', '8x16', '16x16', '16x32', '32x32')
+_TPU_3D_SHAPES = ('2x2x1', '2x2x2', '2x2x4', '2x4x4', '4x4x4', '4x4x8', '4x8x8', '8x8x8',
+                  '8x8x16', '8x16x16', '16x16x16')
+
 ACCELERATOR_MEMORY_GIB = {
     'TPU v3 core': 16, 'TPU v4 chip': 32, 'TPU v5e chip': 16, 'TPU v5p chip': 95,
     'TPU v6e chip': 32, 'A100 40GB': 40, 'A100 80GB': 80, 'H100 80GB': 80, 'H200': 141,
@@ -300,6 +314,27 @@ def use_fake_cpu_devices(count: int) -> None:
   jax.config.update('jax_platforms', 'cpu')
 
 
+def tpu_devices(generation: str, count: int) -> list[Any]:
+  """The first `count` devices of the smallest `generation` TPU slice that has that many.
+
+  Abstract devices of a topology description, for ahead-of-time compilation with libtpu's
+  compiler on a machine without TPUs (as MaxText's train_compile does); nothing runs on them.
+  """
+  config_lib.check_choice('--tpu', generation, tuple(TPU_GENERATIONS))
+  if importlib.util.find_spec('libtpu') is None:
+    raise ConfigError(f'--tpu compiles with libtpu, which is not installed. Install the one that '
+                      f'matches this JAX (no TPU needed): pip install "jax[tpu]=={jax.__version__}"')
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  prefix, chip_config, _ = TPU_GENERATIONS[generation]
+  shapes = _TPU_3D_SHAPES if chip_config == 'megacore' else _TPU_2D_SHAPES
+  for shape in shapes:
+    topology = topologies.get_topology_desc(platform='tpu', topology_name=f'{prefix}:{shape}',
+                                            chip_config_name=chip_config)
+    if len(topology.devices) >= count:
+      return list(topology.devices)[:count]
+  raise ConfigError(f'no {generation} slice of up to {shapes[-1]} chips has {count} devices.')
+
+
 def _input_info(config) -> tuple[tuple[int, ...], Any, int, bool]:
   """(example shape, dtype, num_classes, is_image) of the config's data.
 
@@ -317,12 +352,21 @@ def _input_info(config) -> tuple[tuple[int, ...], Any, int, bool]:
 
 
 def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = None,
-            name: str = '', compile_step: bool = True) -> dict[str, Any]:
-  """Compiles `config`'s train step for a (data, model) mesh; per-device memory (module doc)."""
+            name: str = '', compile_step: bool = True, tpu: str = '') -> dict[str, Any]:
+  """Compiles `config`'s train step for a (data, model) mesh; per-device memory (module doc).
+
+  With `tpu` (a TPU_GENERATIONS key) the step is compiled by libtpu for that TPU's devices
+  instead of fake CPU ones, so the temporaries are the TPU compiler's own.
+  """
   data, model = mesh_shape
-  if jax.device_count() < data * model:
-    raise ConfigError(f'--dry_run needs {data * model} devices but JAX has {jax.device_count()}; '
-                      f'run it as `python -m mpl.bench ... --dry_run`, which creates fake ones.')
+  if tpu:
+    devices = tpu_devices(tpu, data * model)
+  else:
+    devices = jax.devices()
+    if len(devices) < data * model:
+      raise ConfigError(f'--dry_run needs {data * model} devices but JAX has {len(devices)}; '
+                        f'run it as `python -m mpl.bench ... --dry_run`, which creates fake ones.')
+  devices = devices[:data * model]
   replicas = data_replicas or (config.mesh.data if config.mesh.data > 0 else data)
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -333,10 +377,10 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
     config.mesh.data, config.mesh.model = data, model
     config.eval_batch_size = data
     config.finetune.steps = 0
-  config_lib.validate(config, jax.device_count())
+  config_lib.validate(config, len(devices))
 
   shape, dtype, num_classes, is_image = _input_info(config)
-  mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+  mesh, rules = sharding.make_mesh(config, devices), sharding.logical_rules(config)
   method_class = methods.get_method(config.method)
   channels = shape[-1] if is_image else 1
   info = base.DataInfo(num_classes=num_classes, mean=(0.5,) * channels, std=(0.25,) * channels,
@@ -358,8 +402,11 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
     batch['unlabeled'] = {'image': images(unlabeled), 'label': labels(unlabeled),
                           'index': labels(unlabeled)}
 
+  # Abstract, like everything here: a concrete key would be placed on the mesh's devices, which
+  # with --tpu exist only on paper.
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_boxed = jax.eval_shape(method.init, jax.random.PRNGKey(0), images(1))
+    abstract_boxed = jax.eval_shape(method.init, key, images(1))
     state_sharding = sharding.state_shardings(abstract_boxed, mesh, rules)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -384,8 +431,13 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
                 'temp_bytes': memory.get('temp_bytes'),
                 'generated_code_bytes': memory.get('generated_code_bytes')}
   total = sum(v for v in per_device.values() if v)
-  fits = ({accel: total <= 0.9 * gib * 2**30 for accel, gib in ACCELERATOR_MEMORY_GIB.items()}
-          if compiled else None)  # without the temporaries the total is only a lower bound
+  if not compiled:
+    fits = None  # without the temporaries the total is only a lower bound
+  elif tpu:  # the TPU compiler's own figures: the verdict for this generation only
+    fits = {f'TPU {tpu} ({TPU_GENERATIONS[tpu][2]} GiB per device)':
+            total <= 0.9 * TPU_GENERATIONS[tpu][2] * 2**30}
+  else:
+    fits = {accel: total <= 0.9 * gib * 2**30 for accel, gib in ACCELERATOR_MEMORY_GIB.items()}
   return {
       'mode': 'dry_run',
       'config': name,
@@ -395,6 +447,7 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
       'input_shape': list(shape),
       'spatial_partition': config.spatial_partition,
       'mesh': {'data': data, 'model': model},
+      'compiled_for': devices[0].device_kind if tpu else 'cpu (fake devices)',
       'data_replicas_of_real_run': replicas,
       'batch_per_replica_labeled': labeled,
       'batch_per_replica_unlabeled': unlabeled,
@@ -427,7 +480,9 @@ def main(argv):
         raise ConfigError('--dry_run needs --mesh MODEL or DATAxMODEL, e.g. --mesh 16.')
       data, model = parse_mesh(FLAGS.mesh)
       result = dry_run(FLAGS.config, mesh_shape=(data, model), data_replicas=FLAGS.data_replicas,
-                       name=_config_name(), compile_step=FLAGS.compile)
+                       name=_config_name(), compile_step=FLAGS.compile, tpu=FLAGS.tpu or '')
+    elif FLAGS.tpu:
+      raise ConfigError('--tpu goes with --dry_run (ahead-of-time compilation for a TPU).')
     elif FLAGS.augment_only:
       result = bench_augment(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                              name=_config_name())
@@ -452,6 +507,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('dry_run', False, 'Compile for fake CPU devices and print per-device '
                     'memory instead of timing (see the module docstring).')
   flags.DEFINE_string('mesh', None, 'With --dry_run: MODEL (one data replica) or DATAxMODEL.')
+  flags.DEFINE_string('tpu', None, 'With --dry_run: compile with libtpu for this TPU generation '
+                      f'({", ".join(TPU_GENERATIONS)}) instead of fake CPU devices.')
   flags.DEFINE_integer('data_replicas', None, 'With --dry_run: data-parallel replicas of the '
                        "real run (default: the config's mesh.data).")
   flags.DEFINE_bool('compile', True, 'With --dry_run: compile the step (for the temporaries); '
@@ -465,7 +522,8 @@ def parse_flags(argv):
   """absl flag parsing; a config mistake is reported as one line (as mpl.main does)."""
   return config_lib.parse_flags_or_exit(
       argv, 'python -m mpl.bench --config configs/<file>.py[:args] [--steps N] [--warmup N] '
-      '[--augment_only | --dry_run --mesh [DATAx]MODEL [--nocompile]] [--config.key=value ...]')
+      '[--augment_only | --dry_run --mesh [DATAx]MODEL [--tpu v3|v4|...] [--nocompile]] '
+      '[--config.key=value ...]')
 
 
 def _fake_devices_for_dry_run(argv) -> None:

@@ -8,7 +8,10 @@ in a second with the list of valid choices instead of a traceback after compilat
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from etils import epath
 
 import ml_collections
 import ml_collections.config_dict
@@ -117,6 +120,13 @@ def data_axis_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
         f'config.mesh asks for data={data} x model={model} = {data * model} devices, but '
         f'{num_devices} are available. Set --config.mesh.data=-1 to use all remaining devices.')
   return data
+
+
+def workdir_path(workdir: str) -> epath.Path:
+  """A workdir as a path that may be local or remote (gs://bucket/run on Cloud TPU)."""
+  if '://' in workdir:
+    return epath.Path(workdir)
+  return epath.Path(os.path.abspath(workdir))
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -61,9 +61,13 @@ TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
 SPATIAL_PARTITIONS = ('', 'height', 'width')
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
-  """Builds the ('data', 'model') mesh of `config.mesh` (data = -1 takes the rest)."""
-  devices = jax.devices()
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """Builds the ('data', 'model') mesh of `config.mesh` (data = -1 takes the rest).
+
+  `devices` defaults to `jax.devices()`; `mpl.bench --dry_run --tpu` passes the abstract devices
+  of a TPU topology it compiles for without having one.
+  """
+  devices = list(jax.devices() if devices is None else devices)
   data = config_lib.data_axis_size(config, len(devices))
   model = int(config.mesh.model)
   if data * model < len(devices):

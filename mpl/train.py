@@ -163,11 +163,7 @@ def make_evaluate_batch(method: base.Method):
 # Checkpoints and preemption.
 
 
-def workdir_path(workdir: str) -> epath.Path:
-  """The workdir as a path that may be local or remote (gs://bucket/run on Cloud TPU)."""
-  if '://' in workdir:
-    return epath.Path(workdir)
-  return epath.Path(os.path.abspath(workdir))
+workdir_path = config_lib.workdir_path
 
 
 class Checkpoints:

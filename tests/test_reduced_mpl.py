@@ -14,8 +14,8 @@ from mpl import models, sharding, train
 from mpl.data import datasets
 from mpl.errors import ConfigError
 from mpl.methods import base
-from mpl.methods.reduced_mpl import (ReducedMPL, ReducedTeacher, select_teacher,
-                                     teacher_distribution)
+from mpl.methods.reduced_mpl import (ReducedMPL, ReducedTeacher, get_in, latest_state_path,
+                                     restore_variables, select_teacher, teacher_distribution)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,14 +152,19 @@ def test_select_teacher_picks_the_configured_network():
   mpl_state = {'params': {'teacher': net(1), 'student': net(2)},
                'batch_stats': {'teacher': {}, 'student': {}}, 'ema_params': net(3)}
   run = {'method': 'mpl', 'model': {'name': 'mlp'}, 'mpl': {'teacher_model': {'name': 'cnn'}}}
-  pick = lambda source, **kw: select_teacher(mpl_state, run, source, **kw)
-  assert pick('teacher')[0]['name'] == 'cnn' and pick('teacher')[1]['params']['w'][0] == 1
-  assert pick('raw')[1]['params']['w'][0] == 2
-  assert pick('ema')[1]['params']['w'][0] == 3 and pick('auto')[1]['params']['w'][0] == 3
   finetuned = {'params': net(4), 'batch_stats': {}}
-  assert pick('auto', finetuned=finetuned)[1]['params']['w'][0] == 4
+
+  def pick(state, source, **kw):
+    model_config, where, params_keys, _ = select_teacher(state, run, source, **kw)
+    tree = kw['finetuned'] if where == 'finetune' else state
+    return model_config['name'], get_in(tree, params_keys)['w'][0]
+
+  assert pick(mpl_state, 'teacher') == ('cnn', 1)
+  assert pick(mpl_state, 'raw') == ('mlp', 2)
+  assert pick(mpl_state, 'ema') == ('mlp', 3) and pick(mpl_state, 'auto') == ('mlp', 3)
+  assert pick(mpl_state, 'auto', finetuned=finetuned) == ('mlp', 4)
   supervised = {'params': net(5), 'batch_stats': {}, 'ema_params': None}
-  assert select_teacher(supervised, run, 'auto')[1]['params']['w'][0] == 5
+  assert pick(supervised, 'auto') == ('mlp', 5)
   with pytest.raises(ConfigError, match='no teacher network'):
     select_teacher(supervised, run, 'teacher')
   with pytest.raises(ConfigError, match='no EMA'):
@@ -217,6 +222,35 @@ def test_two_stage_run_trains_with_the_table_in_training_set_order(stage1, tmp_p
   x = (data.train_images[index] / 255.0 - np.asarray(data.mean)) / np.asarray(data.std)
   direct = jax.jit(lambda x: jax.nn.softmax(model.apply(variables, x)))(x.astype(np.float32))
   np.testing.assert_allclose(table[index], direct, rtol=1e-4, atol=1e-6)
+
+
+def test_large_teacher_is_restored_sharded_on_a_model_parallel_mesh(stage1):
+  """On a (4, 2) mesh the stage-1 network is read tensor-parallel (split over 'model'), and its
+  distributions equal those of the same network on one device."""
+  config = stage2_config(stage1)
+  model = models.from_config(recorded_model_config(stage1), 10)
+  data = datasets.load_dataset('digits')
+  images = ((data.train_images[:40] / 255.0 - np.asarray(data.mean)) / np.asarray(data.std)
+            ).astype(np.float32)
+  path = latest_state_path(os.path.join(stage1, 'checkpoints'))
+  results = {}
+  for shape in ((1, 1), (4, 2)):
+    config.mesh.data, config.mesh.model = shape
+    mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+    variables = restore_variables(path, ('ema_params',), ('ema_batch_stats',), model,
+                                  images[:1], mesh, rules)
+    results[shape] = (variables, teacher_distribution(model, variables, images, batch_size=8,
+                                                      mesh=mesh, rules=rules))
+  split_specs = [leaf.sharding.spec for leaf in jax.tree.leaves(results[(4, 2)][0])]
+  assert any('model' in spec for spec in split_specs), split_specs
+  np.testing.assert_allclose(results[(4, 2)][1], results[(1, 1)][1], rtol=1e-5, atol=1e-7)
+  assert results[(1, 1)][1].shape == (40, 10)
+
+
+def recorded_model_config(workdir):
+  """The model config a finished run recorded in its config.json."""
+  with open(os.path.join(workdir, 'config.json')) as f:
+    return json.load(f)['model']
 
 
 def test_stage2_rejects_another_dataset_or_more_labels(stage1, tmp_path):

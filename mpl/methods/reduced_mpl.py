@@ -68,8 +68,8 @@ Two stages.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from typing import Any, Sequence
 
 from absl import logging
@@ -79,8 +79,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 
-from mpl import models, optim, sharding
+from mpl import config_lib, models, optim, sharding
 from mpl.data import datasets, split
 from mpl.errors import ConfigError
 from mpl.methods import base
@@ -117,85 +118,140 @@ class ReducedTeacher(nn.Module):
 
 
 def teacher_distribution(model: nn.Module, variables, images, *, prepare=None,
-                         batch_size: int = 1000) -> np.ndarray:
+                         batch_size: int = 1000, mesh=None, rules=()) -> np.ndarray:
   """softmax(model(prepare(images))) in eval mode: float32 [len(images), num_classes].
 
   Row i belongs to images[i]. Batches of `batch_size` (the last one padded, so one compile).
+  With a `mesh` (and its logical `rules`), each batch is split over 'data' and the network runs
+  with the variables as they are sharded (see `restore_variables`): a large teacher is never
+  gathered whole on one device. The batch is built from the full image array every host holds,
+  so this works across hosts too.
   """
   prepare = prepare or (lambda x: x)
-  probs_of = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, prepare(x), train=False)))
+  apply = lambda v, x: jax.nn.softmax(model.apply(v, prepare(x), train=False))
   n = len(images)
+  context = contextlib.nullcontext()
+  if mesh is None:
+    probs_of = jax.jit(apply)
+    put = lambda x: x
+  else:
+    context = _mesh_context(mesh, rules)
+    probs_of = jax.jit(apply, out_shardings=sharding.replicated(mesh))
+    batch_sharding = sharding.batch_sharding(mesh)
+    put = lambda x: jax.make_array_from_callback(x.shape, batch_sharding, lambda i: x[i])
   rows = []
-  for start in range(0, n, batch_size):
-    chunk = np.asarray(images[start:start + batch_size])
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    rows.append(np.asarray(probs_of(variables, chunk))[:batch_size - pad])
+  with context:
+    for start in range(0, n, batch_size):
+      chunk = np.asarray(images[start:start + batch_size])
+      pad = batch_size - len(chunk)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+      rows.append(np.asarray(probs_of(variables, put(chunk)))[:batch_size - pad])
   return np.concatenate(rows).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _mesh_context(mesh, rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
 def read_run_config(workdir: str) -> dict[str, Any]:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = config_lib.workdir_path(workdir) / 'config.json'
+  if not path.exists():
     raise ConfigError(
         f'reduced_mpl.teacher_workdir={workdir!r} has no config.json: run stage 1 there first '
         f'(see configs/digits_reduced_mpl.py).')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
-def restore_state(checkpoint_dir: str) -> dict[str, Any]:
-  """The latest TrainState saved by mpl.train in `checkpoint_dir`, as a tree of arrays.
-
-  Restored on the first local device whatever the saving run's device layout.
-  """
-  if not os.path.isdir(checkpoint_dir):
-    raise ConfigError(f'no checkpoints in {checkpoint_dir}: did stage 1 finish?')
-  with ocp.CheckpointManager(os.path.abspath(checkpoint_dir)) as manager:
+def latest_state_path(checkpoint_dir) -> epath.Path | None:
+  """`checkpoint_dir/<latest step>/state` of a run of mpl.train, or None if it has none."""
+  checkpoint_dir = epath.Path(checkpoint_dir)
+  if not checkpoint_dir.exists():
+    return None
+  with ocp.CheckpointManager(checkpoint_dir) as manager:
     step = manager.latest_step()
-  if step is None:
-    raise ConfigError(f'no checkpoints in {checkpoint_dir}: did stage 1 finish?')
-  path = os.path.join(os.path.abspath(checkpoint_dir), str(step), 'state')
-  checkpointer = ocp.StandardCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          tree)
-  return checkpointer.restore(path, abstract)
+  return None if step is None else checkpoint_dir / str(step) / 'state'
+
+
+def state_metadata(state_path) -> dict[str, Any]:
+  """The saved TrainState as a tree of shape/dtype metadata (no array is read)."""
+  return ocp.StandardCheckpointer().metadata(state_path).item_metadata.tree
+
+
+def get_in(tree, keys: tuple[str, ...]):
+  for key in keys:
+    tree = (tree or {}).get(key)
+  return tree
 
 
 def select_teacher(state: dict[str, Any], run_config: dict[str, Any], source: str,
-                   finetuned: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
-  """(model config, variables) of the large teacher in a restored stage-1 state.
+                   finetuned: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, Any], str, tuple[str, ...], tuple[str, ...]]:
+  """Where the large teacher is in a stage-1 run: (model config, 'run' or 'finetune', keys of
+  its params, keys of its batch stats) in the state of that checkpoint.
 
-  `finetuned`: the state of the run's finetune stage, if it had one (used by 'auto').
+  `state` and `finetuned` (the state of the run's finetune stage, if it had one; used by
+  'auto') are nested dicts of anything: restored arrays or checkpoint metadata.
   """
-  params, stats = state['params'], state.get('batch_stats') or {}
+  params = state['params']
   two_networks = isinstance(params, dict) and set(params) == {'teacher', 'student'}
   model_config = run_config['model']
-  has_ema = bool(state.get('ema_params'))
   if source == 'auto':
     if finetuned is not None:
-      return model_config, base.variables_of(finetuned['params'],
-                                             finetuned.get('batch_stats') or {})
-    source = 'ema' if has_ema else 'raw'
+      return model_config, 'finetune', ('params',), ('batch_stats',)
+    source = 'ema' if state.get('ema_params') else 'raw'
   if source == 'ema':
-    if not has_ema:
+    if not state.get('ema_params'):
       raise ConfigError('reduced_mpl.teacher_source=ema but the stage-1 run kept no EMA '
                         '(its ema_decay was 0); use raw or auto.')
-    return model_config, base.variables_of(state['ema_params'],
-                                           state.get('ema_batch_stats') or {})
+    return model_config, 'run', ('ema_params',), ('ema_batch_stats',)
   if source == 'raw':
     if two_networks:
-      return model_config, base.variables_of(params['student'], stats.get('student') or {})
-    return model_config, base.variables_of(params, stats)
+      return model_config, 'run', ('params', 'student'), ('batch_stats', 'student')
+    return model_config, 'run', ('params',), ('batch_stats',)
   if not two_networks:  # source == 'teacher'
     raise ConfigError(f'reduced_mpl.teacher_source=teacher but the stage-1 run '
                       f'({run_config.get("method")}) has no teacher network; use auto, ema or '
                       f'raw.')
   teacher_model = (run_config.get('mpl') or {}).get('teacher_model') or model_config
-  return teacher_model, base.variables_of(params['teacher'], stats.get('teacher') or {})
+  return teacher_model, 'run', ('params', 'teacher'), ('batch_stats', 'teacher')
+
+
+def restore_variables(state_path, params_keys, stats_keys, model: nn.Module, sample_input,
+                      mesh, rules) -> dict[str, Any]:
+  """The variables of `model` stored at `params_keys`/`stats_keys` of the checkpointed state,
+  read straight into the sharding this run's mesh and rules give `model` (tensor-parallel over
+  'model' when it is > 1): only that network is read, and never whole onto one device.
+  """
+  metadata = state_metadata(state_path)
+  with _mesh_context(mesh, rules):
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    boxed = jax.eval_shape(lambda k: model.init({'params': k, 'dropout': k}, sample_input,
+                                                train=False), key)
+  shardings = sharding.state_shardings(boxed, mesh, rules)
+  target = {}
+  for name, keys in (('params', params_keys), ('batch_stats', stats_keys)):
+    saved, wanted = get_in(metadata, keys), shardings.get(name) or {}
+    if not saved and not wanted:
+      continue
+    saved_shapes = jax.tree.map(lambda m: (tuple(m.shape), str(m.dtype)), saved or {})
+    wanted_shapes = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)),
+                                 sharding.strip_boxes(boxed.get(name) or {}))
+    if saved_shapes != wanted_shapes:
+      raise ConfigError(f'the network at {"/".join(keys)} in {state_path} does not match the '
+                        f'model its config.json names (shapes or names differ).')
+    abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                                              sharding=s), saved, wanted)
+    node = target
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = abstract
+  restored = ocp.PyTreeCheckpointer().restore(state_path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
+  return base.variables_of(get_in(restored, params_keys), get_in(restored, stats_keys) or {})
 
 
 def check_same_data(run_config: dict[str, Any], config, teacher_workdir: str) -> None:
@@ -305,15 +361,22 @@ class ReducedMPL(base.Method):
             f'unlabeled (its labeled_split.json is missing or not a subset of this run\'s '
             f'{len(labeled)} labeled examples): use the same labels (num_labeled, data.seed) '
             f'in both stages.')
-      finetune_dir = os.path.join(c.teacher_workdir, 'finetune', 'checkpoints')
-      finetuned = (restore_state(finetune_dir)
-                   if c.teacher_source == 'auto' and os.path.isdir(finetune_dir) else None)
-      state = restore_state(os.path.join(c.teacher_workdir, 'checkpoints'))
-      model_config, variables = select_teacher(state, run_config, c.teacher_source, finetuned)
+      workdir = config_lib.workdir_path(c.teacher_workdir)
+      run_path = latest_state_path(workdir / 'checkpoints')
+      if run_path is None:
+        raise ConfigError(f'no checkpoints in {workdir / "checkpoints"}: did stage 1 finish?')
+      finetune_path = latest_state_path(workdir / 'finetune' / 'checkpoints')
+      model_config, where, params_keys, stats_keys = select_teacher(
+          state_metadata(run_path), run_config, c.teacher_source,
+          state_metadata(finetune_path) if finetune_path else None)
       try:
         model = models.from_config(model_config, self.info.num_classes)
       except ValueError as e:
         raise ConfigError(f'the stage-1 model in {c.teacher_workdir}: {e}') from e
+      mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+      variables = restore_variables(
+          finetune_path if where == 'finetune' else run_path, params_keys, stats_keys, model,
+          self.prepare(jnp.asarray(data.train_images[:1])), mesh, rules)
       what = f'{run_config.get("method")} run {c.teacher_workdir} ({c.teacher_source})'
     else:
       logging.warning('reduced_mpl: no teacher_workdir; training a throw-away large teacher '
@@ -323,11 +386,13 @@ class ReducedMPL(base.Method):
       variables = train_standin_teacher(
           model, self.prepare, data.train_images[labeled], data.train_labels[labeled],
           int(c.standin_teacher_steps), config.batch_size, jax.random.PRNGKey(config.seed))
+      mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+      variables = jax.device_put(variables, sharding.replicated(mesh))
       what = 'stand-in teacher'
     num_train = len(data.train_labels)
     probs = teacher_distribution(  # the test images only for the log line below
         model, variables, np.concatenate([data.train_images, data.test_images]),
-        prepare=self.prepare, batch_size=config.eval_batch_size)
+        prepare=self.prepare, batch_size=config.eval_batch_size, mesh=mesh, rules=rules)
     probs, test = probs[:num_train], probs[num_train:]
     correct = np.argmax(probs, -1) == data.train_labels
     logging.info('reduced_mpl: large teacher = %s: accuracy %.2f%% on all %d training images, '
