@@ -288,3 +288,31 @@ def test_tiny_strides_noise_bfloat16_and_sharding():
         hlo = step.lower(variables, x, jax.random.key(1)).as_text()
     assert hlo.count('sharding_constraint') >= 10  # input, stem, 7 blocks, pooled features
     np.testing.assert_allclose(got, train_a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('kernel,strides,size', [(3, 1, 4), (5, 2, 7)])
+def test_depthwise_gradient_on_a_hybrid_mesh_equals_one_device(kernel, strides, size):
+    """XLA partitions the depthwise kernel gradient (a batch_group_count conv) wrongly when the
+    images are split over 'data' and replicated over 'model' (the gradient comes out 4x too
+    large on a (2, 4) mesh); `depthwise_conv2d` computes it tap by tap there. Both gradients
+    must equal the plain conv's on one device, and the tap gradient must equal it everywhere."""
+    from jax.sharding import NamedSharding
+    from mpl.models.efficientnet import (_depthwise_with_tap_gradient, _lax_depthwise,
+                                         depthwise_conv2d)
+    channels = 8
+    x = jax.random.normal(jax.random.key(0), (8, size, size, channels))
+    k = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, channels))
+
+    def grads(conv, x, k):
+        return jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides))), (0, 1))(x, k)
+
+    expected = jax.jit(functools.partial(grads, _lax_depthwise))(x, k)
+    taps = jax.jit(functools.partial(grads, _depthwise_with_tap_gradient))(x, k)
+    mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        hybrid = jax.jit(functools.partial(grads, depthwise_conv2d))(
+            jax.device_put(x, NamedSharding(mesh, P('data'))),
+            jax.device_put(k, NamedSharding(mesh, P())))
+    for got in (taps, hybrid):
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

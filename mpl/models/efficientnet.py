@@ -55,6 +55,7 @@ published ones: B0 5,288,548, B1 7,794,184, B2 9,109,994, B3 12,233,232, B4 19,3
 B5 30,389,784, B6 43,040,704, B7 66,347,960, L2 480,309,308 (timm's 480.31M); B6-Wide
 316,649,180 (no published figure found).
 """
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -130,15 +131,89 @@ def round_repeats(repeats: int, depth_coefficient: float) -> int:
 
 
 def depthwise_conv(features: int, kernel: int, strides: int, *, dtype: Any,
-                   name: str) -> nn.Conv:
+                   name: str) -> nn.Module:
     """Bias-free depthwise conv (multiplier 1); kernel (h, w, 1, channels), partitioned as
     (None, None, None, 'channels')."""
-    return nn.Conv(
-        features, (kernel, kernel), strides=(strides, strides), padding='SAME',
-        feature_group_count=features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(
-            depthwise_kernel_init, (None, None, None, 'channels')),
-        name=name)
+    del features  # the input's channels
+    return DepthwiseConv(kernel, strides, dtype=dtype, name=name)
+
+
+class DepthwiseConv(nn.Module):
+    """kxk depthwise conv, 'SAME' padding, no bias: flax's nn.Conv with feature_group_count =
+    channels (same parameter name, shape and init), computed by `depthwise_conv2d`."""
+    kernel_size: int
+    strides: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param('kernel', nn.with_logical_partitioning(
+            depthwise_kernel_init, (None, None, None, 'channels')), (k, k, 1, x.shape[-1]),
+            jnp.float32)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return depthwise_conv2d(x, kernel, self.strides)
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _lax_depthwise(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), 'SAME',
+                                        dimension_numbers=_NHWC,
+                                        feature_group_count=x.shape[-1])
+
+
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+    """Depthwise conv of NHWC `x` with a (k, k, 1, C) kernel, 'SAME' padding.
+
+    On a mesh with two axes larger than 1 (hybrid model-data parallelism), XLA's SPMD
+    partitioner (jax 0.10 to 0.12, both Shardy and GSPMD) gets this conv's kernel gradient
+    wrong: JAX writes it as a convolution with batch_group_count = C, and when the images are
+    split over 'data' while 'model' replicates them, the partitioned program also sums the
+    gradient over 'model' (it comes out `model` times too large). There the kernel gradient is
+    computed by `_depthwise_with_tap_gradient` instead; elsewhere the plain conv is used.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or sum(size > 1 for size in mesh.shape.values()) < 2:
+        return _lax_depthwise(x, kernel, strides)
+    return _depthwise_with_tap_gradient(x, kernel, strides)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_with_tap_gradient(x, kernel, strides):
+    return _lax_depthwise(x, kernel, strides)
+
+
+def _tap_forward(x, kernel, strides):
+    return _lax_depthwise(x, kernel, strides), (x, kernel)
+
+
+def _tap_backward(strides, residuals, dy):
+    """Input gradient: the conv's own transpose (partitioned correctly). Kernel gradient, one
+    tap (i, j) at a time: dK[i, j, 0, c] = sum over n, h, w of
+    x_padded[n, i + strides * h, j + strides * w, c] * dy[n, h, w, c], products and sums that
+    the partitioner handles like any other reduction."""
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _lax_depthwise(x, kernel, strides), x)
+    (dx,) = input_vjp(dy)
+    k = kernel.shape[0]
+    (pad_h, pad_w) = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (strides, strides), 'SAME')
+    x_padded = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+    n, out_h, out_w, channels = dy.shape
+    taps = []
+    for i in range(k):
+        for j in range(k):
+            window = jax.lax.slice(
+                x_padded, (0, i, j, 0),
+                (n, i + strides * (out_h - 1) + 1, j + strides * (out_w - 1) + 1, channels),
+                (1, strides, strides, 1))
+            taps.append(jnp.sum(window * dy, axis=(0, 1, 2), dtype=jnp.float32))
+    dkernel = jnp.stack(taps).reshape(k, k, 1, channels).astype(kernel.dtype)
+    return dx, dkernel
+
+
+_depthwise_with_tap_gradient.defvjp(_tap_forward, _tap_backward)
 
 
 def biased_conv1x1(features: int, *, dtype: Any, name: str) -> nn.Conv:
