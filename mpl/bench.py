@@ -44,6 +44,14 @@ fuses less than the TPU/GPU compilers and may compute bfloat16 convolutions in f
 them as an upper estimate (the GPU figure of the same step is `memory_analysis.temp_bytes` of
 the timed bench).
   python -m mpl.bench --config configs/efficientnet_l2_mpl.py:standin --dry_run --mesh 16
+--tpu v2|v3|v4|v5e|v5p|v6e: compile with libtpu's TPU compiler instead, for the devices of the
+smallest slice of that generation with DATA x MODEL devices, ahead of time on this machine (no
+TPU needed; MaxText's train_compile does the same): the temporaries are then the TPU compiler's
+own, and `fits` is its verdict for that generation's HBM. When the program cannot fit, the
+compiler refuses it and reports the temporaries it needs; that is printed
+(`compiler_out_of_memory`) instead of an error. Needs the libtpu that matches the installed JAX
+(`pip install "jax[tpu]==<jax version>"`; not in requirements.txt, 200 MB):
+  python -m mpl.bench --config configs/efficientnet_l2_mpl.py:standin --dry_run --mesh 16 --tpu v3
 `--nocompile` skips the compilation (minutes for EfficientNet-L2 on CPU) and reports the exact
 state and batch bytes only.
 
@@ -56,6 +64,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -324,6 +333,9 @@ def tpu_devices(generation: str, count: int) -> list[Any]:
   if importlib.util.find_spec('libtpu') is None:
     raise ConfigError(f'--tpu compiles with libtpu, which is not installed. Install the one that '
                       f'matches this JAX (no TPU needed): pip install "jax[tpu]=={jax.__version__}"')
+  # Nothing runs on a TPU here, so several compiles may share libtpu at once (by default a
+  # process takes an exclusive lock on it).
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   prefix, chip_config, _ = TPU_GENERATIONS[generation]
   shapes = _TPU_3D_SHAPES if chip_config == 'megacore' else _TPU_2D_SHAPES
@@ -333,6 +345,20 @@ def tpu_devices(generation: str, count: int) -> list[Any]:
     if len(topology.devices) >= count:
       return list(topology.devices)[:count]
   raise ConfigError(f'no {generation} slice of up to {shapes[-1]} chips has {count} devices.')
+
+
+_UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+
+
+def _hbm_shortfall(message: str) -> dict[str, Any] | None:
+  """The TPU compiler's 'Ran out of memory in memory space hbm ... HLO temporaries (118.67G)
+  exceeds available HBM (15.48G)' as {'temp_bytes', 'message'}; None for any other error."""
+  found = re.search(r'HLO temporaries \(([\d.]+)([KMGT]?)\)', message)
+  if 'RESOURCE_EXHAUSTED' not in message or not found:
+    return None
+  line = next(l for l in message.splitlines() if 'HLO temporaries' in l)
+  return {'temp_bytes': int(float(found.group(1)) * _UNITS[found.group(2)]),
+          'message': line.strip()}
 
 
 def _input_info(config) -> tuple[tuple[int, ...], Any, int, bool]:
@@ -418,9 +444,18 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
     t0 = time.perf_counter()
     lowered = step.lower(abstract_state, abstract_batch)
-    compiled = lowered.compile() if compile_step else None
+    compiled, out_of_memory = None, None
+    if compile_step:
+      try:
+        compiled = lowered.compile()
+      except jax.errors.JaxRuntimeError as e:
+        out_of_memory = _hbm_shortfall(str(e)) if tpu else None
+        if out_of_memory is None:
+          raise
     compile_s = time.perf_counter() - t0
   memory = (_memory_analysis(compiled) if compiled else None) or {}
+  if out_of_memory:  # the TPU compiler refuses a program that cannot fit, and says by how much
+    memory = {'temp_bytes': out_of_memory['temp_bytes']}
 
   state_bytes = {
       field: sharding.bytes_per_device(getattr(abstract_state, field))
@@ -431,7 +466,9 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
                 'temp_bytes': memory.get('temp_bytes'),
                 'generated_code_bytes': memory.get('generated_code_bytes')}
   total = sum(v for v in per_device.values() if v)
-  if not compiled:
+  if out_of_memory:
+    fits = {f'TPU {tpu} ({TPU_GENERATIONS[tpu][2]} GiB per device)': False}
+  elif not compiled:
     fits = None  # without the temporaries the total is only a lower bound
   elif tpu:  # the TPU compiler's own figures: the verdict for this generation only
     fits = {f'TPU {tpu} ({TPU_GENERATIONS[tpu][2]} GiB per device)':
@@ -457,6 +494,7 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
       'per_device_total_gib': round(total / 2**30, 3),
       'fits': fits,
       'flops_per_step_per_device': _total_flops(compiled.cost_analysis()) if compiled else None,
+      'compiler_out_of_memory': out_of_memory and out_of_memory['message'],
       'compile_s': compile_s,
   }
 

@@ -124,3 +124,37 @@ def test_dry_run_command_line_creates_its_fake_devices(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   record = json.loads(out.stdout.strip().splitlines()[-1])
   assert record['mesh'] == {'data': 2, 'model': 2}
+
+
+def test_tpu_out_of_memory_verdict_is_read_from_the_compiler_message():
+  message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+             'temporaries (118.67G) exceeds available HBM (15.48G).')
+  shortfall = bench._hbm_shortfall(message)
+  assert shortfall['temp_bytes'] == int(118.67 * 2**30)
+  assert 'exceeds available HBM' in shortfall['message']
+  assert bench._hbm_shortfall('INTERNAL: something else (3.2G)') is None
+
+
+def test_tpu_target_without_libtpu_says_how_to_install_it(monkeypatch):
+  import pytest
+  from mpl.errors import ConfigError
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'libtpu' else real_find_spec(name, *a))
+  with pytest.raises(ConfigError, match=r'pip install "jax\[tpu\]=='):
+    bench.tpu_devices('v3', 16)
+  with pytest.raises(ConfigError, match='v3'):
+    bench.tpu_devices('v9', 16)  # unknown generations list the valid ones
+
+
+def test_dry_run_compiles_for_a_tpu_when_libtpu_is_installed():
+  """Ahead-of-time compilation by libtpu on this CPU machine (not installed in CI: skipped)."""
+  import pytest
+  if importlib.util.find_spec('libtpu') is None:
+    pytest.skip('libtpu is not installed (pip install "jax[tpu]==<jax version>")')
+  config = load_config('two_moons.py', 'method=mpl,runlocal')
+  record = bench.dry_run(config, mesh_shape=(2, 2), tpu='v3', name='two_moons')
+  assert record['compiled_for'] == 'TPU v3'
+  assert record['per_device']['temp_bytes'] > 0
+  assert list(record['fits']) == ['TPU v3 (16 GiB per device)'] and record['fits'][
+      'TPU v3 (16 GiB per device)']

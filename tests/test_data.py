@@ -9,6 +9,9 @@ import pytest
 from mpl.data import datasets, idx, split, streaming
 from mpl.errors import ConfigError, DataError
 
+import tiny_tfds
+from tiny_tfds import NUM_TINY
+
 HAVE_TFDS = datasets.tensorflow_available()
 HAVE_FASHION = all(
     os.path.isfile(os.path.join(datasets.FASHION_MNIST_DEFAULT_DIR, f))
@@ -200,34 +203,10 @@ def test_split_save_load(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Streaming: a tiny TFDS dataset built offline, read through the real pipeline.
 
-NUM_TINY = 25
-
-
 @pytest.fixture(scope='module')
 def tiny_builder(tmp_path_factory):
-  tfds = pytest.importorskip('tensorflow_datasets')
-
-  class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """JPEGs of different sizes; example i is a flat image of value 10 * i."""
-    VERSION = tfds.core.Version('1.0.0')
-    url_infos = None  # Nothing to download.
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self, supervised_keys=('image', 'label'),
-          features=tfds.features.FeaturesDict({
-              'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-              'label': tfds.features.ClassLabel(num_classes=3)}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {'train': self._generate_examples(NUM_TINY)}
-
-    def _generate_examples(self, n):
-      for i in range(n):
-        yield i, {'image': np.full((20 + 7 * (i % 3), 30, 3), 10 * i, np.uint8), 'label': i % 3}
-
-  builder = TinyImages(data_dir=str(tmp_path_factory.mktemp('tiny_tfds')))
+  pytest.importorskip('tensorflow_datasets')
+  builder = tiny_tfds.tiny_builder_class()(data_dir=str(tmp_path_factory.mktemp('tiny_tfds')))
   builder.download_and_prepare()
   return builder
 
@@ -244,7 +223,7 @@ def _ids(batches, batch_size=4):
   for b in batches:
     assert b['image'].shape == (batch_size, 16, 16, 3) and b['image'].dtype == np.uint8
     assert b['label'].dtype == np.int32
-    ids += [round(float(img.mean()) / 10) for img in b['image'][b['mask']]]
+    ids += tiny_tfds.example_ids(b['image'][b['mask']])
     assert (b['label'][~b['mask']] == -1).all()
   return ids
 
