@@ -28,6 +28,7 @@ from typing import Any
 from absl import logging
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -150,7 +151,7 @@ def spatially_partitioned() -> bool:
   return rules.get('height') is not None or rules.get('width') is not None
 
 
-def gather_for_compute(variables):
+def gather_for_compute(variables, compute_dtype=None):
   """Under spatial partitioning: the variables, replicated for the forward/backward pass.
 
   Weights are *stored* split over 'model' (parameters, optimizer states and EMA take 1/model of
@@ -168,7 +169,14 @@ def gather_for_compute(variables):
   # device (e.g. when the loop collects the variables it evaluates).
   if not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(variables)):
     return variables
-  return jax.tree.map(lambda v: jax.lax.with_sharding_constraint(v, P()), variables)
+  cast = compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32
+
+  def gather(path, v):
+    if cast and getattr(path[-1], 'key', None) == 'kernel' and v.dtype == jnp.float32:
+      v = v.astype(compute_dtype)
+    return jax.lax.with_sharding_constraint(v, P())
+
+  return jax.tree_util.tree_map_with_path(gather, variables)
 
 
 def state_shardings(abstract_boxed_state, mesh, rules):

@@ -189,3 +189,41 @@ def _params(workdir):
   import orbax.checkpoint as ocp
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
     return manager.restore(manager.latest_step())['state']['params']
+
+
+def test_bfloat16_kernels_are_gathered_in_bfloat16_with_the_same_gradients():
+  """Under spatial partitioning the weights are gathered for compute; with a bfloat16 model the
+  kernels are cast before the gather (half the gathered bytes). Conv layers cast them anyway, so
+  the gradients equal those of gathering in float32, while batch-norm parameters stay float32."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from mpl import models
+  from mpl.methods import base
+  config = digits_config('supervised', 4, 2, 'width')
+  model = models.get_model('wrn', 10, depth=10, width=1, dtype='bfloat16')
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 1))
+  y = jnp.arange(8) % 10
+  mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(1), x[:1], train=False))
+    shardings = sharding.state_shardings(boxed, mesh, rules)
+    variables = jax.jit(lambda: sharding.strip_boxes(model.init(jax.random.PRNGKey(1), x[:1],
+                                                                train=False)),
+                        out_shardings=shardings)()
+    gathered_dtypes = {}
+
+    def grads(compute_dtype):
+      def loss(params):
+        gathered = base.variables_of(params, variables['batch_stats'], compute_dtype)
+        gathered_dtypes[compute_dtype] = jax.tree_util.tree_map_with_path(
+            lambda p, v: (jax.tree_util.keystr(p), v.dtype), gathered['params'])
+        logits, _ = model.apply(gathered, x, train=True, mutable=['batch_stats'])
+        return jnp.mean(base.cross_entropy(logits, y))
+      return jax.jit(jax.grad(loss))(variables['params'])
+
+    cast, uncast = grads(jnp.bfloat16), grads(None)
+  for a, b in zip(jax.tree.leaves(cast), jax.tree.leaves(uncast)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  dtypes = dict(jax.tree.leaves(gathered_dtypes[jnp.bfloat16], is_leaf=lambda t: isinstance(t, tuple)))
+  assert all(d == jnp.bfloat16 for k, d in dtypes.items() if k.endswith("['kernel']")), dtypes
+  assert all(d == jnp.float32 for k, d in dtypes.items() if "['scale']" in k or "['bias']" in k)

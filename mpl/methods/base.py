@@ -93,18 +93,19 @@ class Method:
     return variables['params'], variables.get('batch_stats', {})
 
 
-def variables_of(params, batch_stats) -> dict[str, Any]:
+def variables_of(params, batch_stats, compute_dtype=None) -> dict[str, Any]:
   """The variables dict of `model.apply`, laid out for compute (see sharding.gather_for_compute)."""
   variables = {'params': params}
   if batch_stats:
     variables['batch_stats'] = batch_stats
-  return sharding.gather_for_compute(variables)
+  return sharding.gather_for_compute(variables, compute_dtype)
 
 
 def apply_train(model: nn.Module, params, batch_stats, x, rng):
   """Training-mode forward pass: (logits, new batch_stats)."""
-  logits, updates = model.apply(variables_of(params, batch_stats), x, train=True,
-                                rngs={'dropout': rng}, mutable=['batch_stats'])
+  variables = variables_of(params, batch_stats, getattr(model, 'dtype', None))
+  logits, updates = model.apply(variables, x, train=True, rngs={'dropout': rng},
+                                mutable=['batch_stats'])
   return logits, updates.get('batch_stats', batch_stats)
 
 
