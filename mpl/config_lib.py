@@ -224,6 +224,7 @@ def base_config() -> ml_collections.ConfigDict:
       student_label_smoothing=0.0,
       uda_weight=8.0, uda_ramp_steps=5000, uda_temperature=0.7, uda_threshold=0.6,
       teacher_model=ml_collections.config_dict.placeholder(ml_collections.ConfigDict),
+      recompute_teacher=False,     # True: rerun the teacher forward for its backward (memory)
       teacher_optimizer=dict(name='sgd', lr=0.1, scale_lr_by_batch=True, momentum=0.9,
                              nesterov=True, weight_decay=5e-4, clip_norm=0.0, wait_steps=0,
                              warmup_steps=5000, decay='cosine'),

@@ -270,3 +270,20 @@ def test_teacher_with_its_own_architecture_is_evaluated_with_it(tmp_path):
                                             activation='sigmoid'))
   summary = train.train_and_evaluate(c, str(tmp_path))
   assert 'accuracy_teacher' in summary['final']
+
+
+@pytest.mark.parametrize('feedback', ['first_order', 'exact', 'official_release'])
+def test_recomputing_the_teacher_forward_changes_memory_not_results(feedback):
+  """mpl.recompute_teacher reruns the teacher's forward for its backward (jax.checkpoint)
+  instead of keeping its activations through the student's step: the same new state."""
+  batch = moons_batch()
+  results = {}
+  for recompute in (False, True):
+    method = make_method(feedback, student_lr=0.1, uda_weight=1.0, label_smoothing=0.1)
+    method.config.mpl.recompute_teacher = recompute
+    state = init_state(method, batch)
+    jaxpr = str(jax.make_jaxpr(method.update)(state, batch))
+    assert ('checkpoint' in jaxpr or 'remat' in jaxpr) == recompute
+    results[recompute] = jax.jit(method.update)(state, batch)
+  for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

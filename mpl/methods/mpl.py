@@ -137,6 +137,10 @@ class MPL(base.Method):
       return base.apply_train(self.teacher, params, state.batch_stats['teacher'],
                               jnp.concatenate([x_l, x_w, x_s]), teacher_rng)
 
+    if c.recompute_teacher:
+      # Keep only the teacher's inputs for its backward and run its forward again there, so its
+      # activations are not held through the student's step: memory for one more forward.
+      teacher_forward = jax.checkpoint(teacher_forward)
     teacher_logits, teacher_vjp, teacher_batch_stats = jax.vjp(
         teacher_forward, teacher_params, has_aux=True)
     t_on_s = teacher_logits[n_l + n_u:]
