@@ -47,10 +47,12 @@ the timed bench).
 --tpu v2|v3|v4|v5e|v5p|v6e: compile with libtpu's TPU compiler instead, for the devices of the
 smallest slice of that generation with DATA x MODEL devices, ahead of time on this machine (no
 TPU needed; MaxText's train_compile does the same): the temporaries are then the TPU compiler's
-own, and `fits` is its verdict for that generation's HBM. When the program cannot fit, the
-compiler refuses it and reports the temporaries it needs; that is printed
-(`compiler_out_of_memory`) instead of an error. Needs the libtpu that matches the installed JAX
-(`pip install "jax[tpu]==<jax version>"`; not in requirements.txt, 200 MB):
+own. `fits` is then for that generation only: when the program cannot fit in its HBM the
+compiler refuses it and reports the memory it needs, which is printed (`compiler_out_of_memory`,
+`fits` false) instead of an error; when it compiles, `fits` is the same 10 % headroom test as
+above (a program that compiles with less headroom than that says false). Needs the libtpu that
+matches the installed JAX (`pip install "jax[tpu]==<jax version>"`; not in requirements.txt,
+200 MB):
   python -m mpl.bench --config configs/efficientnet_l2_mpl.py:standin --dry_run --mesh 16 --tpu v3
 `--nocompile` skips the compilation (minutes for EfficientNet-L2 on CPU) and reports the exact
 state and batch bytes only.
@@ -282,7 +284,6 @@ def bench_augment(config, *, steps: int = 10, warmup: int = 2,
   }
 
 
-# HBM per JAX device (GiB). TPU v4/v5p chips are one JAX device each (megacore).
 # TPU generations `--dry_run --tpu` compiles for: (topology-name prefix, chip config, HBM GiB per
 # JAX device). v2/v3 chips show each of their 2 cores as a device; v4/v5p run as one megacore
 # device per chip; v5e/v6e chips have one core.
@@ -296,6 +297,7 @@ _TPU_2D_SHAPES = ('2x2', '2x4', '4x4', '4x8', '8x8', '8x16', '16x16', '16x32', '
 _TPU_3D_SHAPES = ('2x2x1', '2x2x2', '2x2x4', '2x4x4', '4x4x4', '4x4x8', '4x8x8', '8x8x8',
                   '8x8x16', '8x16x16', '16x16x16')
 
+# HBM per JAX device (GiB). TPU v4/v5p chips are one JAX device each (megacore).
 ACCELERATOR_MEMORY_GIB = {
     'TPU v3 core': 16, 'TPU v4 chip': 32, 'TPU v5e chip': 16, 'TPU v5p chip': 95,
     'TPU v6e chip': 32, 'A100 40GB': 40, 'A100 80GB': 80, 'H100 80GB': 80, 'H200': 141,
@@ -331,8 +333,9 @@ def tpu_devices(generation: str, count: int) -> list[Any]:
   """
   config_lib.check_choice('--tpu', generation, tuple(TPU_GENERATIONS))
   if importlib.util.find_spec('libtpu') is None:
-    raise ConfigError(f'--tpu compiles with libtpu, which is not installed. Install the one that '
-                      f'matches this JAX (no TPU needed): pip install "jax[tpu]=={jax.__version__}"')
+    raise ConfigError(f'--tpu compiles with libtpu, which is not installed. Install the one '
+                      f'that matches this JAX (no TPU needed): '
+                      f'pip install "jax[tpu]=={jax.__version__}"')
   # Nothing runs on a TPU here, so several compiles may share libtpu at once (by default a
   # process takes an exclusive lock on it).
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
@@ -348,17 +351,25 @@ def tpu_devices(generation: str, count: int) -> list[Any]:
 
 
 _UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+# How libtpu words "does not fit", e.g. "... required for HLO temporaries (118.67G) exceeds
+# available HBM (15.48G)" or "Used 20.1G of 15.48G hbm": the first size is what it needs.
+_TPU_OOM_SIZES = (r'HLO temporaries \(([\d.]+)([KMGT]?)\)', r'Used ([\d.]+)([KMGT]?) of')
 
 
 def _hbm_shortfall(message: str) -> dict[str, Any] | None:
-  """The TPU compiler's 'Ran out of memory in memory space hbm ... HLO temporaries (118.67G)
-  exceeds available HBM (15.48G)' as {'temp_bytes', 'message'}; None for any other error."""
-  found = re.search(r'HLO temporaries \(([\d.]+)([KMGT]?)\)', message)
-  if 'RESOURCE_EXHAUSTED' not in message or not found:
+  """The TPU compiler's refusal of a program that does not fit its HBM ('RESOURCE_EXHAUSTED:
+  Ran out of memory ... HLO temporaries (118.67G) exceeds available HBM (15.48G)', or '... Used
+  20.1G of 15.48G hbm ...') as {'temp_bytes', 'message'} (temp_bytes None when no size can be
+  read); None for any other error."""
+  if 'RESOURCE_EXHAUSTED' not in message or 'hbm' not in message.lower():
     return None
-  line = next(l for l in message.splitlines() if 'HLO temporaries' in l)
-  return {'temp_bytes': int(float(found.group(1)) * _UNITS[found.group(2)]),
-          'message': line.strip()}
+  line = next((l for l in message.splitlines() if 'RESOURCE_EXHAUSTED' in l), message)
+  for pattern in _TPU_OOM_SIZES:
+    found = re.search(pattern, message)
+    if found:
+      return {'temp_bytes': int(float(found.group(1)) * _UNITS[found.group(2)]),
+              'message': line.strip()}
+  return {'temp_bytes': None, 'message': line.strip()}
 
 
 def _input_info(config) -> tuple[tuple[int, ...], Any, int, bool]:
@@ -430,7 +441,7 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
 
   # Abstract, like everything here: a concrete key would be placed on the mesh's devices, which
   # with --tpu exist only on paper.
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_boxed = jax.eval_shape(method.init, key, images(1))
     state_sharding = sharding.state_shardings(abstract_boxed, mesh, rules)

@@ -133,6 +133,12 @@ def test_tpu_out_of_memory_verdict_is_read_from_the_compiler_message():
   assert shortfall['temp_bytes'] == int(118.67 * 2**30)
   assert 'exceeds available HBM' in shortfall['message']
   assert bench._hbm_shortfall('INTERNAL: something else (3.2G)') is None
+  other = bench._hbm_shortfall('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. '
+                               'Used 20.50G of 15.48G hbm. Exceeded hbm capacity by 5.02G.')
+  assert other['temp_bytes'] == int(20.5 * 2**30)
+  unsized = bench._hbm_shortfall('RESOURCE_EXHAUSTED: TensorCore HBM usage too high')
+  assert unsized == {'temp_bytes': None,
+                     'message': 'RESOURCE_EXHAUSTED: TensorCore HBM usage too high'}
 
 
 def test_tpu_target_without_libtpu_says_how_to_install_it(monkeypatch):

@@ -224,6 +224,7 @@ def test_bfloat16_kernels_are_gathered_in_bfloat16_with_the_same_gradients():
     cast, uncast = grads(jnp.bfloat16), grads(None)
   for a, b in zip(jax.tree.leaves(cast), jax.tree.leaves(uncast)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  dtypes = dict(jax.tree.leaves(gathered_dtypes[jnp.bfloat16], is_leaf=lambda t: isinstance(t, tuple)))
+  dtypes = dict(jax.tree.leaves(gathered_dtypes[jnp.bfloat16],
+                                is_leaf=lambda t: isinstance(t, tuple)))
   assert all(d == jnp.bfloat16 for k, d in dtypes.items() if k.endswith("['kernel']")), dtypes
   assert all(d == jnp.float32 for k, d in dtypes.items() if "['scale']" in k or "['bias']" in k)

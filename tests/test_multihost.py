@@ -54,13 +54,13 @@ def test_two_hosts_stop_together_resume_and_match_one_host(tmp_path):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
 
 
-def test_streaming_input_across_hosts_follows_the_model_parallel_groups(tmp_path):
+def test_streaming_input_across_hosts_follows_the_model_parallel_groups(tmp_path, monkeypatch):
   """2 hosts x 4 devices streaming a TFDS dataset, on meshes whose model-parallel groups lie
   inside one host (2 x 4, 4 x 2) or span both (1 x 8): every device of a data row (one
   model-parallel replica) holds the same examples, different rows hold different examples."""
   import pytest
   pytest.importorskip('tensorflow_datasets')
-  sys.path.insert(0, os.path.dirname(WORKER))
+  monkeypatch.syspath_prepend(os.path.dirname(WORKER))
   import tiny_tfds
   tfds_dir = str(tmp_path / 'tfds')
   tiny_tfds.tiny_builder_class()(data_dir=tfds_dir).download_and_prepare()

@@ -247,6 +247,39 @@ def test_large_teacher_is_restored_sharded_on_a_model_parallel_mesh(stage1):
   assert results[(1, 1)][1].shape == (40, 10)
 
 
+def test_restore_variables_reads_one_network_with_its_batch_stats(tmp_path):
+  """From a two-network (MPL) checkpoint, exactly the chosen network's params and batch
+  statistics come back, on one device and tensor-parallel on a (4, 2) mesh."""
+  model = models.get_model('cnn', 10)
+  x = np.random.default_rng(0).normal(size=(4, 16, 16, 1)).astype(np.float32)
+  networks = {}
+  for seed, name in enumerate(('teacher', 'student')):
+    variables = sharding.strip_boxes(model.init(jax.random.PRNGKey(seed), x[:1], train=False))
+    # Distinct running statistics, so that the wrong network (or none) cannot pass.
+    variables['batch_stats'] = jax.tree.map(lambda a: a + seed + 0.5, variables['batch_stats'])
+    networks[name] = variables
+  state = {'step': np.int32(3),
+           'params': {name: v['params'] for name, v in networks.items()},
+           'batch_stats': {name: v['batch_stats'] for name, v in networks.items()}}
+  checkpoints = train.Checkpoints(str(tmp_path), 1)
+  checkpoints.save(3, state, {})
+  checkpoints.close()
+  path = latest_state_path(tmp_path / 'checkpoints')
+  config = stage2_config(str(tmp_path))
+  for shape in ((1, 1), (4, 2)):
+    config.mesh.data, config.mesh.model = shape
+    mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+    restored = restore_variables(path, ('params', 'teacher'), ('batch_stats', 'teacher'), model,
+                                 x[:1], mesh, rules)
+    assert set(restored) == {'params', 'batch_stats'}
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(
+        {'params': networks['teacher']['params'],
+         'batch_stats': networks['teacher']['batch_stats']})):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(restored)]
+    assert any('model' in spec for spec in specs) == (shape == (4, 2)), specs
+
+
 def recorded_model_config(workdir):
   """The model config a finished run recorded in its config.json."""
   with open(os.path.join(workdir, 'config.json')) as f:

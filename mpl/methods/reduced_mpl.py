@@ -3,15 +3,18 @@ do not fit next to each other.
 
 Two stages.
   Stage 1 (any ordinary run, e.g. `supervised` or `mpl`, in a workdir A): the LARGE teacher.
-    `config.reduced_mpl.teacher_workdir = A`. At construction this method restores A's final
-    checkpoint (Orbax, A/checkpoints; A/finetune/checkpoints when that run had a finetune
-    stage), rebuilds the network from A/config.json with `mpl.models.get_model`, and computes
-    its softmax distribution p_L(x) on EVERY training image once: eval mode (no dropout,
-    batch-norm running statistics), no augmentation, batches of `config.eval_batch_size`
-    (`teacher_distribution`). The result, float32 [num_train, num_classes] in training-set
-    order, lives in `state.method_state['teacher_probs']`: replicated on every device and saved
-    in every checkpoint, 4 * num_train * num_classes bytes (digits 57 KB, CIFAR-10 2 MB,
-    ImageNet 5.1 GB: too much there; a top-k or bf16 table would be the next step).
+    `config.reduced_mpl.teacher_workdir = A` (local or gs://). At construction this method
+    rebuilds the network from A/config.json with `mpl.models.get_model`, reads just that
+    network's variables from A's final checkpoint (Orbax, A/checkpoints; A/finetune/checkpoints
+    when that run had a finetune stage) straight into the sharding this run's mesh gives it
+    (`restore_variables`: tensor-parallel over 'model' when it is > 1, never whole on one
+    device), and computes its softmax distribution p_L(x) on EVERY training image once: eval
+    mode (no dropout, batch-norm running statistics), no augmentation, batches of
+    `config.eval_batch_size` split over 'data' (`teacher_distribution`). The result, float32
+    [num_train, num_classes] in training-set order, lives in
+    `state.method_state['teacher_probs']`: replicated on every device and saved in every
+    checkpoint, 4 * num_train * num_classes bytes (digits 57 KB, CIFAR-10 2 MB, ImageNet
+    5.1 GB: too much there; a top-k or bf16 table would be the next step).
     Which network of run A is the large teacher (`reduced_mpl.teacher_source`):
       auto     what run A reported as its result: the finetuned student if A had a finetune
                stage, else its EMA network if it kept one, else its raw network (default)
@@ -227,7 +230,7 @@ def restore_variables(state_path, params_keys, stats_keys, model: nn.Module, sam
   """
   metadata = state_metadata(state_path)
   with _mesh_context(mesh, rules):
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     boxed = jax.eval_shape(lambda k: model.init({'params': k, 'dropout': k}, sample_input,
                                                 train=False), key)
   shardings = sharding.state_shardings(boxed, mesh, rules)
@@ -365,10 +368,14 @@ class ReducedMPL(base.Method):
       run_path = latest_state_path(workdir / 'checkpoints')
       if run_path is None:
         raise ConfigError(f'no checkpoints in {workdir / "checkpoints"}: did stage 1 finish?')
-      finetune_path = latest_state_path(workdir / 'finetune' / 'checkpoints')
+      # Only 'auto' looks at the finetune stage (its result is what run A reported).
+      finetune_path = (latest_state_path(workdir / 'finetune' / 'checkpoints')
+                       if c.teacher_source == 'auto' else None)
       model_config, where, params_keys, stats_keys = select_teacher(
           state_metadata(run_path), run_config, c.teacher_source,
           state_metadata(finetune_path) if finetune_path else None)
+      logging.info('reduced_mpl: large teacher = %s of %s.', '/'.join(params_keys),
+                   finetune_path if where == 'finetune' else run_path)
       try:
         model = models.from_config(model_config, self.info.num_classes)
       except ValueError as e:

@@ -130,11 +130,9 @@ def round_repeats(repeats: int, depth_coefficient: float) -> int:
     return int(math.ceil(repeats * depth_coefficient))
 
 
-def depthwise_conv(features: int, kernel: int, strides: int, *, dtype: Any,
-                   name: str) -> nn.Module:
-    """Bias-free depthwise conv (multiplier 1); kernel (h, w, 1, channels), partitioned as
-    (None, None, None, 'channels')."""
-    del features  # the input's channels
+def depthwise_conv(kernel: int, strides: int, *, dtype: Any, name: str) -> nn.Module:
+    """Bias-free depthwise conv (multiplier 1) over the input's channels; kernel
+    (h, w, 1, channels), partitioned as (None, None, None, 'channels')."""
     return DepthwiseConv(kernel, strides, dtype=dtype, name=name)
 
 
@@ -175,9 +173,11 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array
     computed by `_depthwise_with_tap_gradient` instead; elsewhere the plain conv is used.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or sum(size > 1 for size in mesh.shape.values()) < 2:
-        return _lax_depthwise(x, kernel, strides)
-    return _depthwise_with_tap_gradient(x, kernel, strides)
+    hybrid = not mesh.empty and (mesh.shape.get('model', 1) > 1
+                                 or sum(size > 1 for size in mesh.shape.values()) > 1)
+    # Any 'model' axis counts, even with one data replica, so that `mpl.bench --dry_run --mesh
+    # 16` compiles the program a 128 x 16 run executes.
+    return (_depthwise_with_tap_gradient if hybrid else _lax_depthwise)(x, kernel, strides)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -208,7 +208,9 @@ def _tap_backward(strides, residuals, dy):
                 x_padded, (0, i, j, 0),
                 (n, i + strides * (out_h - 1) + 1, j + strides * (out_w - 1) + 1, channels),
                 (1, strides, strides, 1))
-            taps.append(jnp.sum(window * dy, axis=(0, 1, 2), dtype=jnp.float32))
+            # Products in float32, as the conv it replaces accumulates them (bf16 inputs).
+            taps.append(jnp.sum(window.astype(jnp.float32) * dy.astype(jnp.float32),
+                                axis=(0, 1, 2)))
     dkernel = jnp.stack(taps).reshape(k, k, 1, channels).astype(kernel.dtype)
     return dx, dkernel
 
@@ -262,7 +264,7 @@ class MBConvBlock(nn.Module):
         if self.expand_ratio != 1:
             y = conv(expanded, 1, dtype=self.dtype, name='expand_conv')(y)
             y = nn.swish(bn('expand_bn')(y))
-        y = depthwise_conv(expanded, self.kernel, self.strides, dtype=self.dtype,
+        y = depthwise_conv(self.kernel, self.strides, dtype=self.dtype,
                            name='depthwise_conv')(y)
         y = nn.swish(bn('depthwise_bn')(y))
         y = SqueezeExcite(max(1, int(in_features * SE_RATIO)), dtype=self.dtype, name='se')(y)
