@@ -4,7 +4,10 @@ The official MPL CIFAR-10 recipe (WRN-28-2, SGD Nesterov, lr 0.1 x batch/256, we
 cosine, EMA 0.995 evaluated) scaled down to a step budget that runs in minutes on one GPU.
 
   python -m mpl.main --config configs/fashion_mnist.py:labels=-1,model=cnn --workdir /tmp/fm_all
-Expected: >= 92% test accuracy with all 60,000 labels (small CNN, 10k steps).
+Expected: >= 92% test accuracy with all 60,000 labels (small CNN, 10k steps). Measured on a
+2-core CPU with shorter budgets: small CNN, 1,400 steps: 90.99% raw / 90.91% EMA (26 min);
+WRN-28-2 (`labels=-1,steps=1000`, about 2 epochs): 90.93% raw / 90.42% EMA (53 min). The full
+10k-step WRN-28-2 figure needs a GPU.
 
   python -m mpl.main --config configs/fashion_mnist.py:labels=1000 --workdir /tmp/fm_1000
 Supervised with 1000 labels (100 per class): the floor the semi-supervised methods must beat.
