@@ -53,21 +53,13 @@ Arguments: unlabeled (TFDS name of the unlabeled set; required for a real run), 
 """
 
 from mpl import config_lib
-from mpl.errors import ConfigError
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, unlabeled='', steps=1_000_000, seed=0, standin=False,
                               runlocal=False)
-  if not args.unlabeled and not (args.runlocal or args.standin):
-    raise ConfigError(
-        'configs/efficientnet_l2_mpl.py needs the unlabeled dataset: pass unlabeled=<tfds name> '
-        '(a prepared TFDS image dataset in --config.data.data_dir; JFT-300M is not public). For '
-        'a smoke test use :runlocal, for memory planning :standin with mpl.bench --dry_run.')
-  config = config_lib.sibling_config(__file__, 'imagenet_jft_mpl.py').get_config(','.join(
-      f'{k}={v}' for k, v in (('unlabeled', args.unlabeled), ('steps', args.steps),
-                              ('seed', args.seed), ('standin', args.standin),
-                              ('runlocal', args.runlocal))))
+  # The ImageNet + JFT recipe with the same arguments (it checks `unlabeled`), then L2's own.
+  config = config_lib.sibling_config(__file__, 'imagenet_jft_mpl.py').get_config(arg)
   if args.runlocal:
     config.model = config_lib.ml_collections.ConfigDict(dict(
         name='efficientnet', width_coefficient=0.1, depth_coefficient=0.1,

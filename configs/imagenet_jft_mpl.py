@@ -62,10 +62,11 @@ def get_config(arg=None):
                               runlocal=False)
   if not args.unlabeled and not (args.runlocal or args.standin):
     raise ConfigError(
-        'configs/imagenet_jft_mpl.py needs the unlabeled dataset: pass unlabeled=<tfds name> '
-        '(e.g. --config=configs/imagenet_jft_mpl.py:unlabeled=my_images), the name of a '
-        'prepared TFDS image dataset in --config.data.data_dir. JFT-300M is not public; '
-        'use configs/imagenet10_mpl.py for ImageNet alone.')
+        'this config needs the unlabeled dataset: pass unlabeled=<tfds name> (e.g. '
+        '--config=configs/imagenet_jft_mpl.py:unlabeled=my_images), the name of a prepared '
+        'TFDS image dataset in --config.data.data_dir. JFT-300M is not public; use '
+        'configs/imagenet10_mpl.py for ImageNet alone. For a smoke test use :runlocal, for '
+        'memory planning :standin with mpl.bench --dry_run.')
   # The ImageNet-10% recipe (ResNet-50, UDA, schedules, augmentation, finetune), then what
   # differs: all of ImageNet labeled, another unlabeled set, 4096 + 32768 images per step.
   flags = ','.join(f'{k}={v}' for k, v in (('steps', args.steps), ('seed', args.seed),

@@ -297,10 +297,15 @@ _TPU_2D_SHAPES = ('2x2', '2x4', '4x4', '4x8', '8x8', '8x16', '16x16', '16x32', '
 _TPU_3D_SHAPES = ('2x2x1', '2x2x2', '2x2x4', '2x4x4', '4x4x4', '4x4x8', '4x8x8', '8x8x8',
                   '8x8x16', '8x16x16', '16x16x16')
 
-# HBM per JAX device (GiB). TPU v4/v5p chips are one JAX device each (megacore).
+
+def _tpu_label(generation: str) -> str:
+  return f'TPU {generation} ({TPU_GENERATIONS[generation][2]} GiB per device)'
+
+
+# HBM per JAX device (GiB): the TPUs above, then GPUs.
 ACCELERATOR_MEMORY_GIB = {
-    'TPU v3 core': 16, 'TPU v4 chip': 32, 'TPU v5e chip': 16, 'TPU v5p chip': 95,
-    'TPU v6e chip': 32, 'A100 40GB': 40, 'A100 80GB': 80, 'H100 80GB': 80, 'H200': 141,
+    **{_tpu_label(g): hbm for g, (_, _, hbm) in TPU_GENERATIONS.items()},
+    'A100 40GB': 40, 'A100 80GB': 80, 'H100 80GB': 80, 'H200': 141,
 }
 
 
@@ -477,15 +482,13 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
                 'temp_bytes': memory.get('temp_bytes'),
                 'generated_code_bytes': memory.get('generated_code_bytes')}
   total = sum(v for v in per_device.values() if v)
-  if out_of_memory:
-    fits = {f'TPU {tpu} ({TPU_GENERATIONS[tpu][2]} GiB per device)': False}
-  elif not compiled:
+  if not compiled and not out_of_memory:
     fits = None  # without the temporaries the total is only a lower bound
-  elif tpu:  # the TPU compiler's own figures: the verdict for this generation only
-    fits = {f'TPU {tpu} ({TPU_GENERATIONS[tpu][2]} GiB per device)':
-            total <= 0.9 * TPU_GENERATIONS[tpu][2] * 2**30}
   else:
-    fits = {accel: total <= 0.9 * gib * 2**30 for accel, gib in ACCELERATOR_MEMORY_GIB.items()}
+    # The TPU compiler's figures hold for its own generation only.
+    accelerators = [_tpu_label(tpu)] if tpu else list(ACCELERATOR_MEMORY_GIB)
+    fits = {accel: not out_of_memory and total <= 0.9 * ACCELERATOR_MEMORY_GIB[accel] * 2**30
+            for accel in accelerators}
   return {
       'mode': 'dry_run',
       'config': name,

@@ -353,6 +353,7 @@ class ReducedMPL(base.Method):
           'stage 1 (any method) in a workdir A, then pass teacher_workdir=A (see '
           'configs/digits_reduced_mpl.py).')
     data = training_set(config)
+    mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
     labeled = split.labeled_indices(
         data.train_labels, len(data.train_labels) if config.num_labeled == -1
         else int(config.num_labeled), data.num_classes, seed=config.data.seed)
@@ -374,16 +375,15 @@ class ReducedMPL(base.Method):
       model_config, where, params_keys, stats_keys = select_teacher(
           state_metadata(run_path), run_config, c.teacher_source,
           state_metadata(finetune_path) if finetune_path else None)
+      teacher_path = finetune_path if where == 'finetune' else run_path
       logging.info('reduced_mpl: large teacher = %s of %s.', '/'.join(params_keys),
-                   finetune_path if where == 'finetune' else run_path)
+                   teacher_path)
       try:
         model = models.from_config(model_config, self.info.num_classes)
       except ValueError as e:
         raise ConfigError(f'the stage-1 model in {c.teacher_workdir}: {e}') from e
-      mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
-      variables = restore_variables(
-          finetune_path if where == 'finetune' else run_path, params_keys, stats_keys, model,
-          self.prepare(jnp.asarray(data.train_images[:1])), mesh, rules)
+      variables = restore_variables(teacher_path, params_keys, stats_keys, model,
+                                    self.prepare(jnp.asarray(data.train_images[:1])), mesh, rules)
       what = f'{run_config.get("method")} run {c.teacher_workdir} ({c.teacher_source})'
     else:
       logging.warning('reduced_mpl: no teacher_workdir; training a throw-away large teacher '
@@ -393,7 +393,6 @@ class ReducedMPL(base.Method):
       variables = train_standin_teacher(
           model, self.prepare, data.train_images[labeled], data.train_labels[labeled],
           int(c.standin_teacher_steps), config.batch_size, jax.random.PRNGKey(config.seed))
-      mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
       variables = jax.device_put(variables, sharding.replicated(mesh))
       what = 'stand-in teacher'
     num_train = len(data.train_labels)
