@@ -18,7 +18,11 @@
 #            supervised WRN-28-2 on all 60,000 Fashion-MNIST labels (issue target: >= 92 %).
 #   compare: at 1000 labels and equal steps ($STEPS, default 2000): supervised, MPL with each
 #            feedback mode; the official_release run's teacher is plain UDA. Expected ordering:
-#            MPL > UDA > supervised.
+#            MPL > UDA > supervised. Ends with launch/compare_runs.py: $OUT/compare.md (table)
+#            and $OUT/compare.png (curves). $MODEL (wrn28_2 | cnn | cnn_small) and $EXTRA (more
+#            --config flags) scale it down; the CPU study in configs/fashion_mnist.py ran
+#              MODEL=cnn_small EXTRA='--config.batch_size=32 --config.mu=4 --config.eval_every=500' \
+#              RUN_TIMEOUT=3600 bash launch/gpu_figures.sh compare   (after `prepare`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_figures}
@@ -28,7 +32,8 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 setup_device() {
   python -c "import ml_collections" 2>/dev/null ||
     pip install -q --no-index --find-links .gpu_carry/wheels ml_collections absl-py PyYAML
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+  { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no GPU'; } |
+    tee "$OUT/gpu.txt"
 }
 
 fashion() {  # fashion NAME CONFIG_ARGS [--config.x=y ...]
@@ -78,11 +83,17 @@ case "${1:-}" in
   compare)
     setup_device
     steps=${STEPS:-2000}
-    fashion fm1000_supervised "labels=1000,steps=$steps"
+    model=${MODEL:-wrn28_2}
+    # shellcheck disable=SC2086  # $EXTRA: extra --config.x=y flags for every run, word-split
+    fashion fm1000_supervised "labels=1000,model=$model,steps=$steps" ${EXTRA:-}
     for feedback in first_order exact official_release; do
-      fashion "fm1000_mpl_$feedback" "method=mpl,labels=1000,steps=$steps" \
-        --config.mpl.feedback=$feedback
+      # shellcheck disable=SC2086
+      fashion "fm1000_mpl_$feedback" "method=mpl,labels=1000,model=$model,steps=$steps" \
+        --config.mpl.feedback=$feedback ${EXTRA:-}
     done
+    python -m launch.compare_runs /tmp/runs/fm1000_supervised /tmp/runs/fm1000_mpl_* \
+      --out "$OUT/compare.png" --title "Fashion-MNIST, 1000 labels, $model, $steps steps" |
+      tee "$OUT/compare.md"
     ;;
   *)
     sed -n 2,20p "$0"
