@@ -31,7 +31,10 @@ data_utils.py), built by `wrn28_2_mpl_config` below and shared with configs/svhn
   16x16 Cutout; student EMA 0.995 with decay min(0.995, (t+1)/(t+10)), evaluated.
   Weak view: flip + 4-pixel pad-and-crop with the padding filled with grey 128
   (`augment.pad_mode='constant'`, `augment.fill=128`: the official `_flip_and_jitter(x, 128)`;
-  the same grey fills RandAugment's geometric ops and the Cutout box).
+  the same grey fills RandAugment's geometric ops and the Cutout box). As the official input,
+  the strong view is built on the weak view's own flip and crop and jitters once more after
+  Cutout: weak = J1(x), strong = J2(Cutout(RA(J1(x)))) (`augment.strong_from_weak`,
+  `augment.jitter_after`).
 
 Finetune stage (paper; `config.finetune`): after the 300k MPL steps the EMA student is trained
 on the 4,000 labeled images only (weak view, cross-entropy with the same label smoothing 0.15,
@@ -95,6 +98,8 @@ def wrn28_2_mpl_config(dataset, args):
   config.augment.magnitude = 16.0
   config.augment.num_layers = 2
   config.augment.cutout_size = 16
+  config.augment.strong_from_weak = True   # official: strong = J2(Cutout(RA(J1(x)))), weak = J1(x)
+  config.augment.jitter_after = True
 
   mpl = config.mpl
   mpl.feedback = 'first_order'

@@ -58,6 +58,8 @@ def get_config(arg=None):
   config.augment.labeled = 'weak'
   config.augment.pad_mode = 'constant'        # pad with the black background: reflect would
   config.augment.fill = 0                     # mirror garments into the border
+  config.augment.strong_from_weak = True      # the official CIFAR input: weak = J1(x),
+  config.augment.jitter_after = True          # strong = J2(Cutout(RA(J1(x))))
   config.ema_decay = 0.995
   # MPL (method=mpl): the official CIFAR-10-4K recipe with its schedule lengths scaled from 300k
   # steps to `steps` (teacher warm-up 5k -> steps/60, student wait 3k -> steps/100, UDA ramp).

@@ -26,7 +26,7 @@ Memory: `memory_analysis` (per device: temporaries, arguments, outputs, aliased 
 first local device's `memory_stats()['peak_bytes_in_use']` (null where the backend has no
 allocator statistics, e.g. CPU).
 
---augment_only: times just the MPL strong view (`mpl.data.augment.strong_view`, called as the MPL
+--augment_only: times just the MPL strong view (`mpl.methods.base.strong_view`, called as the MPL
 method calls it, with the config's augment settings) on batch_size * mu random uint8 images of
 the config's image shape, sharded over the mesh's 'data' axis like a training batch.
 
@@ -242,9 +242,7 @@ def bench_augment(config, *, steps: int = 10, warmup: int = 2,
 
     @jax.jit
     def strong(key, x):
-      return augment.strong_view(key, x, variant=aug.strong, magnitude=aug.magnitude,
-                                 num_layers=aug.num_layers, cutout_size=aug.cutout_size,
-                                 pad=aug.pad, pad_mode=aug.pad_mode)
+      return base.strong_view(config, key, x)   # exactly as the train step calls it
 
     key = jax.random.key(config.seed)
     t0 = time.perf_counter()

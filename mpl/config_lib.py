@@ -145,6 +145,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(f'config.{key} must be positive, got {config[key]}.')
   if config.mu < 0:
     raise ConfigError(f'config.mu must be >= 0, got {config.mu}.')
+  check_choice('augment.strong', config.augment.strong, ('mpl', 'fixmatch', 'none'))
+  if config.augment.strong == 'fixmatch' and not 2 <= config.augment.magnitude <= 10:
+    # FixMatch draws levels 1..magnitude-1. Past 9 the formulas go out of range (level 13
+    # keeps 0 Posterize bits, a black image; level 15 solarizes every pixel): the MPL default
+    # of 16 must not leak into a FixMatch run.
+    raise ConfigError(
+        f'config.augment.magnitude = {config.augment.magnitude} with augment.strong=fixmatch: '
+        f'FixMatch draws random levels 1..magnitude-1 and its official bound is 10 (levels '
+        f'1..9). Set --config.augment.magnitude=10.')
   data = data_axis_size(config, num_devices)
   finetune_batch = config.finetune.batch_size if config.finetune.steps > 0 else data
   for name, size in (('finetune.batch_size', finetune_batch),
@@ -202,8 +211,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment = ml_collections.ConfigDict(dict(
       labeled='none',              # 'none' | 'weak' (flip + pad-and-crop)
       strong='mpl',                # RandAugment variant of strong views: 'mpl' | 'fixmatch'
-      magnitude=16.0, num_layers=2, cutout_size=16, pad=4, pad_mode='reflect', flip=True,
-      fill=128))                   # grey fill of constant padding, rotations, Cutout
+      magnitude=16.0,              # MPL: the fixed magnitude; FixMatch: levels 1..magnitude-1
+                                   # (set 10 with strong='fixmatch')
+      num_layers=2, cutout_size=16, pad=4, pad_mode='reflect', flip=True,
+      fill=128,                    # grey fill of constant padding, rotations, Cutout
+      strong_from_weak=False,      # True: strong view = RA(weak view), the same crop (MPL CIFAR)
+      jitter_after=False))         # True: flip-and-crop again after Cutout (MPL CIFAR)
 
   # Pseudo Labels / Noisy Student (mpl/methods/pseudo_label.py); every network uses c.optimizer.
   c.pseudo_label = ml_collections.ConfigDict(dict(

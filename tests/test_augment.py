@@ -358,3 +358,48 @@ def test_cps_box_mask_is_the_xor_of_its_boxes():
       union[i, y0:y1, x0:x1] = True
   np.testing.assert_array_equal(mask, expected)
   assert np.any(expected != union)  # Some boxes overlap, and there they cancel.
+
+
+# ------------------------------------------------------------------ views as the methods build them
+
+
+def _views_config(**augment_overrides):
+  from mpl import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  # RandAugment and Cutout off: what is left is the flip-and-crop bookkeeping under test.
+  config.augment.update(dict(strong='mpl', num_layers=0, cutout_size=0, pad=2,
+                             pad_mode='constant', fill=0))
+  config.augment.update(augment_overrides)
+  return config
+
+
+def test_strong_view_built_on_the_weak_view_shares_its_crop():
+  from mpl.methods import base  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(_image(10, (32, 8, 8, 1)))
+  weak, strong = base.unlabeled_views(_views_config(strong_from_weak=True), KEY, x)
+  np.testing.assert_array_equal(weak, strong)   # the official MPL CIFAR input: RA(J1(x)), J1(x)
+  weak, strong = base.unlabeled_views(_views_config(strong_from_weak=False), KEY, x)
+  differ = [not np.array_equal(w, s) for w, s in zip(np.asarray(weak), np.asarray(strong))]
+  assert sum(differ) > len(differ) // 2       # independent flips and crops
+  weak, strong = base.unlabeled_views(_views_config(strong_from_weak=True, jitter_after=True),
+                                      KEY, x)
+  differ = [not np.array_equal(w, s) for w, s in zip(np.asarray(weak), np.asarray(strong))]
+  assert sum(differ) > len(differ) // 2       # J2 moved the strong view again
+
+
+@pytest.mark.parametrize('method', ['mpl', 'pseudo_label'])
+def test_methods_take_their_views_from_the_config(method):
+  """flip=False, pad=0 and no RandAugment leave the unlabeled images untouched in every method."""
+  from mpl import methods, models  # pylint: disable=g-import-not-at-top
+  from mpl.methods import base  # pylint: disable=g-import-not-at-top
+  config = _views_config(flip=False, pad=0, strong_from_weak=True, jitter_after=True)
+  config.method = method
+  model = models.from_config(dict(name='cnn', features=(4,)), 10)
+  info = base.DataInfo(num_classes=10, mean=(0.0,), std=(1.0,), is_image=True)
+  method_obj = methods.get_method(method)(config, model, info)
+  method_obj.prepare = lambda images: images
+  x = jnp.asarray(_image(11, (8, 8, 8, 1)))
+  batch = {'labeled': {'image': x}, 'unlabeled': {'image': x}}
+  _, x_w, x_s = method_obj.views(KEY, batch)
+  np.testing.assert_array_equal(x_w, x)
+  np.testing.assert_array_equal(x_s, x)

@@ -166,6 +166,8 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     ({'num_labeled': 5000}, 'exceeds'),
     ({'batch_size': 12}, 'not divisible by the data-axis size 8'),
     ({'mesh.data': 16}, 'devices'),
+    ({'augment.strong': 'randaugment'}, 'unknown augment.strong'),
+    ({'augment.strong': 'fixmatch'}, 'magnitude=10'),   # the MPL default 16 must not leak in
 ])
 def test_bad_config_fails_before_training(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):

@@ -24,7 +24,8 @@ Conventions
   coefficient s reads input x + s*y, TranslateX by v reads input x + v (content moves left for
   v > 0). The sign of these ops is random in both policies, so directions do not matter for
   training. (TF's transform samples at integer pixel centres, PIL at +0.5; for shears this moves
-  the result by at most s/2 < 0.25 pixel, for rotations and translations the two agree.)
+  the result by at most s/2 pixel (0.24 at MPL m=16, 0.255 at m=17), for rotations and
+  translations the two agree.)
 
 Policies
 --------
@@ -33,8 +34,12 @@ MPL / UDA (google-research `meta_pseudo_labels/augment.py` `RandAugment.distort`
 (with replacement), all at the fixed magnitude m (CIFAR: 16; formulas extrapolate past 10). One
 probability p ~ U(0.2, 0.8) is drawn per image and shared by its layers; a chosen op is applied iff
 u <= p. Then a 16x16 Cutout (`augment.cutout(pad_size=image_size // 4, replace=128)`). The
-reference CIFAR pipeline also pads with grey 128 (not reflect) in its flip-and-jitter, and for
-the unlabeled strong view jitters once more after Cutout (`strong_view(..., jitter_after=True)`).
+reference CIFAR pipeline (`data_utils.py` `cifar10_4000_uda._unl_parser`) also pads with grey 128
+(not reflect) in its flip-and-jitter J, builds the strong view on the weak view's own crop and
+jitters once more after Cutout: weak = J1(x), strong = J2(Cutout(RA(J1(x)))). Here that is
+`strong_view(rng, weak, jitter_before=False, jitter_after=True)`; in configs,
+`augment.strong_from_weak` and `augment.jitter_after` (on in the CIFAR/SVHN/Fashion-MNIST MPL
+recipes, off by default: FixMatch draws its two views independently and jitters once).
 
 FixMatch (google-research/fixmatch `libml/augment.py` `AugmentPoolRAMC` with
 `third_party/auto_augment/augmentations.py`, i.e. the `rac` augmentation): 14 ops
@@ -85,7 +90,11 @@ Notes on the sources, and where ours and theirs differ
   differs in three places we do not copy: its Contrast uses sum(histogram)/256 = H*W/256 as the
   grey level (4 for a 32x32 image, i.e. Contrast darkens), its `blend` clips on the wrong scale
   (0..255 on 0..1 floats) so out-of-range values rely on the float->uint8 cast, and its Sharpness
-  truncates the smoothed image instead of rounding.
+  truncates the smoothed image instead of rounding. The cast does not saturate in TF (on CPU,
+  out-of-range values wrap: tensorflow/tensorflow#12235), so at m=16 (factor 2.98) Brightness
+  and Contrast turn pixels brighter than about 85 dark again; with 4 of the 15 ops affected and
+  2 layers, a sizeable share of the official strong views carry such wrap-around artefacts.
+  Ours saturate, as PIL does: our strong views are that much cleaner than the official ones.
 * Equalize and AutoContrast follow PIL, per channel: AutoContrast maps [min, max] to [0, 255]
   (floor), Equalize builds a 256-bin histogram (scatter-add), step = (count - count of the last
   non-empty bin) // 255, lut = (exclusive cumsum + step // 2) // step clipped to 255, identity
@@ -93,7 +102,10 @@ Notes on the sources, and where ours and theirs differ
 * Cutout: centre uniform over the image, box [c - size//2, c - size//2 + size) clipped to the
   image (16x16 unless it hits a border), filled with grey (MPL: 128; FixMatch official: 0 in
   [-1, 1], i.e. grey; kekmodel: (127, 127, 127) and its inclusive `ImageDraw.rectangle` paints
-  17x17). kekmodel fills geometric ops with black (PIL's default); both official codes use grey.
+  17x17). kekmodel fills geometric ops with black (PIL's default); both official codes use grey,
+  with one FixMatch exception we do not copy: its geometric ops leave transparent pixels that
+  are greyed at the end, but a later AutoContrast, Equalize, Solarize or Posterize converts
+  RGBA -> RGB -> RGBA, making them opaque black (a few % of FixMatch strong views).
 * For 1-channel images Color is the identity (the grey of a grey image is itself) and Contrast
   uses the image's own mean; for channel counts other than 1 and 3 the grey is the channel mean.
 
@@ -660,14 +672,19 @@ def randaugment(rng, images, *, variant: str = 'mpl', magnitude=None, num_layers
 
 def strong_view(rng, images, *, variant: str = 'mpl', magnitude=None, num_layers: int = 2,
                 cutout_size: int = 16, pad: int = 4, pad_mode: str = 'reflect', flip: bool = True,
-                fill: float = FILL, jitter_after: bool = False):
-  """Weak view, RandAugment, Cutout (and, with jitter_after, MPL's second flip-and-jitter)."""
+                fill: float = FILL, jitter_before: bool = True, jitter_after: bool = False):
+  """Weak view, RandAugment, Cutout (and, with jitter_after, MPL's second flip-and-jitter).
+
+  jitter_before=False skips the first flip-and-crop: for images that already are a weak view
+  (the official MPL CIFAR input builds the strong view on the weak view's own crop).
+  """
   augment_ops(variant)
   n_ra = _num_uniforms(num_layers)
   weak = functools.partial(_weak_one, pad=pad, pad_mode=pad_mode, flip=flip, fill=fill)
 
   def one(u, x, q):
-    x = weak(u[:_WEAK_UNIFORMS], x)
+    if jitter_before:
+      x = weak(u[:_WEAK_UNIFORMS], x)
     x = _randaugment_one(u[_WEAK_UNIFORMS:_WEAK_UNIFORMS + n_ra], x, variant=variant,
                          magnitude=magnitude, num_layers=num_layers, cutout_size=cutout_size,
                          q=q, fill=fill)

@@ -160,18 +160,26 @@ def weak_view(config, rng, images):
                            fill=a.fill)
 
 
-def strong_view(config, rng, images):
-  """Weak view + RandAugment (`config.augment.strong` variant) + Cutout."""
+def strong_view(config, rng, images, *, jitter_before=True):
+  """Weak view + RandAugment (`config.augment.strong` variant) + Cutout (+ a second jitter)."""
   from mpl.data import augment  # pylint: disable=g-import-not-at-top
   a = config.augment
   return augment.strong_view(rng, images, variant=a.strong, magnitude=a.magnitude,
                              num_layers=a.num_layers, cutout_size=a.cutout_size, pad=a.pad,
-                             pad_mode=a.pad_mode, flip=a.flip, fill=a.fill)
+                             pad_mode=a.pad_mode, flip=a.flip, fill=a.fill,
+                             jitter_before=jitter_before, jitter_after=a.jitter_after)
 
 
 def unlabeled_views(config, rng, images):
-  """(weak, strong) views of the unlabeled images; the raw images when augment.strong='none'."""
+  """(weak, strong) views of the unlabeled images; the raw images when augment.strong='none'.
+
+  With `augment.strong_from_weak` the strong view is built on the weak view itself (the same
+  flip and crop, as the official MPL CIFAR input); otherwise the two are drawn independently.
+  """
   if config.augment.strong == 'none':  # e.g. TwoMoons: points, not images
     return images, images
   weak_rng, strong_rng = jax.random.split(rng)
-  return weak_view(config, weak_rng, images), strong_view(config, strong_rng, images)
+  weak = weak_view(config, weak_rng, images)
+  if config.augment.strong_from_weak:
+    return weak, strong_view(config, strong_rng, weak, jitter_before=False)
+  return weak, strong_view(config, strong_rng, images)

@@ -39,7 +39,7 @@ import optax
 from mpl import optim
 from mpl.errors import ConfigError
 from mpl.methods import base
-from mpl.methods.base import labeled_view
+from mpl.methods.base import labeled_view, unlabeled_views
 
 ONLINE_THRESHOLD = 0.95   # Lee 2013 / USB default when config.pseudo_label.threshold is None
 OFFLINE_THRESHOLD = 0.0   # Noisy Student keeps every pseudo label
@@ -140,18 +140,9 @@ class PseudoLabel(base.Method):
 
   def views(self, rng, batch):
     """Network inputs: labeled view, weak and strong views of the unlabeled images."""
-    labeled_rng, weak_rng, strong_rng = jax.random.split(rng, 3)
-    aug = self.config.augment
+    labeled_rng, unlabeled_rng = jax.random.split(rng)
     x_l = labeled_view(self.config, labeled_rng, batch['labeled']['image'])
-    x_u = batch['unlabeled']['image']
-    if aug.strong == 'none':  # e.g. TwoMoons: both views are the raw points
-      x_w, x_s = x_u, x_u
-    else:
-      from mpl.data import augment  # pylint: disable=g-import-not-at-top
-      x_w = augment.weak_view(weak_rng, x_u, pad=aug.pad, pad_mode=aug.pad_mode)
-      x_s = augment.strong_view(strong_rng, x_u, variant=aug.strong, magnitude=aug.magnitude,
-                                num_layers=aug.num_layers, cutout_size=aug.cutout_size,
-                                pad=aug.pad, pad_mode=aug.pad_mode)
+    x_w, x_s = unlabeled_views(self.config, unlabeled_rng, batch['unlabeled']['image'])
     return self.prepare(x_l), self.prepare(x_w), self.prepare(x_s)
 
   # -- the update -------------------------------------------------------------------------------
