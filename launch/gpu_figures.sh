@@ -20,7 +20,8 @@
 #            feedback mode; the official_release run's teacher is plain UDA. Expected ordering:
 #            MPL > UDA > supervised. Ends with launch/compare_runs.py: $OUT/compare.md (table)
 #            and $OUT/compare.png (curves). $MODEL (wrn28_2 | cnn | cnn_small) and $EXTRA (more
-#            --config flags) scale it down; the CPU study in configs/fashion_mnist.py ran
+#            --config flags) scale it down; the settings of the CPU study in
+#            configs/fashion_mnist.py (there run with mpl.main directly) are
 #              MODEL=cnn_small EXTRA='--config.batch_size=32 --config.mu=4 --config.eval_every=500' \
 #              RUN_TIMEOUT=3600 bash launch/gpu_figures.sh compare   (after `prepare`)
 set -euo pipefail

@@ -81,7 +81,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from mpl import config_lib, methods, models, sharding, train
-from mpl.data import augment, datasets
+from mpl.data import datasets
 from mpl.methods import base
 from mpl.errors import ConfigError, DataError
 

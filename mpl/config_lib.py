@@ -210,7 +210,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.augment = ml_collections.ConfigDict(dict(
       labeled='none',              # 'none' | 'weak' (flip + pad-and-crop)
-      strong='mpl',                # RandAugment variant of strong views: 'mpl' | 'fixmatch'
+      strong='mpl',                # RandAugment of strong views: 'mpl' | 'fixmatch' | 'none'
       magnitude=16.0,              # MPL: the fixed magnitude; FixMatch: levels 1..magnitude-1
                                    # (set 10 with strong='fixmatch')
       num_layers=2, cutout_size=16, pad=4, pad_mode='reflect', flip=True,

@@ -111,15 +111,6 @@ class MPL(base.Method):
     return network.apply(sharding.gather_for_compute(variables), self.prepare(images),
                          train=False)
 
-  # -- views ------------------------------------------------------------------------------------
-
-  def views(self, rng, batch):
-    """Network inputs: labeled view, weak and strong views of the unlabeled images."""
-    labeled_rng, unlabeled_rng = jax.random.split(rng)
-    x_l = base.labeled_view(self.config, labeled_rng, batch['labeled']['image'])
-    x_w, x_s = base.unlabeled_views(self.config, unlabeled_rng, batch['unlabeled']['image'])
-    return self.prepare(x_l), self.prepare(x_w), self.prepare(x_s)
-
   # -- the update -------------------------------------------------------------------------------
 
   def update(self, state, batch):
@@ -217,7 +208,8 @@ class MPL(base.Method):
                                                   teacher_params)
     teacher_params = optax.apply_updates(teacher_params, updates)
 
-    ema_params, ema_batch_stats = base.updated_ema(state, student_params, student_stats, self.ema_decay)
+    ema_params, ema_batch_stats = base.updated_ema(state, student_params, student_stats,
+                                                   self.ema_decay)
 
     metrics = {
         **teacher_metrics,

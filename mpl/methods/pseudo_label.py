@@ -39,7 +39,6 @@ import optax
 from mpl import optim
 from mpl.errors import ConfigError
 from mpl.methods import base
-from mpl.methods.base import labeled_view, unlabeled_views
 
 ONLINE_THRESHOLD = 0.95   # Lee 2013 / USB default when config.pseudo_label.threshold is None
 OFFLINE_THRESHOLD = 0.0   # Noisy Student keeps every pseudo label
@@ -135,15 +134,6 @@ class PseudoLabel(base.Method):
     if not self.online:
       out['teacher'] = base.variables_of(state.params['teacher'], state.batch_stats['teacher'])
     return out
-
-  # -- views (as mpl.MPL.views) ------------------------------------------------------------------
-
-  def views(self, rng, batch):
-    """Network inputs: labeled view, weak and strong views of the unlabeled images."""
-    labeled_rng, unlabeled_rng = jax.random.split(rng)
-    x_l = labeled_view(self.config, labeled_rng, batch['labeled']['image'])
-    x_w, x_s = unlabeled_views(self.config, unlabeled_rng, batch['unlabeled']['image'])
-    return self.prepare(x_l), self.prepare(x_w), self.prepare(x_s)
 
   # -- the update -------------------------------------------------------------------------------
 

@@ -130,12 +130,6 @@ def round_repeats(repeats: int, depth_coefficient: float) -> int:
     return int(math.ceil(repeats * depth_coefficient))
 
 
-def depthwise_conv(kernel: int, strides: int, *, dtype: Any, name: str) -> nn.Module:
-    """Bias-free depthwise conv (multiplier 1) over the input's channels; kernel
-    (h, w, 1, channels), partitioned as (None, None, None, 'channels')."""
-    return DepthwiseConv(kernel, strides, dtype=dtype, name=name)
-
-
 class DepthwiseConv(nn.Module):
     """kxk depthwise conv, 'SAME' padding, no bias: flax's nn.Conv with feature_group_count =
     channels (same parameter name, shape and init), computed by `depthwise_conv2d`."""
@@ -165,19 +159,19 @@ def _lax_depthwise(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
     """Depthwise conv of NHWC `x` with a (k, k, 1, C) kernel, 'SAME' padding.
 
-    On a mesh with two axes larger than 1 (hybrid model-data parallelism), XLA's SPMD
-    partitioner (jax 0.10 to 0.12, both Shardy and GSPMD) gets this conv's kernel gradient
-    wrong: JAX writes it as a convolution with batch_group_count = C, and when the images are
-    split over 'data' while 'model' replicates them, the partitioned program also sums the
-    gradient over 'model' (it comes out `model` times too large). There the kernel gradient is
-    computed by `_depthwise_with_tap_gradient` instead; elsewhere the plain conv is used.
+    On a mesh with a 'model' axis larger than 1 (model or hybrid model-data parallelism),
+    XLA's SPMD partitioner (jax 0.10 to 0.12, both Shardy and GSPMD) gets this conv's kernel
+    gradient wrong: JAX writes it as a convolution with batch_group_count = C, and when the
+    images are split over 'data' while 'model' replicates them, the partitioned program also
+    sums the gradient over 'model' (it comes out `model` times too large). There the kernel
+    gradient is computed by `_depthwise_with_tap_gradient` instead; elsewhere the plain conv.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    hybrid = not mesh.empty and (mesh.shape.get('model', 1) > 1
-                                 or sum(size > 1 for size in mesh.shape.values()) > 1)
-    # Any 'model' axis counts, even with one data replica, so that `mpl.bench --dry_run --mesh
-    # 16` compiles the program a 128 x 16 run executes.
-    return (_depthwise_with_tap_gradient if hybrid else _lax_depthwise)(x, kernel, strides)
+    # Also with one data replica (where the plain conv would be right), so that `mpl.bench
+    # --dry_run --mesh 16` compiles the program a 128 x 16 run executes.
+    model_parallel = not mesh.empty and mesh.shape.get('model', 1) > 1
+    depthwise = _depthwise_with_tap_gradient if model_parallel else _lax_depthwise
+    return depthwise(x, kernel, strides)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -264,8 +258,8 @@ class MBConvBlock(nn.Module):
         if self.expand_ratio != 1:
             y = conv(expanded, 1, dtype=self.dtype, name='expand_conv')(y)
             y = nn.swish(bn('expand_bn')(y))
-        y = depthwise_conv(self.kernel, self.strides, dtype=self.dtype,
-                           name='depthwise_conv')(y)
+        y = DepthwiseConv(self.kernel, self.strides, dtype=self.dtype,
+                          name='depthwise_conv')(y)
         y = nn.swish(bn('depthwise_bn')(y))
         y = SqueezeExcite(max(1, int(in_features * SE_RATIO)), dtype=self.dtype, name='se')(y)
         y = conv(self.features, 1, dtype=self.dtype, name='project_conv')(y)
