@@ -4,6 +4,15 @@ r"""Side by side: test accuracy of several runs, as a Markdown table and one PNG
         /tmp/runs/fm_mpl_exact --out compare.png
 
 Each argument is a workdir, or NAME=WORKDIR to choose its label (default: the folder's name).
+Seeds: NAME=W1,W2,... or NAME='GLOB' (quoted, e.g. 'sup=/tmp/runs/sup_seed*') makes one row of
+several runs of the same setting; its cells are the mean +- the sample standard deviation over
+the runs, `n` says how many, and its curve is the mean with a band of +- one standard deviation.
+Where rows share seeds (config.seed and config.data.seed), a last column gives each row's final
+accuracy minus the first row's, paired seed by seed (mean +- std, and how many seeds are higher):
+seeds that change the labeled split vary far more than the methods differ, and pairing removes it.
+
+    python -m launch.compare_runs 'supervised=/tmp/d/sup_*' 'mpl=/tmp/d/mpl_*' --out seeds.png
+
 A finished run is read from WORKDIR/summary.json: final (the evaluated model: the EMA where there
 is one, after the finetune stage where there was one), best, median of the last 20 evaluations,
 and for MPL also the teacher's final accuracy (with `mpl.feedback=official_release` the teacher
@@ -15,6 +24,7 @@ model solid, teacher dashed) and <out>.json with the rows.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -78,21 +88,88 @@ def read_run(workdir: str) -> dict:
       'best': max(a for _, a in history) if history else None,
       'median_last_20': statistics.median(a for _, a in history[-20:]) if history else None,
       'teacher_final': curves['teacher'][-1][1] if 'teacher' in curves else None,
+      'seed': (config.get('seed'), config.get('data', {}).get('seed')),
       'running': running,
       'curves': curves,
   }
   return row
 
 
+def combine(runs: list[dict], workdirs: list[str]) -> dict:
+  """One row from runs of the same setting (seeds): means, sample std devs, the mean curves."""
+  for key in ('method', 'feedback'):
+    values = {r[key] for r in runs}
+    if len(values) > 1:
+      raise ValueError(f'{", ".join(workdirs)}: these runs differ in {key} ({sorted(map(str, values))}); '
+                       f'a row of several runs is for seeds of one setting')
+  row = {'method': runs[0]['method'], 'feedback': runs[0]['feedback'], 'n': len(runs),
+         'steps': min(r['steps'] for r in runs), 'evaluated': runs[0]['evaluated'],
+         'running': any(r['running'] for r in runs), 'workdirs': workdirs,
+         'finals': [r['final'] for r in runs], 'seeds': [r['seed'] for r in runs]}
+  for key in ('final', 'best', 'median_last_20', 'teacher_final'):
+    values = [r[key] for r in runs if r[key] is not None]
+    row[key] = statistics.fmean(values) if values else None
+    row[key + '_std'] = statistics.stdev(values) if len(values) > 1 else None
+  # Mean curve (and std) over the steps every run has evaluated.
+  row['curves'], row['curves_std'] = {}, {}
+  for model in runs[0]['curves']:
+    per_run = [dict(r['curves'].get(model, [])) for r in runs]
+    steps = sorted(set.intersection(*(set(c) for c in per_run)))
+    row['curves'][model] = [(s, statistics.fmean(c[s] for c in per_run)) for s in steps]
+    row['curves_std'][model] = [(s, statistics.stdev([c[s] for c in per_run])
+                                 if len(runs) > 1 else 0.0) for s in steps]
+  return row
+
+
+def expand(spec: str) -> tuple[str, list[str]]:
+  """'NAME=W1,W2' / 'NAME=GLOB' / 'WORKDIR' -> (name, workdirs)."""
+  name, _, target = spec.rpartition('=')
+  if ',' in target:
+    workdirs = target.split(',')
+  elif glob.has_magic(target):
+    workdirs = sorted(d for d in glob.glob(target) if os.path.isdir(d))
+    if not workdirs:
+      raise FileNotFoundError(f'{target}: matches no folder')
+  else:
+    workdirs = [target]
+  return name or os.path.basename(os.path.normpath(target)), workdirs
+
+
+def paired_difference(row: dict, reference: dict) -> str:
+  """'+2.61 ± 1.20 (5/5 higher)': final minus the reference's final, run by run of equal seeds."""
+  if any(None in seed for seed in reference['seeds']) or \
+      len(set(reference['seeds'])) < len(reference['seeds']):
+    return ''  # no seeds recorded, or several runs of one seed: nothing to pair
+  by_seed = dict(zip(reference['seeds'], reference['finals']))
+  diffs = [final - by_seed[seed] for seed, final in zip(row['seeds'], row['finals'])
+           if seed in by_seed and final is not None and by_seed[seed] is not None]
+  if len(diffs) < 2:
+    return ''
+  higher = sum(d > 0 for d in diffs)
+  return (f'{100 * statistics.fmean(diffs):+.2f} ± {100 * statistics.stdev(diffs):.2f} '
+          f'({higher}/{len(diffs)} higher)')
+
+
 def markdown_table(rows: dict[str, dict]) -> str:
-  pct = lambda v: '' if v is None else f'{100 * v:.2f}'
-  lines = ['| run | method | steps | final | best | median last 20 | teacher final |',
-           '|---|---|---|---|---|---|---|']
+  def cell(r, key):
+    value, std = r[key], r.get(key + '_std')
+    if value is None:
+      return ''
+    return f'{100 * value:.2f}' + (f' ± {100 * std:.2f}' if std is not None else '')
+  reference_name, reference = next(iter(rows.items()))
+  paired = {name: paired_difference(r, reference) for name, r in rows.items() if r is not reference}
+  columns = ['run', 'method', 'n', 'steps', 'final', 'best', 'median last 20', 'teacher final']
+  if any(paired.values()):  # seeds: the difference to the first row, seed by seed
+    columns.append(f'final - {reference_name}, same seeds')
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
   for name, r in rows.items():
     method = r['method'] + (f" ({r['feedback']})" if r['feedback'] else '')
     steps = f"{r['steps']}" + (' (running)' if r['running'] else '')
-    lines.append(f"| {name} | {method} | {steps} | {pct(r['final'])} | {pct(r['best'])} | "
-                 f"{pct(r['median_last_20'])} | {pct(r['teacher_final'])} |")
+    cells = [name, method, str(r['n']), steps, cell(r, 'final'), cell(r, 'best'),
+             cell(r, 'median_last_20'), cell(r, 'teacher_final')]
+    if any(paired.values()):
+      cells.append(paired.get(name, ''))
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
@@ -103,13 +180,19 @@ def plot(rows: dict[str, dict], path: str, title: str) -> None:
   fig, ax = plt.subplots(figsize=(8, 4.5))
   for i, (name, r) in enumerate(rows.items()):
     color = f'C{i}'
-    curve = r['curves'].get(r['evaluated'], [])
-    if curve:
-      ax.plot(*zip(*[(s, 100 * a) for s, a in curve]), color=color, marker='.',
-              label=f"{name} ({r['evaluated']})")
-    if 'teacher' in r['curves']:
-      ax.plot(*zip(*[(s, 100 * a) for s, a in r['curves']['teacher']]), color=color,
-              linestyle='--', label=f'{name} (teacher)')
+    seeds = f", mean of {r['n']}" if r['n'] > 1 else ''
+    for model, style, label in ((r['evaluated'], '-', r['evaluated']), ('teacher', '--', 'teacher')):
+      curve = r['curves'].get(model, [])
+      if not curve:
+        continue
+      steps = [s for s, _ in curve]
+      mean = [100 * a for _, a in curve]
+      ax.plot(steps, mean, color=color, linestyle=style, marker='.' if style == '-' else None,
+              label=f'{name} ({label}{seeds})')
+      if r['n'] > 1:
+        std = [100 * d for _, d in r['curves_std'][model]]
+        ax.fill_between(steps, [m - d for m, d in zip(mean, std)],
+                        [m + d for m, d in zip(mean, std)], color=color, alpha=0.15)
   ax.set_xlabel('step')
   ax.set_ylabel('test accuracy (%)')
   ax.set_title(title)
@@ -128,17 +211,17 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   rows = {}
   for spec in args.runs:
-    name, _, workdir = spec.rpartition('=')
-    name = name or os.path.basename(os.path.normpath(workdir))
     try:
-      rows[name] = read_run(workdir)
-    except FileNotFoundError as e:
+      name, workdirs = expand(spec)
+      rows[name] = combine([read_run(w) for w in workdirs], workdirs)
+    except (FileNotFoundError, ValueError) as e:
       print(f'error: {e}', file=sys.stderr)
       return 2
   print(markdown_table(rows))
   plot(rows, args.out, args.title)
   with open(os.path.splitext(args.out)[0] + '.json', 'w') as f:
-    json.dump({name: {k: v for k, v in r.items() if k != 'curves'} for name, r in rows.items()},
+    json.dump({name: {k: v for k, v in r.items() if k not in ('curves', 'curves_std')}
+               for name, r in rows.items()},
               f, indent=2)
   print(f'wrote {args.out}')
   return 0

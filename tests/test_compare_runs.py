@@ -15,10 +15,11 @@ def _evals(accuracies, models=('raw', 'ema', 'teacher'), every=100):
           for i, a in enumerate(accuracies)]
 
 
-def _write_summary(workdir, method, evals, feedback=None):
+def _write_summary(workdir, method, evals, feedback=None, seed=None):
   os.makedirs(workdir)
-  config = ml_collections.ConfigDict(dict(method=method, dataset='d',
-                                          model=dict(name='m'), mpl=dict(feedback=feedback)))
+  config = ml_collections.ConfigDict(dict(method=method, dataset='d', seed=seed,
+                                          data=dict(seed=seed), model=dict(name='m'),
+                                          mpl=dict(feedback=feedback)))
   summary = train.summarize(config, evals, wall_s=1.0, steps=evals[-1]['step'], num_labeled=10)
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f)
@@ -38,10 +39,10 @@ def test_table_reads_finished_and_running_runs(tmp_path, capsys):
   assert compare_runs.main([str(tmp_path / 'sup'), f'MPL={tmp_path / "mpl"}', str(running),
                             '--out', str(out)]) == 0
   table = capsys.readouterr().out
-  assert '| sup | supervised | 300 | 60.00 | 70.00 | 60.00 |  |' in table
+  assert '| sup | supervised | 1 | 300 | 60.00 | 70.00 | 60.00 |  |' in table
   # MPL: the evaluated model is the EMA (+0.01 in _evals), the teacher column its own curve.
-  assert '| MPL | mpl (exact) | 200 | 81.00 | 81.00 | 71.00 | 82.00 |' in table
-  assert '| live | supervised | 100 (running) | 45.00 |' in table
+  assert '| MPL | mpl (exact) | 1 | 200 | 81.00 | 81.00 | 71.00 | 82.00 |' in table
+  assert '| live | supervised | 1 | 100 (running) | 45.00 |' in table
   assert out.stat().st_size > 0
   rows = json.load(open(tmp_path / 'cmp.json'))
   assert rows['MPL']['evaluated'] == 'ema' and rows['live']['running']
@@ -63,3 +64,54 @@ def test_finetune_stage_continues_the_step_axis(tmp_path):
 def test_not_a_workdir_is_a_clear_error(tmp_path, capsys):
   assert compare_runs.main([str(tmp_path), '--out', str(tmp_path / 'x.png')]) == 2
   assert 'neither summary.json nor metrics.jsonl' in capsys.readouterr().err
+
+
+def test_seeds_make_one_row_of_means_and_sample_std(tmp_path, capsys):
+  for seed, finals in enumerate(([0.5, 0.6], [0.5, 0.8], [0.6, 1.0])):
+    _write_summary(tmp_path / f'mpl_seed{seed}', 'mpl', _evals(finals), feedback='first_order')
+    (tmp_path / f'mpl_seed{seed}.log').write_text('a log beside the workdir: not a run')
+  _write_summary(tmp_path / 'sup_a', 'supervised', _evals([0.7], models=('raw',)))
+  _write_summary(tmp_path / 'sup_b', 'supervised', _evals([0.9], models=('raw',)))
+  out = tmp_path / 'seeds.png'
+  assert compare_runs.main([f'mpl={tmp_path}/mpl_seed*', f'sup={tmp_path}/sup_a,{tmp_path}/sup_b',
+                            '--out', str(out)]) == 0
+  table = capsys.readouterr().out
+  # EMA finals 0.61, 0.81, 1.01: mean 0.81, sample std 0.20; teacher = EMA + 0.01.
+  assert '| mpl | mpl (first_order) | 3 | 200 | 81.00 ± 20.00 |' in table
+  assert '82.00 ± 20.00 |' in table
+  assert '| sup | supervised | 2 | 100 | 80.00 ± 14.14 |' in table
+  rows = json.load(open(tmp_path / 'seeds.json'))
+  assert rows['mpl']['n'] == 3 and len(rows['mpl']['workdirs']) == 3
+  row = compare_runs.combine([compare_runs.read_run(str(tmp_path / f'mpl_seed{s}'))
+                              for s in range(3)], ['a', 'b', 'c'])
+  assert [s for s, _ in row['curves']['ema']] == [100, 200]
+  assert abs(row['curves']['ema'][0][1] - (0.51 + 0.51 + 0.61) / 3) < 1e-9
+
+
+def test_a_row_of_different_settings_is_refused(tmp_path, capsys):
+  _write_summary(tmp_path / 'a', 'supervised', _evals([0.7], models=('raw',)))
+  _write_summary(tmp_path / 'b', 'mpl', _evals([0.7]), feedback='exact')
+  assert compare_runs.main([f'x={tmp_path}/a,{tmp_path}/b', '--out', str(tmp_path / 'x.png')]) == 2
+  assert 'differ in method' in capsys.readouterr().err
+  assert compare_runs.main([f'y={tmp_path}/nothing*', '--out', str(tmp_path / 'y.png')]) == 2
+  assert 'matches no folder' in capsys.readouterr().err
+
+
+def test_rows_of_the_same_seeds_are_compared_seed_by_seed(tmp_path, capsys):
+  # The seed moves both methods by the same amount; the method adds 2 points on 2 of 3 seeds.
+  for seed, (base, gain) in enumerate(((0.70, 0.02), (0.90, 0.02), (0.80, -0.01))):
+    _write_summary(tmp_path / f'sup_{seed}', 'supervised', _evals([base], models=('raw',)),
+                   seed=seed)
+    _write_summary(tmp_path / f'new_{seed}', 'supervised', _evals([base + gain], models=('raw',)),
+                   seed=seed)
+  assert compare_runs.main([f'sup={tmp_path}/sup_*', f'new={tmp_path}/new_*',
+                            '--out', str(tmp_path / 'p.png')]) == 0
+  table = capsys.readouterr().out
+  assert 'final - sup, same seeds |' in table
+  assert '| +1.00 ± 1.73 (2/3 higher) |' in table   # diffs +2, +2, -1 points
+  # Without recorded seeds there is nothing to pair: no such column.
+  _write_summary(tmp_path / 'a1', 'supervised', _evals([0.5], models=('raw',)))
+  _write_summary(tmp_path / 'a2', 'supervised', _evals([0.6], models=('raw',)))
+  assert compare_runs.main([f'a={tmp_path}/a1,{tmp_path}/a2', f'b={tmp_path}/a1,{tmp_path}/a2',
+                            '--out', str(tmp_path / 'q.png')]) == 0
+  assert 'same seeds' not in capsys.readouterr().out
