@@ -21,6 +21,9 @@ init; ~20 s a run on a CPU; 1 test image = 0.28%):
 Paired by seed, at 6000 steps every MPL mode beats supervised on 5 of 5 seeds (+3.3 to +3.6
 points), but MPL's student does not beat the UDA teacher: first_order -0.45 ± 0.42 points (0 of 5
 higher), exact -0.11 ± 0.37; only exact's own teacher is ahead of UDA (+0.39 ± 0.32, 4 of 5).
+(These student-vs-UDA-teacher pairs are final.accuracy minus the official_release run's
+final.accuracy_teacher, seed by seed, from each workdir's summary.json; compare_runs pairs the
+evaluated models only.)
 So here UDA ~ MPL > supervised, not the paper's MPL > UDA (CIFAR-10-4K: 96.11 vs 94.53). The seeds:
   for s in 0 1 2 3 4; do python -m mpl.main --config configs/digits.py:method=mpl,labels=100 \
       --workdir /tmp/d/first_order_$s --config.seed=$s --config.data.seed=$s; done  # and so on
