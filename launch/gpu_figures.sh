@@ -4,12 +4,15 @@
 #
 # Here, on the CPU machine (once per session; .gpu_carry/ is ignored by git):
 #   bash launch/gpu_figures.sh prepare
-#     -> .gpu_carry/wheels (ml_collections, absl-py, PyYAML: the GPU image lacks them) and
+#     -> .gpu_carry/wheels (ml_collections: the GPU image lacks it; it has absl-py and PyYAML) and
 #        .gpu_carry/fashion-mnist (the Debian package's 4 files; the GPU machine has no network)
 # On the GPU (the `device` tool: run with carry [".gpu_carry"], timeout_s 580):
 #   bash launch/gpu_figures.sh speed     # ~5 min (estimate): MPL step fp32/bf16, augmentation, Fashion all labels
 #   bash launch/gpu_figures.sh compare   # ~7 min (estimate): Fashion-MNIST 1000 labels, supervised vs MPL x 3
 # Each training run is cut at $RUN_TIMEOUT s (default 240). Every result is one JSON line in $OUT (the device tool returns that folder) and in the log.
+# Rehearsed on a CPU in a venv like the GPU image (Python 3.12, jax 0.11.2, numpy 2.5.2, no
+# TensorFlow / clu / ml_collections): `SMOKE=1 bash launch/gpu_figures.sh speed|compare` runs
+# every command on the runlocal configs in ~3 min each; both passed there.
 #
 #   speed:   mpl.bench of configs/cifar10_4k_mpl.py (WRN-28-2, batch 128 + 7 x 128, 32x32x3,
 #            stand-in pixels) in float32 and bfloat16 (issue target: <= 32 ms/step in bf16),
@@ -32,10 +35,25 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_figures}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+PY=${PY:-python3}  # the GPU image has python3 (its jax, flax, optax, orbax), maybe no `python`
+# SMOKE=1 runs the same commands on the runlocal configs for a few steps: a rehearsal on a CPU
+# (e.g. in a Python 3.12 venv like the GPU image's, without TensorFlow, clu or ml_collections).
+BENCH_CONFIG=configs/cifar10_4k_mpl.py
+BENCH_STEPS=50
+RUNLOCAL=
+if [[ -n "${SMOKE:-}" ]]; then
+  BENCH_CONFIG=configs/cifar10_4k_mpl.py:runlocal
+  BENCH_STEPS=2
+  RUNLOCAL=,runlocal
+fi
 
 setup_device() {
-  python -c "import ml_collections" 2>/dev/null ||
-    pip install -q --no-index --find-links .gpu_carry/wheels ml_collections absl-py PyYAML
+  # The image's site-packages may be read-only: the carried wheel goes to its own folder.
+  if ! "$PY" -c "import ml_collections" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+      .gpu_carry/wheels/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
   { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no GPU'; } |
     tee "$OUT/gpu.txt"
 }
@@ -44,10 +62,10 @@ fashion() {  # fashion NAME CONFIG_ARGS [--config.x=y ...]
   local name=$1 args=$2
   shift 2
   rm -rf "/tmp/runs/$name"
-  timeout "${RUN_TIMEOUT:-240}" python -m mpl.main --config "configs/fashion_mnist.py:$args" \
+  timeout "${RUN_TIMEOUT:-240}" "$PY" -m mpl.main --config "configs/fashion_mnist.py:$args$RUNLOCAL" \
     --workdir "/tmp/runs/$name" --config.data.data_dir="$PWD/.gpu_carry" \
     --config.data.source=idx "$@" > "$OUT/$name.log" 2>&1 || echo "$name failed" | tee -a "$OUT/errors.txt"
-  python - "$name" <<'EOF' | tee -a "$OUT/results.jsonl"
+  "$PY" - "$name" <<'EOF' | tee -a "$OUT/results.jsonl"
 import json, sys
 name = sys.argv[1]
 try:
@@ -61,25 +79,25 @@ EOF
 
 case "${1:-}" in
   prepare)
+    rm -rf .gpu_carry/wheels
     mkdir -p .gpu_carry/wheels .gpu_carry/fashion-mnist
     grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >> .git/info/exclude
     cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .gpu_carry/fashion-mnist/
-    pip download -q --no-deps -d .gpu_carry/wheels "ml_collections==1.1.0" absl-py
-    pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d .gpu_carry/wheels PyYAML
+    pip download -q --no-deps --only-binary=:all: -d .gpu_carry/wheels "ml_collections==1.1.0"
     du -sh .gpu_carry
     ;;
   speed)
     setup_device
     for dtype in float32 bfloat16; do
-      python -m mpl.bench --config configs/cifar10_4k_mpl.py --steps 50 \
+      "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $BENCH_STEPS \
         --config.data.standin=always --config.model.dtype=$dtype 2>"$OUT/bench_$dtype.err" |
         tee -a "$OUT/results.jsonl" || echo "bench $dtype failed" | tee -a "$OUT/errors.txt"
     done
     # Calibrates the CPU dry run: GPU memory_analysis with and without remat, fp32.
-    python -m mpl.bench --config configs/cifar10_4k_mpl.py --steps 10 --config.data.standin=always \
+    "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $BENCH_STEPS --config.data.standin=always \
       --config.model.remat=True 2>"$OUT/bench_remat.err" | tee -a "$OUT/results.jsonl" ||
       echo "bench remat failed" | tee -a "$OUT/errors.txt"
-    python -m mpl.bench --config configs/cifar10_4k_mpl.py --augment_only --steps 50 \
+    "$PY" -m mpl.bench --config $BENCH_CONFIG --augment_only --steps $BENCH_STEPS \
       --config.data.standin=always 2>"$OUT/augment.err" | tee -a "$OUT/results.jsonl" ||
       echo "augment bench failed" | tee -a "$OUT/errors.txt"
     fashion fashion_all_wrn 'labels=-1' --config.eval_every=2500
@@ -95,7 +113,7 @@ case "${1:-}" in
       fashion "fm1000_mpl_$feedback" "method=mpl,labels=1000,model=$model,steps=$steps" \
         --config.mpl.feedback=$feedback ${EXTRA:-}
     done
-    python -m launch.compare_runs /tmp/runs/fm1000_supervised /tmp/runs/fm1000_mpl_* \
+    "$PY" -m launch.compare_runs /tmp/runs/fm1000_supervised /tmp/runs/fm1000_mpl_* \
       --out "$OUT/compare.png" --title "Fashion-MNIST, 1000 labels, $model, $steps steps" |
       tee "$OUT/compare.md"
     ;;
