@@ -40,10 +40,12 @@ PY=${PY:-python3}  # the GPU image has python3 (its jax, flax, optax, orbax), ma
 # (e.g. in a Python 3.12 venv like the GPU image's, without TensorFlow, clu or ml_collections).
 BENCH_CONFIG=configs/cifar10_4k_mpl.py
 BENCH_STEPS=50
+REMAT_STEPS=10  # only its memory analysis is wanted
 RUNLOCAL=
 if [[ -n "${SMOKE:-}" ]]; then
   BENCH_CONFIG=configs/cifar10_4k_mpl.py:runlocal
   BENCH_STEPS=2
+  REMAT_STEPS=2
   RUNLOCAL=,runlocal
 fi
 
@@ -94,7 +96,7 @@ case "${1:-}" in
         tee -a "$OUT/results.jsonl" || echo "bench $dtype failed" | tee -a "$OUT/errors.txt"
     done
     # Calibrates the CPU dry run: GPU memory_analysis with and without remat, fp32.
-    "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $BENCH_STEPS --config.data.standin=always \
+    "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $REMAT_STEPS --config.data.standin=always \
       --config.model.remat=True 2>"$OUT/bench_remat.err" | tee -a "$OUT/results.jsonl" ||
       echo "bench remat failed" | tee -a "$OUT/errors.txt"
     "$PY" -m mpl.bench --config $BENCH_CONFIG --augment_only --steps $BENCH_STEPS \
