@@ -234,6 +234,11 @@ def base_config() -> ml_collections.ConfigDict:
       feedback='first_order',      # 'first_order' (paper) | 'exact' | 'official_release'
       pseudo_label='sample',       # hard labels sampled from the teacher | 'argmax'
       baseline_decay=0.99,         # moving baseline of h
+      # f_old and f_new for h: 'paired' = both from one labeled-only pass (same dropout masks and
+      # batch-norm batch), so h measures only the student's update; 'official' = f_old from the
+      # student's pass on concat(x_l, s(x_u)), f_new from a fresh pass (released code, PyTorch
+      # port): dropout and the batch composition add noise and an offset to h.
+      h_pass='paired',
       student_label_smoothing=0.0,
       uda_weight=8.0, uda_ramp_steps=5000, uda_temperature=0.7, uda_threshold=0.6,
       teacher_model=ml_collections.config_dict.placeholder(ml_collections.ConfigDict),
@@ -255,6 +260,7 @@ def base_config() -> ml_collections.ConfigDict:
       hidden_sizes=(64,),          # reduced teacher: log p + MLP([p, log p]), identity at init
       pseudo_label='sample',       # hard labels sampled from the reduced teacher | 'argmax'
       baseline_decay=0.99,         # moving baseline of h
+      h_pass='paired',             # how f_old and f_new are measured: see mpl.h_pass
       student_label_smoothing=0.0,
       teacher_optimizer=dict(name='sgd', lr=0.1, scale_lr_by_batch=True, momentum=0.9,
                              nesterov=True, weight_decay=5e-4, clip_norm=0.0, wait_steps=0,

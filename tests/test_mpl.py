@@ -29,10 +29,11 @@ def plain_sgd(opt, lr):
 
 
 def make_method(feedback, *, student_lr=1e-3, teacher_lr=1.0, uda_weight=0.0, label_smoothing=0.0,
-                pseudo_label='argmax'):
+                pseudo_label='argmax', h_pass='paired', dropout_rate=0.0):
   config = moons_config()
   config.mpl.feedback = feedback
   config.mpl.pseudo_label = pseudo_label
+  config.mpl.h_pass = h_pass
   config.mpl.uda_weight = uda_weight
   config.mpl.uda_ramp_steps = 1
   config.mpl.uda_threshold = 0.0
@@ -41,7 +42,7 @@ def make_method(feedback, *, student_lr=1e-3, teacher_lr=1.0, uda_weight=0.0, la
   plain_sgd(config.mpl.student_optimizer, student_lr)
   plain_sgd(config.mpl.teacher_optimizer, teacher_lr)
   model = models.get_model('mlp', 2, hidden_sizes=(8, 8), activation='tanh',
-                           initializer='lecun')
+                           initializer='lecun', dropout_rate=dropout_rate)
   info = base.DataInfo(num_classes=2, mean=(0.0,), std=(1.0,), is_image=False)
   return MPL(config, model, info)
 
@@ -87,6 +88,29 @@ def test_first_order_h_matches_exact_inner_product():
   assert abs(float(expected)) > 1e-4  # a non-trivial step, far above float32 rounding
   np.testing.assert_allclose(float(metrics['h']), float(expected), rtol=1e-2)
   np.testing.assert_allclose(float(metrics['f_old'] - metrics['f_new']), float(metrics['h']))
+
+
+def test_paired_h_measures_only_the_student_update_under_dropout():
+  """With dropout, 'paired' h is 0 for a still student and linear in its lr; 'official' is not.
+
+  The released measurement (f_old from the pass on concat(x_l, s(x_u)), f_new from a new pass
+  with new dropout masks) gives h != 0 even when the student does not move: noise the teacher
+  would learn from.
+  """
+  batch = moons_batch(n_l=64, n_u=64)
+
+  def h(h_pass, eta):
+    method = make_method('first_order', student_lr=eta, h_pass=h_pass, dropout_rate=0.5)
+    _, metrics = method.update(init_state(method, batch), batch)
+    return float(metrics['h'])
+
+  assert h('paired', 0.0) == 0.0
+  assert abs(h('official', 0.0)) > 1e-3
+  # First order in eta: h(eta) / eta is the same at eta and 2 eta (up to the O(eta) Taylor term).
+  eta = 2e-3
+  slope, slope_2 = h('paired', eta) / eta, h('paired', 2 * eta) / (2 * eta)
+  assert abs(slope) > 1e-2
+  np.testing.assert_allclose(slope_2, slope, rtol=2e-2)
 
 
 def bilevel_objective(method, teacher, student, batch):

@@ -37,14 +37,17 @@ def plain_sgd(opt, lr):
 NUM_TRAIN = 32
 
 
-def make_method(*, student_lr=1e-3, teacher_lr=1.0, pseudo_label='argmax'):
+def make_method(*, student_lr=1e-3, teacher_lr=1.0, pseudo_label='argmax', h_pass='paired',
+                dropout_rate=0.0):
   config = load_config('two_moons.py', 'method=reduced_mpl,labels=6')
   config.reduced_mpl.pseudo_label = pseudo_label
+  config.reduced_mpl.h_pass = h_pass
   config.label_smoothing = 0.0
   config.ema_decay = 0.0
   plain_sgd(config.reduced_mpl.student_optimizer, student_lr)
   plain_sgd(config.reduced_mpl.teacher_optimizer, teacher_lr)
-  model = models.get_model('mlp', 2, hidden_sizes=(8, 8), activation='tanh', initializer='lecun')
+  model = models.get_model('mlp', 2, hidden_sizes=(8, 8), activation='tanh', initializer='lecun',
+                           dropout_rate=dropout_rate)
   info = base.DataInfo(num_classes=2, mean=(0.0,), std=(1.0,), is_image=False)
   table = np.random.default_rng(1).dirichlet(np.ones(2), NUM_TRAIN).astype(np.float32)
   return ReducedMPL(config, model, info, teacher_probs=table)
@@ -124,6 +127,18 @@ def test_first_order_h_matches_exact_inner_product():
   np.testing.assert_allclose(float(metrics['h']), float(expected), rtol=2e-2)
   np.testing.assert_allclose(float(metrics['f_old'] - metrics['f_new']), float(metrics['h']))
   np.testing.assert_allclose(float(metrics['baseline']), 0.01 * float(metrics['h']), rtol=1e-6)
+
+
+def test_paired_h_is_zero_for_a_student_that_does_not_move():
+  """Under dropout, 'paired' measures f_old and f_new with the same masks; 'official' does not."""
+  batch = moons_batch()
+  h = {}
+  for h_pass in ('paired', 'official'):
+    method = make_method(student_lr=0.0, h_pass=h_pass, dropout_rate=0.5)
+    _, metrics = method.update(init_state(method, batch), batch)
+    h[h_pass] = float(metrics['h'])
+  assert h['paired'] == 0.0
+  assert abs(h['official']) > 1e-3
 
 
 @pytest.mark.parametrize('previous_baseline, direction', [(-1000.0, 1), (1000.0, -1)])

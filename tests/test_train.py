@@ -168,6 +168,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     ({'mesh.data': 16}, 'devices'),
     ({'augment.strong': 'randaugment'}, 'unknown augment.strong'),
     ({'augment.strong': 'fixmatch'}, 'magnitude=10'),   # the MPL default 16 must not leak in
+    ({'method': 'mpl', 'mpl.h_pass': 'fresh'}, r"unknown mpl.h_pass 'fresh'.*'paired'"),
 ])
 def test_bad_config_fails_before_training(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):

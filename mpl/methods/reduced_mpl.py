@@ -43,8 +43,9 @@ Two stages.
       2. Student step on CE(yhat, S(s(x_u))): the student sees the strong views
          (`base.unlabeled_views`) of the images whose clean-image distributions T_r labelled.
          f_old = CE(y_l, S(x_l)) before it, f_new = CE(y_l, S'(x_l)) after it, exactly as mpl.py
-         (student in training mode both times; its batch statistics of the second pass are
-         discarded). The student never trains on the labels directly.
+         (student in training mode both times, `reduced_mpl.h_pass` as `mpl.h_pass`: by default
+         one labeled-only pass with the same dropout masks before and after; batch statistics
+         of these passes are discarded). The student never trains on the labels directly.
       3. Feedback h = f_old - f_new, moving baseline b <- d b + (1 - d) h (updated with the
          current h before it is subtracted, decay `reduced_mpl.baseline_decay`), and the
          reduced teacher's loss
@@ -88,7 +89,7 @@ from mpl import config_lib, models, optim, sharding
 from mpl.data import datasets, split
 from mpl.errors import ConfigError
 from mpl.methods import base
-from mpl.methods.mpl import PSEUDO_LABELS, smooth
+from mpl.methods.mpl import H_PASSES, PSEUDO_LABELS, smooth
 
 TEACHER_SOURCES = ('auto', 'ema', 'raw', 'teacher')
 LOG_EPS = 1e-6                     # log p is clipped at log(LOG_EPS) = -13.8
@@ -323,6 +324,9 @@ class ReducedMPL(base.Method):
     if c.pseudo_label not in PSEUDO_LABELS:
       raise ConfigError(f'unknown reduced_mpl.pseudo_label {c.pseudo_label!r}; valid choices: '
                         f'{list(PSEUDO_LABELS)}')
+    if c.h_pass not in H_PASSES:
+      raise ConfigError(f'unknown reduced_mpl.h_pass {c.h_pass!r}; valid choices: '
+                        f'{list(H_PASSES)}')
     if c.teacher_source not in TEACHER_SOURCES:
       raise ConfigError(f'unknown reduced_mpl.teacher_source {c.teacher_source!r}; valid '
                         f'choices: {list(TEACHER_SOURCES)}')
@@ -475,14 +479,18 @@ class ReducedMPL(base.Method):
       f_old = jnp.mean(base.cross_entropy(logits[:n_l], y_l))
       return loss_u, (f_old, new_stats)
 
+    def labeled_loss(params, stats):
+      logits, _ = base.apply_train(self.student, params, stats, x_l, student_new_rng)
+      return jnp.mean(base.cross_entropy(logits, y_l))
+
     (loss_u, (f_old, student_stats)), student_grads = jax.value_and_grad(
         loss_fn, has_aux=True)(student_params)
+    if c.h_pass == 'paired':   # f_old from the same pass as f_new (see mpl.py)
+      f_old = labeled_loss(student_params, state.batch_stats['student'])
     updates, student_opt = self.student_tx.update(student_grads, state.opt_state['student'],
                                                   student_params)
     student_params = optax.apply_updates(student_params, updates)
-    logits_new, _ = base.apply_train(self.student, student_params, student_stats, x_l,
-                                     student_new_rng)
-    f_new = jnp.mean(base.cross_entropy(logits_new, y_l))
+    f_new = labeled_loss(student_params, student_stats)
 
     # 3. First-order feedback against a moving baseline; the reduced teacher's step.
     h = f_old - f_new
