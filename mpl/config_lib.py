@@ -232,7 +232,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Meta Pseudo Labels (mpl/methods/mpl.py); defaults: the official CIFAR-10-4K recipe.
   c.mpl = ml_collections.ConfigDict(dict(
       feedback='first_order',      # 'first_order' (paper) | 'exact' | 'official_release'
-      pseudo_label='sample',       # hard labels sampled from the teacher | 'argmax'
+      pseudo_label='sample',       # first_order: hard labels sampled from the teacher | 'argmax'
+                                   # (exact and official_release use the soft labels)
       baseline_decay=0.99,         # moving baseline of h
       # f_old and f_new for h: 'paired' = both from one labeled-only pass (same dropout masks and
       # batch-norm batch), so h measures only the student's update; 'official' = f_old from the
