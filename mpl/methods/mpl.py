@@ -30,10 +30,11 @@ f_old from the student's training pass on concat(x_l, s(x_u)) and f_new from a s
 x_l alone, with new dropout masks. Their difference then holds dropout noise and a batch-norm
 offset (batch statistics over a different batch), not only the effect of the student's step.
 On the 6000-step Fashion-MNIST MPL run (cnn_small, step 4000, 16 keys) that h had mean -0.10 and
-standard deviation 0.069, while the update's own effect, measured as below, had mean -0.0005 and
-standard deviation 0.0017: the teacher's feedback was noise. 'paired' (default) measures f_old
-and f_new in one labeled-only pass each, with the same dropout key, so h = 0 exactly when the
-student does not move. 'official' keeps the released measurement, for parity runs.
+standard deviation 0.069, while the update's own effect (both passes on x_l with the same
+dropout masks) had mean -0.0005 and standard deviation 0.0017: the teacher's feedback was noise.
+'paired' (default) measures f_old and f_new in one labeled-only pass each, with the same dropout
+key, so h = 0 exactly when the student does not move. 'official' keeps the released
+measurement, for parity runs.
 """
 
 from __future__ import annotations
@@ -177,16 +178,16 @@ class MPL(base.Method):
             student_rng)
         loss_u = jnp.mean(base.soft_cross_entropy(
             logits[n_l:], smooth(targets, c.student_label_smoothing)))
-        f_old = jnp.mean(base.cross_entropy(logits[:n_l], y_l))   # 'official' h_pass
-        return loss_u, (f_old, new_stats)
+        f_old_in_pass = jnp.mean(base.cross_entropy(logits[:n_l], y_l))   # h_pass='official'
+        return loss_u, (f_old_in_pass, new_stats)
 
-      (loss_u, (f_old, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      (loss_u, (f_old_in_pass, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           student_params)
       updates, opt_state = self.student_tx.update(grads, state.opt_state['student'],
                                                   student_params)
       new_params = optax.apply_updates(student_params, updates)
       f_new = labeled_loss(new_params, new_stats)
-      return f_new, (new_params, new_stats, opt_state, f_old, loss_u, grads)
+      return f_new, (new_params, new_stats, opt_state, f_old_in_pass, loss_u, grads)
 
     if c.feedback == 'exact':
       # d f_new / d targets, through the student's optimiser step (a second-order gradient).
@@ -194,9 +195,8 @@ class MPL(base.Method):
           targets)
     else:
       f_new, student_out = student_step(targets)
-    student_params, student_stats, student_opt, f_old, loss_u, student_grads = student_out
-    if c.h_pass == 'paired':
-      f_old = f_old_paired
+    student_params, student_stats, student_opt, f_old_in_pass, loss_u, student_grads = student_out
+    f_old = f_old_paired if c.h_pass == 'paired' else f_old_in_pass
 
     # 4. Feedback coefficient for the teacher, against a moving baseline of h.
     if c.feedback == 'official_release':
