@@ -183,8 +183,12 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(copy.deepcopy(meta))),
         force=True)
 
-  def restore(self, abstract_state):
-    step = self.manager.latest_step()
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, meta) of checkpoint `step` (default: the latest)."""
+    step = self.manager.latest_step() if step is None else step
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

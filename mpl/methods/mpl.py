@@ -29,9 +29,10 @@ One choice made differently (`config.mpl.h_pass`): the released code and the PyT
 f_old from the student's training pass on concat(x_l, s(x_u)) and f_new from a second pass on
 x_l alone, with new dropout masks. Their difference then holds dropout noise and a batch-norm
 offset (batch statistics over a different batch), not only the effect of the student's step.
-On the 6000-step Fashion-MNIST MPL run (cnn_small, step 4000, 16 keys) that h had mean -0.10 and
-standard deviation 0.069, while the update's own effect (both passes on x_l with the same
-dropout masks) had mean -0.0005 and standard deviation 0.0017: the teacher's feedback was noise.
+On the 6000-step Fashion-MNIST MPL run (cnn_small, step 4000, 16 keys; `launch/h_noise.py`
+repeats it on any MPL workdir) that h had mean -0.070 and standard deviation 0.069, while the
+update's own effect (both passes on x_l with the same dropout masks) had mean -0.0010 and
+standard deviation 0.0018: the teacher's feedback was about 40 parts noise to 1 part signal.
 'paired' (default) measures f_old and f_new in one labeled-only pass each, with the same dropout
 key, so h = 0 exactly when the student does not move. 'official' keeps the released
 measurement, for parity runs.

@@ -1,0 +1,78 @@
+"""launch/h_noise.py: restores an MPL run's checkpoint and measures h under both h_pass modes."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from launch import h_noise
+from mpl import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg):
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, 'configs', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='module')
+def digits_mpl_run(tmp_path_factory):
+  """10 steps of MPL on digits (MLP with dropout 0.1); the student is still in its 100-step
+  wait, so its learning rate is 0 and it does not move. Checkpoints at steps 5 and 10."""
+  workdir = str(tmp_path_factory.mktemp('digits_mpl'))
+  train.train_and_evaluate(load_config('digits.py', 'method=mpl,runlocal'), workdir)
+  return workdir
+
+
+def test_paired_h_is_zero_and_official_h_is_not_for_a_student_that_does_not_move(
+    digits_mpl_run, tmp_path):
+  out = tmp_path / 'h.json'
+  assert h_noise.main([digits_mpl_run, '--keys', '4', '--out', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['step'] == 10 and result['lr_student'] == 0.0
+  official, paired = result['per_key']['official'], result['per_key']['paired']
+  # The same key gives the same (zero) student step and so the same f_new under both.
+  np.testing.assert_allclose(official['f_new'], paired['f_new'], rtol=1e-6)
+  assert paired['h'] == [0.0] * 4
+  # The released h measures dropout masks here: nonzero, and different under each key.
+  assert all(h != 0.0 for h in official['h'])
+  assert result['stats']['official']['std'] > 0 and result['stats']['paired']['std'] == 0
+  # The per-key difference is f_old(concat pass) - f_old(labeled pass), i.e. official's h.
+  np.testing.assert_allclose(result['stats']['official_minus_paired']['mean'],
+                             result['stats']['official']['mean'], rtol=1e-6)
+
+
+def test_chooses_the_checkpoint_and_names_the_ones_there(digits_mpl_run, tmp_path, capsys):
+  out = tmp_path / 'h5.json'
+  assert h_noise.main([digits_mpl_run, '--keys', '1', '--step', '5', '--out', str(out)]) == 0
+  assert json.loads(out.read_text())['step'] == 5
+  assert h_noise.main([digits_mpl_run, '--keys', '1', '--step', '7']) == 2
+  assert 'no checkpoint at step 7' in capsys.readouterr().err
+
+
+def test_without_dropout_or_batch_norm_the_two_measurements_agree(tmp_path):
+  # TwoMoons' sigmoid MLP has neither: the concat pass gives x_l the logits a pass on x_l alone
+  # gives, so official and paired h must be the same number (here with a moving student).
+  config = load_config('two_moons.py', 'method=mpl,runlocal')
+  config.mpl.student_optimizer.wait_steps = 0
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  out = tmp_path / 'h.json'
+  assert h_noise.main([str(tmp_path / 'run'), '--keys', '3', '--out', str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result['lr_student'] > 0
+  assert any(h != 0.0 for h in result['per_key']['paired']['h'])
+  np.testing.assert_allclose(result['per_key']['official']['h'], result['per_key']['paired']['h'],
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_refuses_a_run_without_h(tmp_path, capsys):
+  workdir = tmp_path / 'sup'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps({'method': 'supervised'}))
+  assert h_noise.main([str(workdir)]) == 2
+  assert "h exists only in MPL runs" in capsys.readouterr().err
