@@ -1,6 +1,6 @@
 r"""How much of MPL's feedback h is the student's update, and how much is measurement noise.
 
-    python -m launch.h_noise WORKDIR [--keys 16] [--step S] [--out h_noise.json]
+    python -m launch.h_noise WORKDIR [--keys 16] [--step S] [--out h.json] [--plot h.png]
 
 WORKDIR is an MPL (or Reduced MPL) run, finished or still going. The script restores its
 checkpoint S (default: the latest) and runs the run's own train step from that state K times,
@@ -15,7 +15,8 @@ labels; the batch is the one of step S), once under each way of measuring h = f_
 Under one key both make the same student step and the same f_new, so per key their difference
 is f_old(concat pass) - f_old(labeled pass): dropout and batch-norm noise, not the update.
 Prints h's mean, standard deviation, min and max under each, and the ratio of the two standard
-deviations; --out writes them with every per-key value as JSON. The workdir is only read.
+deviations; --out writes them with every per-key value as JSON, --plot draws every key's h
+under each mode on one axis (paired's spread is the update's own). The workdir is only read.
 
 Measured on the 6000-step Fashion-MNIST MPL run of configs/fashion_mnist.py (cnn_small, UDA
 weight 1, trained with h_pass=official), checkpoint 4000, 16 keys:
@@ -97,12 +98,35 @@ def describe(values: list[float]) -> dict:
           'min': min(values), 'max': max(values)}
 
 
+def plot(path: str, runs: dict, title: str) -> None:
+  """One row of points per h_pass: each key's h, and a line at each mode's mean."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(8, 2.8))
+  for row, h_pass in enumerate(H_PASSES):
+    h = runs[h_pass]['values']['h']
+    ax.scatter(h, [row] * len(h), s=18, alpha=0.7, color=f'C{row}',
+               label=f'{h_pass}: std {statistics.pstdev(h):.2g}')
+    ax.vlines(statistics.fmean(h), row - 0.3, row + 0.3, color=f'C{row}')
+  ax.axvline(0.0, color='gray', linewidth=0.5)
+  ax.set_yticks(range(len(H_PASSES)), H_PASSES)
+  ax.set_ylim(-0.6, len(H_PASSES) - 0.4)
+  ax.set_xlabel('h = f_old - f_new (one point per random key; bar: mean)')
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=8, loc='best')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('workdir')
   parser.add_argument('--keys', type=int, default=16, help='random keys per h_pass')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
   parser.add_argument('--out', default=None, help='write the results here as JSON')
+  parser.add_argument('--plot', default=None, help='draw every key\'s h here (PNG)')
   args = parser.parse_args(argv)
   if args.keys < 1:
     parser.error('--keys must be at least 1')
@@ -136,6 +160,10 @@ def main(argv=None) -> int:
     with open(args.out, 'w') as f:
       json.dump(result, f, indent=1, allow_nan=True)
     print(f'wrote {args.out}')
+  if args.plot:
+    plot(args.plot, runs, f'{os.path.basename(os.path.abspath(args.workdir))}, step {step}, '
+                          f'student lr {lr:.3g}: h under {args.keys} keys')
+    print(f'wrote {args.plot}')
   return 0
 
 

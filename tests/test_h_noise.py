@@ -32,7 +32,9 @@ def digits_mpl_run(tmp_path_factory):
 def test_paired_h_is_zero_and_official_h_is_not_for_a_student_that_does_not_move(
     digits_mpl_run, tmp_path):
   out = tmp_path / 'h.json'
-  assert h_noise.main([digits_mpl_run, '--keys', '4', '--out', str(out)]) == 0
+  png = tmp_path / 'h.png'
+  assert h_noise.main([digits_mpl_run, '--keys', '4', '--out', str(out), '--plot', str(png)]) == 0
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   result = json.loads(out.read_text())
   assert result['step'] == 10 and result['lr_student'] == 0.0
   official, paired = result['per_key']['official'], result['per_key']['paired']
