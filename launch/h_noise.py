@@ -65,19 +65,22 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def h_under_keys(config, workdir: str, h_pass: str, num_keys: int, step: int | None) -> dict:
   """Runs the train step from checkpoint `step` under `num_keys` keys with `h_pass`."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  config[config.method].h_pass = h_pass
-  experiment = train.build(config, workdir)
   checkpoints = train.Checkpoints(workdir, keep=config.keep_checkpoints)
-  available = checkpoints.all_steps()
-  if not available:
-    raise ConfigError(f'no checkpoint in {workdir}/checkpoints yet.')
-  if step is not None and step not in available:
-    raise ConfigError(f'no checkpoint at step {step} in {workdir}/checkpoints; '
-                      f'the steps there: {available}.')
-  with experiment.activate():
-    state, _ = checkpoints.restore(experiment.abstract_state, step)
+  try:
+    available = checkpoints.all_steps()
+    if not available:
+      raise ConfigError(f'no checkpoint in {workdir}/checkpoints yet.')
+    if step is not None and step not in available:
+      raise ConfigError(f'no checkpoint at step {step} in {workdir}/checkpoints; '
+                        f'the steps there: {available}.')
+    config = ml_collections.ConfigDict(config.to_dict())
+    config[config.method].h_pass = h_pass
+    experiment = train.build(config, workdir)
+    with experiment.activate():
+      state, _ = checkpoints.restore(experiment.abstract_state, step)
+  finally:
     checkpoints.close()
+  with experiment.activate():
     # One batch for every key: the in-memory sampler draws it from the step; a stream is read once.
     inputs = experiment.arrays if experiment.stream is None else experiment.stream.next_batch()
     values = {name: [] for name in RECORDED}
@@ -93,8 +96,7 @@ def h_under_keys(config, workdir: str, h_pass: str, num_keys: int, step: int | N
 
 
 def describe(values: list[float]) -> dict:
-  return {'mean': statistics.fmean(values),
-          'std': statistics.pstdev(values) if len(values) > 1 else 0.0,
+  return {'mean': statistics.fmean(values), 'std': statistics.pstdev(values),
           'min': min(values), 'max': max(values)}
 
 

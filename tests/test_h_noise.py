@@ -72,9 +72,12 @@ def test_without_dropout_or_batch_norm_the_two_measurements_agree(tmp_path):
                              rtol=1e-5, atol=1e-7)
 
 
-def test_refuses_a_run_without_h(tmp_path, capsys):
+def test_refuses_a_run_without_h_or_without_checkpoints(tmp_path, capsys):
   workdir = tmp_path / 'sup'
   workdir.mkdir()
   (workdir / 'config.json').write_text(json.dumps({'method': 'supervised'}))
   assert h_noise.main([str(workdir)]) == 2
   assert "h exists only in MPL runs" in capsys.readouterr().err
+  (workdir / 'config.json').write_text(json.dumps({'method': 'mpl', 'keep_checkpoints': 2}))
+  assert h_noise.main([str(workdir)]) == 2
+  assert 'no checkpoint in' in capsys.readouterr().err
