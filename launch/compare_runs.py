@@ -7,6 +7,9 @@ Each argument is a workdir, or NAME=WORKDIR to choose its label (default: the fo
 Seeds: NAME=W1,W2,... or NAME='GLOB' (quoted, e.g. 'sup=/tmp/runs/sup_seed*') makes one row of
 several runs of the same setting; its cells are the mean +- the sample standard deviation over
 the runs, `n` says how many, and its curve is the mean with a band of +- one standard deviation.
+The runs of a row must share method, feedback, dataset, labels and evaluated model, and the
+finished ones the step they ended at; a row with runs still going is compared at the last step
+that all its runs evaluated.
 Where rows share seeds (config.seed and config.data.seed), a last column gives each row's final
 accuracy minus the first row's, paired seed by seed (mean +- std, and how many seeds are higher):
 seeds that change the labeled split vary far more than the methods differ, and pairing removes it.
@@ -77,47 +80,74 @@ def read_run(workdir: str) -> dict:
     if stage:
       offset += stage[-1]['step']
   evaluated = 'ema' if 'ema' in curves else 'raw'
-  history = curves.get(evaluated, [])
   row = {
       'method': config.get('method', '?'),
       'feedback': config.get('mpl', {}).get('feedback') if config.get('method') == 'mpl'
                   else None,
+      'dataset': config.get('dataset'),
+      'num_labeled': config.get('num_labeled'),
       'steps': offset,
       'evaluated': evaluated,
-      'final': history[-1][1] if history else None,
-      'best': max(a for _, a in history) if history else None,
-      'median_last_20': statistics.median(a for _, a in history[-20:]) if history else None,
-      'teacher_final': curves['teacher'][-1][1] if 'teacher' in curves else None,
       'seed': (config.get('seed'), config.get('data', {}).get('seed')),
       'running': running,
       'curves': curves,
   }
+  row.update(results_up_to(curves, evaluated, offset))
   return row
 
 
+def results_up_to(curves: dict, evaluated: str, last_step: int) -> dict:
+  """final / best / median of the last 20 evaluations / teacher's final, up to `last_step`."""
+  history = [a for s, a in curves.get(evaluated, []) if s <= last_step]
+  teacher = [a for s, a in curves.get('teacher', []) if s <= last_step]
+  return {'final': history[-1] if history else None,
+          'best': max(history) if history else None,
+          'median_last_20': statistics.median(history[-20:]) if history else None,
+          'teacher_final': teacher[-1] if teacher else None}
+
+
 def combine(runs: list[dict], workdirs: list[str]) -> dict:
-  """One row from runs of the same setting (seeds): means, sample std devs, the mean curves."""
-  for key in ('method', 'feedback'):
+  """One row from runs of the same setting (seeds): means, sample std devs, the mean curves.
+
+  Runs still going are compared with the others at the last step that all of them evaluated.
+  """
+  for key in ('method', 'feedback', 'dataset', 'num_labeled', 'evaluated'):
     values = {r[key] for r in runs}
     if len(values) > 1:
-      raise ValueError(f'{", ".join(workdirs)}: these runs differ in {key} ({sorted(map(str, values))}); '
-                       f'a row of several runs is for seeds of one setting')
-  row = {'method': runs[0]['method'], 'feedback': runs[0]['feedback'], 'n': len(runs),
-         'steps': min(r['steps'] for r in runs), 'evaluated': runs[0]['evaluated'],
-         'running': any(r['running'] for r in runs), 'workdirs': workdirs,
-         'finals': [r['final'] for r in runs], 'seeds': [r['seed'] for r in runs]}
-  for key in ('final', 'best', 'median_last_20', 'teacher_final'):
-    values = [r[key] for r in runs if r[key] is not None]
-    row[key] = statistics.fmean(values) if values else None
-    row[key + '_std'] = statistics.stdev(values) if len(values) > 1 else None
+      raise ValueError(f'{", ".join(workdirs)}: these runs differ in {key} '
+                       f'({sorted(map(str, values))}); a row of several runs is for seeds of one '
+                       f'setting')
+  finished_steps = {r['steps'] for r in runs if not r['running']}
+  if len(finished_steps) > 1:
+    raise ValueError(f'{", ".join(workdirs)}: these runs ended at different steps '
+                     f'({sorted(finished_steps)}); a row of several runs is for seeds of one '
+                     f'setting')
+  evaluated = runs[0]['evaluated']
   # Mean curve (and std) over the steps every run has evaluated.
-  row['curves'], row['curves_std'] = {}, {}
+  curves, curves_std = {}, {}
   for model in runs[0]['curves']:
     per_run = [dict(r['curves'].get(model, [])) for r in runs]
     steps = sorted(set.intersection(*(set(c) for c in per_run)))
-    row['curves'][model] = [(s, statistics.fmean(c[s] for c in per_run)) for s in steps]
-    row['curves_std'][model] = [(s, statistics.stdev([c[s] for c in per_run])
-                                 if len(runs) > 1 else 0.0) for s in steps]
+    curves[model] = [(s, statistics.fmean(c[s] for c in per_run)) for s in steps]
+    curves_std[model] = [(s, statistics.stdev([c[s] for c in per_run])
+                          if len(runs) > 1 else 0.0) for s in steps]
+  running = any(r['running'] for r in runs)
+  if len(runs) > 1 and running:
+    shared = curves.get(evaluated, [])
+    steps = shared[-1][0] if shared else 0
+    results = [results_up_to(r['curves'], evaluated, steps) for r in runs]
+  else:
+    steps = runs[0]['steps']
+    results = runs
+  row = {'method': runs[0]['method'], 'feedback': runs[0]['feedback'], 'steps': steps,
+         'evaluated': evaluated, 'running': running, 'workdirs': workdirs,
+         'finals': [r['final'] for r in results], 'seeds': [r['seed'] for r in runs],
+         'curves': curves, 'curves_std': curves_std}
+  for key in ('final', 'best', 'median_last_20', 'teacher_final'):
+    values = [r[key] for r in results if r[key] is not None]
+    row[key] = statistics.fmean(values) if values else None
+    row[key + '_std'] = statistics.stdev(values) if len(values) > 1 else None
+  row['n'] = sum(final is not None for final in row['finals'])
   return row
 
 
@@ -137,9 +167,9 @@ def expand(spec: str) -> tuple[str, list[str]]:
 
 def paired_difference(row: dict, reference: dict) -> str:
   """'+2.61 ± 1.20 (5/5 higher)': final minus the reference's final, run by run of equal seeds."""
-  if any(None in seed for seed in reference['seeds']) or \
-      len(set(reference['seeds'])) < len(reference['seeds']):
-    return ''  # no seeds recorded, or several runs of one seed: nothing to pair
+  for seeds in (reference['seeds'], row['seeds']):
+    if any(None in seed for seed in seeds) or len(set(seeds)) < len(seeds):
+      return ''  # no seeds recorded, or several runs of one seed: nothing to pair
   by_seed = dict(zip(reference['seeds'], reference['finals']))
   diffs = [final - by_seed[seed] for seed, final in zip(row['seeds'], row['finals'])
            if seed in by_seed and final is not None and by_seed[seed] is not None]

@@ -14,15 +14,22 @@ labels; the batch is the one of step S), once under each way of measuring h = f_
 
 Under one key both make the same student step and the same f_new, so per key their difference
 is f_old(concat pass) - f_old(labeled pass): dropout and batch-norm noise, not the update.
-Prints h's mean, standard deviation, min and max under each, and the ratio of the two standard
-deviations; --out writes them with every per-key value as JSON, --plot draws every key's h
-under each mode on one axis (paired's spread is the update's own). The workdir is only read.
+Prints h's mean, population standard deviation, min and max under each mode, the per-key
+difference (the noise), and the noise's and official h's standard deviations over paired h's
+(the update's own spread); --out writes them with every per-key value as JSON, --plot draws
+every key's h under each mode on one axis. The workdir is only read. The checkpoint step is
+chosen once, so on a live run both modes start from the same state; a streamed run is read
+from a fresh stream (the same batch for every key, not the one the run saw). h is always
+f_old - f_new here; an `official_release` run logs the released sign, f_new - f_old, and an
+`exact` run's teacher does not use h at all. For Reduced MPL each mode rebuilds the large
+teacher's table before the checkpoint replaces it: the stage-1 workdir must still exist.
 
 Measured on the 6000-step Fashion-MNIST MPL run of configs/fashion_mnist.py (cnn_small, UDA
 weight 1, trained with h_pass=official), checkpoint 4000, 16 keys:
   python -m launch.h_noise /tmp/fm6k/mpl_w1 --step 4000 --keys 16
   official  h mean -0.070    std 0.069
-  paired    h mean -0.0010   std 0.0018     (std ratio 39)
+  paired    h mean -0.0010   std 0.0018
+  official - paired (noise)  mean -0.069, std 0.069: 39 times paired's std
 so the released h was about 40 parts noise to 1 part update. (The run was made with
   python -m mpl.main --config configs/fashion_mnist.py:method=mpl,labels=1000,model=cnn_small,steps=6000 \
       --workdir /tmp/fm6k/mpl_w1 --config.batch_size=32 --config.mu=4 --config.mpl.uda_weight=1 \
@@ -44,11 +51,11 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import ml_collections
 
-from mpl import train
+from mpl import config_lib, train
 from mpl.errors import ConfigError
 
 H_PASSES = ('official', 'paired')
-RECORDED = ('h', 'f_old', 'f_new', 'lr_student')
+RECORDED = ('f_old', 'f_new', 'lr_student')
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -56,33 +63,54 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise ConfigError(f'{path} not found: WORKDIR must be the --workdir of an MPL run.')
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = config_lib.saved_run_config(json.load(f))
   if config.method not in ('mpl', 'reduced_mpl'):
     raise ConfigError(f'{workdir} is a {config.method!r} run; h exists only in MPL runs '
                       "(method 'mpl' or 'reduced_mpl').")
   return config
 
 
-def h_under_keys(config, workdir: str, h_pass: str, num_keys: int, step: int | None) -> dict:
-  """Runs the train step from checkpoint `step` under `num_keys` keys with `h_pass`."""
-  checkpoints = train.Checkpoints(workdir, keep=config.keep_checkpoints)
+def checkpoint_step(config, workdir: str, step: int | None) -> int:
+  """`step` if the run has a checkpoint there, else an error naming the steps it has;
+  None: the latest. Chosen once, so that both modes start from the same state of a live run."""
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise ConfigError(f'no checkpoint in {workdir}/checkpoints yet.')
+  checkpoints = train.Checkpoints(workdir, keep=config.keep_checkpoints, read_only=True)
   try:
     available = checkpoints.all_steps()
-    if not available:
-      raise ConfigError(f'no checkpoint in {workdir}/checkpoints yet.')
-    if step is not None and step not in available:
-      raise ConfigError(f'no checkpoint at step {step} in {workdir}/checkpoints; '
-                        f'the steps there: {available}.')
-    config = ml_collections.ConfigDict(config.to_dict())
-    config[config.method].h_pass = h_pass
-    experiment = train.build(config, workdir)
+  finally:
+    checkpoints.close()
+  if not available:
+    raise ConfigError(f'no checkpoint in {workdir}/checkpoints yet.')
+  if step is None:
+    return available[-1]
+  if step not in available:
+    raise ConfigError(f'no checkpoint at step {step} in {workdir}/checkpoints; '
+                      f'the steps there: {available}.')
+  return step
+
+
+def h_under_keys(config, workdir: str, h_pass: str, num_keys: int, step: int) -> dict:
+  """Runs the train step from checkpoint `step` under `num_keys` keys with `h_pass`."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config[config.method].h_pass = h_pass
+  # Builds the run as its own loop does (for Reduced MPL that includes the large teacher's
+  # table, which the restored state then replaces).
+  experiment = train.build(config, workdir)
+  checkpoints = train.Checkpoints(workdir, keep=config.keep_checkpoints, read_only=True)
+  try:
     with experiment.activate():
       state, _ = checkpoints.restore(experiment.abstract_state, step)
   finally:
     checkpoints.close()
   with experiment.activate():
-    # One batch for every key: the in-memory sampler draws it from the step; a stream is read once.
-    inputs = experiment.arrays if experiment.stream is None else experiment.stream.next_batch()
+    # One batch for every key: the in-memory sampler draws it from the step; a stream is
+    # started at the step and read once (a fresh batch, not the one the run saw).
+    if experiment.stream is None:
+      inputs = experiment.arrays
+    else:
+      experiment.stream.start(step)
+      inputs = experiment.stream.next_batch()
     values = {name: [] for name in RECORDED}
     for k in range(num_keys):
       key = jax.device_put(jax.random.fold_in(state.rng, k), state.rng.sharding)
@@ -92,10 +120,13 @@ def h_under_keys(config, workdir: str, h_pass: str, num_keys: int, step: int | N
       metrics = jax.device_get(metrics)
       for name in RECORDED:
         values[name].append(float(metrics[name]))
+  # h = f_old - f_new whatever the run's feedback (official_release logs f_new - f_old).
+  values['h'] = [old - new for old, new in zip(values['f_old'], values['f_new'])]
   return {'step': int(state.step), 'values': values}
 
 
 def describe(values: list[float]) -> dict:
+  """Mean, population standard deviation, min and max."""
   return {'mean': statistics.fmean(values), 'std': statistics.pstdev(values),
           'min': min(values), 'max': max(values)}
 
@@ -134,13 +165,14 @@ def main(argv=None) -> int:
     parser.error('--keys must be at least 1')
   try:
     config = read_config(args.workdir)
-    runs = {h_pass: h_under_keys(config, args.workdir, h_pass, args.keys, args.step)
+    step = checkpoint_step(config, args.workdir, args.step)
+    runs = {h_pass: h_under_keys(config, args.workdir, h_pass, args.keys, step)
             for h_pass in H_PASSES}
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
 
-  step = runs['paired']['step']
+  assert runs['official']['step'] == runs['paired']['step'] == step
   lr = runs['paired']['values']['lr_student'][0]
   print(f'{args.workdir}: checkpoint at step {step}, student lr {lr:.3g}, {args.keys} keys')
   print(f'  {"h_pass":9s} {"h mean":>10s} {"h std":>9s} {"h min":>10s} {"h max":>10s}')
@@ -148,19 +180,27 @@ def main(argv=None) -> int:
   for h_pass in H_PASSES:
     s = stats[h_pass] = describe(runs[h_pass]['values']['h'])
     print(f'  {h_pass:9s} {s["mean"]:+10.5f} {s["std"]:9.5f} {s["min"]:+10.5f} {s["max"]:+10.5f}')
+  # Per key both modes make the same student step, so official - paired is the noise alone.
   noise = [o - p for o, p in zip(runs['official']['values']['h'], runs['paired']['values']['h'])]
   stats['official_minus_paired'] = describe(noise)
-  ratio = (stats['official']['std'] / stats['paired']['std']
-           if stats['paired']['std'] > 0 else float('inf'))
-  print(f'  official - paired, per key: mean {stats["official_minus_paired"]["mean"]:+.5f}, '
-        f'std {stats["official_minus_paired"]["std"]:.5f}; '
-        f'std official / std paired = {ratio:.3g}')
+  update_std = stats['paired']['std']
+  ratios = {'std_official_over_paired': stats['official']['std'] / update_std,
+            'noise_over_update': stats['official_minus_paired']['std'] / update_std} \
+      if update_std > 0 else {'std_official_over_paired': None, 'noise_over_update': None}
+  print(f'  official - paired, per key (the noise): mean '
+        f'{stats["official_minus_paired"]["mean"]:+.5f}, '
+        f'std {stats["official_minus_paired"]["std"]:.5f}')
+  if update_std > 0:
+    print(f'  std official / std paired = {ratios["std_official_over_paired"]:.3g}; '
+          f'std noise / std paired = {ratios["noise_over_update"]:.3g}')
+  else:
+    print('  paired h is constant (the student does not move, or one key): no ratio')
   if args.out:
     result = {'workdir': os.path.abspath(args.workdir), 'step': step, 'keys': args.keys,
-              'lr_student': lr, 'stats': stats, 'std_ratio': ratio,
+              'lr_student': lr, 'stats': stats, **ratios,
               'per_key': {h_pass: runs[h_pass]['values'] for h_pass in H_PASSES}}
     with open(args.out, 'w') as f:
-      json.dump(result, f, indent=1, allow_nan=True)
+      json.dump(result, f, indent=1)
     print(f'wrote {args.out}')
   if args.plot:
     plot(args.plot, runs, f'{os.path.basename(os.path.abspath(args.workdir))}, step {step}, '

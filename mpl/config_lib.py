@@ -8,6 +8,7 @@ in a second with the list of valid choices instead of a traceback after compilat
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -235,12 +236,14 @@ def base_config() -> ml_collections.ConfigDict:
       pseudo_label='sample',       # first_order: hard labels sampled from the teacher | 'argmax'
                                    # (exact and official_release use the soft labels)
       baseline_decay=0.99,         # moving baseline of h
-      # f_old and f_new for h: 'paired' = both from one labeled-only pass (same dropout masks and
-      # batch-norm batch), so h measures only the student's update; 'official' = f_old from the
-      # student's pass on concat(x_l, s(x_u)), f_new from a fresh pass (released code, PyTorch
-      # port): dropout and the batch composition add noise and an offset to h.
+      # f_old and f_new for h: 'paired' = each from its own labeled-only pass, with the same
+      # dropout key and batch-norm batch, so h measures only the student's update; 'official' =
+      # f_old from the student's pass on concat(x_l, s(x_u)), f_new from a fresh pass (released
+      # code, PyTorch port): dropout and the batch composition add noise and an offset to h.
       h_pass='paired',
       student_label_smoothing=0.0,
+      teacher_labeled_weight=1.0,  # the teacher's own CE on x_l (0: the paper's section 2,
+                                   # a teacher taught by the student's feedback alone)
       uda_weight=8.0, uda_ramp_steps=5000, uda_temperature=0.7, uda_threshold=0.6,
       teacher_model=ml_collections.config_dict.placeholder(ml_collections.ConfigDict),
       recompute_teacher=False,     # True: rerun the teacher forward for its backward (memory)
@@ -280,3 +283,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.spatial_partition = ''
   c.sharding_rules = ()            # (logical name, mesh axis) overrides, see mpl/sharding.py
   return c
+
+
+def saved_run_config(saved: dict) -> ml_collections.ConfigDict:
+  """A run's config.json as a ConfigDict, keys added to `base_config` since then filled with
+  today's defaults, so that tools can rebuild the run (a default may differ from what the code
+  did then: runs older than `mpl.h_pass` measured h the 'official' way)."""
+  config = ml_collections.ConfigDict(saved)
+
+  def fill(target, defaults):
+    for key, value in defaults.items():
+      if key not in target:
+        target[key] = copy.deepcopy(value)
+      elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+          target[key], ml_collections.ConfigDict):
+        fill(target[key], value)
+
+  fill(config, base_config())
+  return config

@@ -169,10 +169,12 @@ workdir_path = config_lib.workdir_path
 class Checkpoints:
   """Orbax CheckpointManager for (state, json metadata) in WORKDIR/checkpoints."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int, read_only: bool = False):
+    """read_only: for tools that inspect a run (nothing created, saved or deleted)."""
     self.manager = ocp.CheckpointManager(
         workdir_path(workdir) / 'checkpoints',
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                             read_only=read_only))
 
   def latest_step(self):
     return self.manager.latest_step()

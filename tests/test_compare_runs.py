@@ -17,7 +17,7 @@ def _evals(accuracies, models=('raw', 'ema', 'teacher'), every=100):
 
 def _write_summary(workdir, method, evals, feedback=None, seed=None):
   os.makedirs(workdir)
-  config = ml_collections.ConfigDict(dict(method=method, dataset='d', seed=seed,
+  config = ml_collections.ConfigDict(dict(method=method, dataset='d', num_labeled=10, seed=seed,
                                           data=dict(seed=seed), model=dict(name='m'),
                                           mpl=dict(feedback=feedback)))
   summary = train.summarize(config, evals, wall_s=1.0, steps=evals[-1]['step'], num_labeled=10)
@@ -114,4 +114,45 @@ def test_rows_of_the_same_seeds_are_compared_seed_by_seed(tmp_path, capsys):
   _write_summary(tmp_path / 'a2', 'supervised', _evals([0.6], models=('raw',)))
   assert compare_runs.main([f'a={tmp_path}/a1,{tmp_path}/a2', f'b={tmp_path}/a1,{tmp_path}/a2',
                             '--out', str(tmp_path / 'q.png')]) == 0
+  assert 'same seeds' not in capsys.readouterr().out
+
+
+def _write_running(workdir, accuracies, method='supervised', seed=None):
+  os.makedirs(workdir)
+  with open(workdir / 'metrics.jsonl', 'w') as f:
+    for i, a in enumerate(accuracies):
+      f.write(json.dumps({'step': 100 * (i + 1), 'eval/raw_accuracy': a}) + '\n')
+  with open(workdir / 'config.json', 'w') as f:
+    json.dump({'method': method, 'dataset': 'd', 'num_labeled': 10, 'seed': seed,
+               'data': {'seed': seed}}, f)
+
+
+def test_seeds_that_ended_at_different_steps_are_refused(tmp_path, capsys):
+  _write_summary(tmp_path / 'short', 'supervised', _evals([0.7], models=('raw',)))
+  _write_summary(tmp_path / 'long', 'supervised', _evals([0.5, 0.9], models=('raw',)))
+  assert compare_runs.main([f'x={tmp_path}/short,{tmp_path}/long',
+                            '--out', str(tmp_path / 'x.png')]) == 2
+  assert 'ended at different steps ([100, 200])' in capsys.readouterr().err
+
+
+def test_a_running_seed_is_compared_at_the_last_step_all_runs_evaluated(tmp_path, capsys):
+  # Finished: 0.5, 0.6, 0.9 at steps 100-300; still going: 0.7, 0.8 at steps 100-200.
+  _write_summary(tmp_path / 'done', 'supervised', _evals([0.5, 0.6, 0.9], models=('raw',)),
+                 seed=0)
+  _write_running(tmp_path / 'live', [0.7, 0.8], seed=1)
+  assert compare_runs.main([f'x={tmp_path}/done,{tmp_path}/live',
+                            '--out', str(tmp_path / 'x.png')]) == 0
+  # At step 200: finals 0.6 and 0.8 (mean 70, sample std 14.14), bests the same.
+  assert '| x | supervised | 2 | 200 (running) | 70.00 ± 14.14 | 70.00 ± 14.14 |' in \
+      capsys.readouterr().out
+
+
+def test_a_row_repeating_one_seed_is_not_paired(tmp_path, capsys):
+  for seed in (0, 1):
+    _write_summary(tmp_path / f'ref_{seed}', 'supervised', _evals([0.5], models=('raw',)),
+                   seed=seed)
+  for name, acc in (('dup_a', 0.7), ('dup_b', 0.9)):   # two runs of seed 0
+    _write_summary(tmp_path / name, 'supervised', _evals([acc], models=('raw',)), seed=0)
+  assert compare_runs.main([f'ref={tmp_path}/ref_*', f'dup={tmp_path}/dup_*',
+                            '--out', str(tmp_path / 'd.png')]) == 0
   assert 'same seeds' not in capsys.readouterr().out

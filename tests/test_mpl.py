@@ -114,7 +114,8 @@ def test_paired_h_measures_only_the_student_update_under_dropout():
 
 
 def bilevel_objective(method, teacher, student, batch):
-  """CE_l(T) + f(theta_S - eta grad_S CE(softmax(T(x_u)), S(x_u))): what `exact` minimises."""
+  """w CE_l(T) + f(theta_S - eta grad_S CE(softmax(T(x_u)), S(x_u))): what `exact` minimises
+  (w = mpl.teacher_labeled_weight)."""
   eta = method.config.mpl.student_optimizer.lr
   x_u = batch['unlabeled']['image']
   soft = jax.nn.softmax(mlp_apply(method, teacher, x_u))
@@ -123,11 +124,15 @@ def bilevel_objective(method, teacher, student, batch):
   updated = jax.tree.map(lambda p, g: p - eta * g, student, g_u)
   teacher_labeled = jnp.mean(base.cross_entropy(
       mlp_apply(method, teacher, batch['labeled']['image']), batch['labeled']['label']))
-  return teacher_labeled + labeled_loss(method, updated, batch)
+  weight = method.config.mpl.teacher_labeled_weight
+  return weight * teacher_labeled + labeled_loss(method, updated, batch)
 
 
-def test_exact_teacher_gradient_matches_finite_differences():
+@pytest.mark.parametrize('teacher_labeled_weight', [1.0, 0.0])
+def test_exact_teacher_gradient_matches_finite_differences(teacher_labeled_weight):
+  """At weight 0 the teacher learns from the student's feedback alone (the paper's section 2)."""
   method = make_method('exact', student_lr=0.5, teacher_lr=1.0)
+  method.config.mpl.teacher_labeled_weight = teacher_labeled_weight
   batch = moons_batch()
   state = init_state(method, batch)
   new_state, _ = method.update(state, batch)

@@ -32,7 +32,8 @@ offset (batch statistics over a different batch), not only the effect of the stu
 On the 6000-step Fashion-MNIST MPL run (cnn_small, step 4000, 16 keys; `launch/h_noise.py`
 repeats it on any MPL workdir) that h had mean -0.070 and standard deviation 0.069, while the
 update's own effect (both passes on x_l with the same dropout masks) had mean -0.0010 and
-standard deviation 0.0018: the teacher's feedback was about 40 parts noise to 1 part signal.
+standard deviation 0.0018; their per-key difference, the noise alone, had standard deviation
+0.069, 39 times the update's: the teacher's feedback was about 40 parts noise to 1 part signal.
 'paired' (default) measures f_old and f_new in one labeled-only pass each, with the same dropout
 key, so h = 0 exactly when the student does not move. 'official' keeps the released
 measurement, for parity runs.
@@ -222,7 +223,7 @@ class MPL(base.Method):
       else:
         soft = jax.lax.stop_gradient(jax.nn.softmax(t_s))
         feedback = coefficient * jnp.mean(base.soft_cross_entropy(t_s, soft))
-      total = labeled + uda_weight * uda + feedback
+      total = c.teacher_labeled_weight * labeled + uda_weight * uda + feedback
       return total, {'loss_teacher': total, 'loss_teacher_labeled': labeled, 'loss_uda': uda,
                      'loss_mpl': feedback, 'uda_mask_rate': mask_rate}
 
