@@ -113,6 +113,32 @@ def test_paired_h_measures_only_the_student_update_under_dropout():
   np.testing.assert_allclose(slope_2, slope, rtol=2e-2)
 
 
+def test_f_old_comes_from_the_pass_each_h_pass_names():
+  """'official': f_old is the CE of the x_l rows of the student's pass on concat(x_l, s(x_u))
+  (with that pass's dropout key); 'paired': a pass on x_l alone with f_new's dropout key."""
+  batch = moons_batch(n_l=16, n_u=32)
+  x_l, y_l, x_u = batch['labeled']['image'], batch['labeled']['label'], batch['unlabeled']['image']
+  for h_pass in ('official', 'paired'):
+    method = make_method('first_order', student_lr=0.1, h_pass=h_pass, dropout_rate=0.5)
+    state = init_state(method, batch)
+    _, metrics = method.update(state, batch)
+    # The update's keys, in its order: views, teacher, student, student (f_new), labels.
+    _, _, student_rng, student_new_rng, _ = jax.random.split(
+        jax.random.fold_in(state.rng, state.step), 5)
+    student = state.params['student']
+
+    def f_old(x, rng):
+      logits = method.model.apply({'params': student}, x, train=True, rngs={'dropout': rng})
+      return float(jnp.mean(base.cross_entropy(logits[:len(x_l)], y_l)))
+
+    expected = (f_old(jnp.concatenate([x_l, x_u]), student_rng) if h_pass == 'official'
+                else f_old(x_l, student_new_rng))
+    other = (f_old(x_l, student_new_rng) if h_pass == 'official'
+             else f_old(jnp.concatenate([x_l, x_u]), student_rng))
+    np.testing.assert_allclose(float(metrics['f_old']), expected, rtol=1e-5)
+    assert abs(float(metrics['f_old']) - other) > 1e-3   # the two passes do differ
+
+
 def bilevel_objective(method, teacher, student, batch):
   """w CE_l(T) + f(theta_S - eta grad_S CE(softmax(T(x_u)), S(x_u))): what `exact` minimises
   (w = mpl.teacher_labeled_weight)."""
