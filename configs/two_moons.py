@@ -17,7 +17,7 @@ NOT reproduce here, with these defaults or any setting tried. The figure and the
 (a run succeeds at >= 99% on the 2000 points; seeds 0-9, config.seed = config.data.seed = seed):
 
   python -m launch.two_moons_figure --out two_moons.png --seeds 10     # about 10 min, 1 CPU core
-  (docs/two_moons.png is its output, made again on 2026-11-30 with the code of that day)
+  (its output is docs/two_moons.png)
 
   defaults (10k steps, momentum 0.9)  supervised 0/10 (mean 81.8%), pseudo_label 0/10 (81.7%),
                                       mpl 0/10 (81.7%); best single run of any method 86.3%.
