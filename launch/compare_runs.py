@@ -7,9 +7,11 @@ Each argument is a workdir, or NAME=WORKDIR to choose its label (default: the fo
 Seeds: NAME=W1,W2,... or NAME='GLOB' (quoted, e.g. 'sup=/tmp/runs/sup_seed*') makes one row of
 several runs of the same setting; its cells are the mean +- the sample standard deviation over
 the runs, `n` says how many, and its curve is the mean with a band of +- one standard deviation.
-The runs of a row must share method, feedback, dataset, labels and evaluated model, and the
-finished ones the step they ended at; a row with runs still going is compared at the last step
-that all its runs evaluated.
+The runs of a row must share method, feedback, dataset, labels, evaluated model, the settings
+in SETTING_KEYS (steps, batch, model, recipe, the method's own block), and the finished ones the
+step they ended at; a row with runs still going is compared at the last step that all its runs
+evaluated (blank until every one has evaluated once), and the paired column is left out for rows
+compared at another step than the first row.
 Where rows share seeds (config.seed and config.data.seed), a last column gives each row's final
 accuracy minus the first row's, paired seed by seed (mean +- std, and how many seeds are higher):
 seeds that change the labeled split vary far more than the methods differ, and pairing removes it.
@@ -79,13 +81,14 @@ def read_run(workdir: str) -> dict:
           curves.setdefault(model, []).append((offset + e['step'], result['accuracy']))
     if stage:
       offset += stage[-1]['step']
-  evaluated = 'ema' if 'ema' in curves else 'raw'
+  evaluated = ('ema' if 'ema' in curves else 'raw') if curves else None  # None: no eval yet
   row = {
       'method': config.get('method', '?'),
       'feedback': config.get('mpl', {}).get('feedback') if config.get('method') == 'mpl'
                   else None,
       'dataset': config.get('dataset'),
       'num_labeled': config.get('num_labeled'),
+      'setting': setting_of(config),
       'steps': offset,
       'evaluated': evaluated,
       'seed': (config.get('seed'), config.get('data', {}).get('seed')),
@@ -96,7 +99,30 @@ def read_run(workdir: str) -> dict:
   return row
 
 
-def results_up_to(curves: dict, evaluated: str, last_step: int) -> dict:
+# What must be equal across the seeds of one row (besides method, feedback, dataset, labels).
+SETTING_KEYS = ('total_steps', 'batch_size', 'mu', 'model', 'label_smoothing', 'augment',
+                'ema_decay', 'optimizer', 'finetune')
+METHOD_KEYS = ('mpl', 'reduced_mpl', 'pseudo_label')
+
+
+def setting_of(config: dict) -> dict:
+  """The config entries that define a setting, flattened to dotted keys."""
+  def flatten(prefix, value, out):
+    if isinstance(value, dict):
+      for k, v in value.items():
+        flatten(f'{prefix}.{k}', v, out)
+    else:
+      out[prefix] = json.dumps(value, sort_keys=True)
+    return out
+  keys = SETTING_KEYS + tuple(k for k in METHOD_KEYS if k == config.get('method'))
+  flat = {}
+  for key in keys:
+    if key in config:
+      flatten(key, config[key], flat)
+  return flat
+
+
+def results_up_to(curves: dict, evaluated: str | None, last_step: int) -> dict:
   """final / best / median of the last 20 evaluations / teacher's final, up to `last_step`."""
   history = [a for s, a in curves.get(evaluated, []) if s <= last_step]
   teacher = [a for s, a in curves.get('teacher', []) if s <= last_step]
@@ -113,6 +139,8 @@ def combine(runs: list[dict], workdirs: list[str]) -> dict:
   """
   for key in ('method', 'feedback', 'dataset', 'num_labeled', 'evaluated'):
     values = {r[key] for r in runs}
+    if key == 'evaluated':
+      values.discard(None)   # a run that has not evaluated yet
     if len(values) > 1:
       raise ValueError(f'{", ".join(workdirs)}: these runs differ in {key} '
                        f'({sorted(map(str, values))}); a row of several runs is for seeds of one '
@@ -122,10 +150,16 @@ def combine(runs: list[dict], workdirs: list[str]) -> dict:
     raise ValueError(f'{", ".join(workdirs)}: these runs ended at different steps '
                      f'({sorted(finished_steps)}); a row of several runs is for seeds of one '
                      f'setting')
-  evaluated = runs[0]['evaluated']
+  # Keys present in every run's config must agree (a key added later is absent from old runs).
+  shared_keys = set.intersection(*(set(r['setting']) for r in runs))
+  differing = sorted(k for k in shared_keys if len({r['setting'][k] for r in runs}) > 1)
+  if differing:
+    raise ValueError(f'{", ".join(workdirs)}: these runs differ in {", ".join(differing)}; a row '
+                     f'of several runs is for seeds of one setting')
+  evaluated = next((r['evaluated'] for r in runs if r['evaluated']), None)
   # Mean curve (and std) over the steps every run has evaluated.
   curves, curves_std = {}, {}
-  for model in runs[0]['curves']:
+  for model in dict.fromkeys(m for r in runs for m in r['curves']):
     per_run = [dict(r['curves'].get(model, [])) for r in runs]
     steps = sorted(set.intersection(*(set(c) for c in per_run)))
     curves[model] = [(s, statistics.fmean(c[s] for c in per_run)) for s in steps]
@@ -167,6 +201,8 @@ def expand(spec: str) -> tuple[str, list[str]]:
 
 def paired_difference(row: dict, reference: dict) -> str:
   """'+2.61 ± 1.20 (5/5 higher)': final minus the reference's final, run by run of equal seeds."""
+  if row['steps'] != reference['steps']:
+    return ''  # finals taken at different steps (a run still going): not comparable
   for seeds in (reference['seeds'], row['seeds']):
     if any(None in seed for seed in seeds) or len(set(seeds)) < len(seeds):
       return ''  # no seeds recorded, or several runs of one seed: nothing to pair
@@ -227,7 +263,8 @@ def plot(rows: dict[str, dict], path: str, title: str) -> None:
   ax.set_ylabel('test accuracy (%)')
   ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  if ax.get_legend_handles_labels()[0]:   # nothing to draw before a first evaluation
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

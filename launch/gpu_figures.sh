@@ -25,7 +25,7 @@
 #            and $OUT/compare.png (curves). $MODEL (wrn28_2 | cnn | cnn_small) and $EXTRA (more
 #            --config flags) scale it down; the settings of the CPU study in
 #            docs/fashion_mnist.md (there run with mpl.main directly) are
-#              MODEL=cnn_small EXTRA='--config.batch_size=32 --config.mu=4 --config.eval_every=500' \
+#              MODEL=cnn_small EXTRA='--config.batch_size=32 --config.mu=4 --config.eval_every=250' \
 #              RUN_TIMEOUT=3600 bash launch/gpu_figures.sh compare   (after `prepare`)
 #            That study found the recipe's UDA weight 8 holds a small teacher below supervised
 #            learning at 2000 steps and weight 1 does not: EXTRA='--config.mpl.uda_weight=1' is

@@ -27,9 +27,11 @@ teacher's table before the checkpoint replaces it: the stage-1 workdir must stil
 Measured on the 6000-step Fashion-MNIST MPL run of configs/fashion_mnist.py (cnn_small, UDA
 weight 1, trained with h_pass=official), checkpoint 4000, 16 keys:
   python -m launch.h_noise /tmp/fm6k/mpl_w1 --step 4000 --keys 16
-  official  h mean -0.070    std 0.069
-  paired    h mean -0.0010   std 0.0018
-  official - paired (noise)  mean -0.069, std 0.069: 39 times paired's std
+    h_pass        h mean     h std      h min      h max
+    official    -0.07045   0.06926   -0.18125   +0.05228
+    paired      -0.00099   0.00177   -0.00415   +0.00182
+    official - paired, per key (the noise): mean -0.06946, std 0.06929
+    std official / std paired = 39.2; std noise / std paired = 39.2
 so the released h was about 40 parts noise to 1 part update. (The run was made with
   python -m mpl.main --config configs/fashion_mnist.py:method=mpl,labels=1000,model=cnn_small,steps=6000 \
       --workdir /tmp/fm6k/mpl_w1 --config.batch_size=32 --config.mu=4 --config.mpl.uda_weight=1 \
@@ -101,6 +103,10 @@ def h_under_keys(config, workdir: str, h_pass: str, num_keys: int, step: int) ->
   try:
     with experiment.activate():
       state, _ = checkpoints.restore(experiment.abstract_state, step)
+  except FileNotFoundError as e:
+    raise ConfigError(f'checkpoint {step} of {workdir} went away while this ran (a live run '
+                      f'keeps only its last {config.keep_checkpoints}): choose a newer --step. '
+                      f'({e})') from e
   finally:
     checkpoints.close()
   with experiment.activate():
@@ -172,7 +178,9 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
 
-  assert runs['official']['step'] == runs['paired']['step'] == step
+  if not runs['official']['step'] == runs['paired']['step'] == step:
+    raise RuntimeError(f'restored steps {runs["official"]["step"]}, {runs["paired"]["step"]}; '
+                       f'asked for {step}')
   lr = runs['paired']['values']['lr_student'][0]
   print(f'{args.workdir}: checkpoint at step {step}, student lr {lr:.3g}, {args.keys} keys')
   print(f'  {"h_pass":9s} {"h mean":>10s} {"h std":>9s} {"h min":>10s} {"h max":>10s}')

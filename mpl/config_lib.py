@@ -242,8 +242,8 @@ def base_config() -> ml_collections.ConfigDict:
       # code, PyTorch port): dropout and the batch composition add noise and an offset to h.
       h_pass='paired',
       student_label_smoothing=0.0,
-      teacher_labeled_weight=1.0,  # the teacher's own CE on x_l (0: the paper's section 2,
-                                   # a teacher taught by the student's feedback alone)
+      teacher_labeled_weight=1.0,  # the teacher's own CE on x_l (0 with uda_weight 0: the
+                                   # paper's section 2, a teacher taught by the feedback alone)
       uda_weight=8.0, uda_ramp_steps=5000, uda_temperature=0.7, uda_threshold=0.6,
       teacher_model=ml_collections.config_dict.placeholder(ml_collections.ConfigDict),
       recompute_teacher=False,     # True: rerun the teacher forward for its backward (memory)

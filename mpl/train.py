@@ -170,7 +170,8 @@ class Checkpoints:
   """Orbax CheckpointManager for (state, json metadata) in WORKDIR/checkpoints."""
 
   def __init__(self, workdir: str, keep: int, read_only: bool = False):
-    """read_only: for tools that inspect a run (nothing created, saved or deleted)."""
+    """read_only: for tools that only inspect a run (launch/h_noise.py): the checkpoints folder
+    is not created and Orbax opens it read-only; such a tool never calls `save`."""
     self.manager = ocp.CheckpointManager(
         workdir_path(workdir) / 'checkpoints',
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,

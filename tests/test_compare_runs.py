@@ -156,3 +156,28 @@ def test_a_row_repeating_one_seed_is_not_paired(tmp_path, capsys):
   assert compare_runs.main([f'ref={tmp_path}/ref_*', f'dup={tmp_path}/dup_*',
                             '--out', str(tmp_path / 'd.png')]) == 0
   assert 'same seeds' not in capsys.readouterr().out
+
+
+def test_seeds_of_different_settings_or_at_different_steps_are_not_mixed(tmp_path, capsys):
+  def write(name, accuracies, seed, **config):
+    _write_running(tmp_path / name, accuracies, seed=seed)
+    path = tmp_path / name / 'config.json'
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+  for name, seed, labels in (('argmax_0', 0, 'argmax'), ('sample_1', 1, 'sample')):
+    write(name, [0.7], seed, method='mpl', mpl={'feedback': 'first_order', 'pseudo_label': labels})
+  assert compare_runs.main([f'x={tmp_path}/argmax_0,{tmp_path}/sample_1',
+                            '--out', str(tmp_path / 'x.png')]) == 2
+  assert 'differ in mpl.pseudo_label' in capsys.readouterr().err
+  # Rows of the same seeds compared at different steps (runs still going): no paired column.
+  for seed in (0, 1):
+    _write_running(tmp_path / f'a_{seed}', [0.5, 0.6], seed=seed)
+    _write_running(tmp_path / f'b_{seed}', [0.7], seed=seed)
+  assert compare_runs.main([f'a={tmp_path}/a_*', f'b={tmp_path}/b_*',
+                            '--out', str(tmp_path / 'y.png')]) == 0
+  assert 'same seeds' not in capsys.readouterr().out
+  # A seed that has not evaluated yet leaves its row blank; it is not "another setting".
+  _write_summary(tmp_path / 'c_1', 'supervised', _evals([0.5], models=('raw', 'ema')), seed=1)
+  _write_running(tmp_path / 'c_2', [], seed=2)
+  assert compare_runs.main([f'c={tmp_path}/c_2,{tmp_path}/c_1',
+                            '--out', str(tmp_path / 'z.png')]) == 0
+  assert '| c | supervised | 0 | 0 (running) |' in capsys.readouterr().out

@@ -305,3 +305,13 @@ def test_epoch_stream_is_int32_safe_at_large_steps():
            for e in set(epochs.tolist())}
   expected = np.array([perms[e][o] for e, o in zip(epochs.tolist(), offsets.tolist())])
   np.testing.assert_array_equal(picks, expected)
+
+
+def test_read_only_checkpoints_create_nothing(tmp_path):
+  """Tools that inspect a run open its checkpoints read-only: no folder appears in the workdir."""
+  reader = train.Checkpoints(str(tmp_path / 'inspected'), keep=2, read_only=True)
+  assert reader.all_steps() == [] and not (tmp_path / 'inspected').exists()
+  reader.close()
+  writer = train.Checkpoints(str(tmp_path / 'trained'), keep=2)
+  assert (tmp_path / 'trained' / 'checkpoints').is_dir()
+  writer.close()
