@@ -7,8 +7,8 @@ Each argument is a workdir, or NAME=WORKDIR to choose its label (default: the fo
 Seeds: NAME=W1,W2,... or NAME='GLOB' (quoted, e.g. 'sup=/tmp/runs/sup_seed*') makes one row of
 several runs of the same setting; its cells are the mean +- the sample standard deviation over
 the runs, `n` says how many, and its curve is the mean with a band of +- one standard deviation.
-The runs of a row must share method, feedback, dataset, labels, evaluated model, the settings
-in SETTING_KEYS (steps, batch, model, recipe, the method's own block), and the finished ones the
+The runs of a row must share method, feedback, evaluated model, the settings in SETTING_KEYS
+(dataset, labels, steps, batch, model, recipe, the method's own block), and the finished ones the
 step they ended at; a row with runs still going is compared at the last step that all its runs
 evaluated (blank until every one has evaluated once), and the paired column is left out for rows
 compared at another step than the first row.
@@ -86,8 +86,6 @@ def read_run(workdir: str) -> dict:
       'method': config.get('method', '?'),
       'feedback': config.get('mpl', {}).get('feedback') if config.get('method') == 'mpl'
                   else None,
-      'dataset': config.get('dataset'),
-      'num_labeled': config.get('num_labeled'),
       'setting': setting_of(config),
       'steps': offset,
       'evaluated': evaluated,
@@ -99,9 +97,9 @@ def read_run(workdir: str) -> dict:
   return row
 
 
-# What must be equal across the seeds of one row (besides method, feedback, dataset, labels).
-SETTING_KEYS = ('total_steps', 'batch_size', 'mu', 'model', 'label_smoothing', 'augment',
-                'ema_decay', 'optimizer', 'finetune')
+# What must be equal across the seeds of one row (besides method and feedback).
+SETTING_KEYS = ('dataset', 'num_labeled', 'total_steps', 'batch_size', 'mu', 'model',
+                'label_smoothing', 'augment', 'ema_decay', 'optimizer', 'finetune')
 METHOD_KEYS = ('mpl', 'reduced_mpl', 'pseudo_label')
 
 
@@ -137,7 +135,7 @@ def combine(runs: list[dict], workdirs: list[str]) -> dict:
 
   Runs still going are compared with the others at the last step that all of them evaluated.
   """
-  for key in ('method', 'feedback', 'dataset', 'num_labeled', 'evaluated'):
+  for key in ('method', 'feedback', 'evaluated'):
     values = {r[key] for r in runs}
     if key == 'evaluated':
       values.discard(None)   # a run that has not evaluated yet

@@ -75,8 +75,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 def checkpoint_step(config, workdir: str, step: int | None) -> int:
   """`step` if the run has a checkpoint there, else an error naming the steps it has;
   None: the latest. Chosen once, so that both modes start from the same state of a live run."""
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise ConfigError(f'no checkpoint in {workdir}/checkpoints yet.')
   checkpoints = train.Checkpoints(workdir, keep=config.keep_checkpoints, read_only=True)
   try:
     available = checkpoints.all_steps()

@@ -112,6 +112,7 @@ def test_refuses_a_run_without_h_or_without_checkpoints(tmp_path, capsys):
   (workdir / 'config.json').write_text(json.dumps({'method': 'mpl', 'keep_checkpoints': 2}))
   assert h_noise.main([str(workdir)]) == 2
   assert 'no checkpoint in' in capsys.readouterr().err
+  assert not (workdir / 'checkpoints').exists()   # read only: nothing created in the run
   (workdir / 'checkpoints').mkdir()
   assert h_noise.main([str(workdir)]) == 2
   assert 'no checkpoint in' in capsys.readouterr().err

@@ -18,7 +18,9 @@ Teacher T and student S train together. One update:
        official_release  what the released TF code computes: soft labels for the student and a
                          teacher term CE(sg(p), T(s(x_u))) * sg(f_new - f_old - b), whose
                          gradient is zero: the teacher trains as plain UDA. For parity runs.
-     Teacher loss = CE_l + lambda_uda(t) * UDA + feedback term.
+     Teacher loss = w_l * CE_l + lambda_uda(t) * UDA + feedback term (w_l =
+     `mpl.teacher_labeled_weight`, 1; 0 with no UDA: the paper's section-2 teacher, taught by
+     the feedback alone).
 
 Choices the paper leaves open, made as the official code does: the baseline is updated with the
 current h before it is subtracted; f_new uses the student in training mode (its batch-norm
