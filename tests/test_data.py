@@ -1,6 +1,8 @@
 """Tests of mpl.data: datasets, IDX reader, labeled splits, streaming input."""
 import gzip
 import os
+import threading
+import time
 
 import jax
 import numpy as np
@@ -281,3 +283,24 @@ def test_no_tensorflow_at_import():
   import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   subprocess.run([sys.executable, '-c', code], check=True,
                  cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_run_once_across_processes_makes_once(tmp_path):
+  """Runs that start together build a dataset once; the others wait, then find it built."""
+  marker, calls = tmp_path / 'built', []
+
+  def make():
+    calls.append(1)
+    time.sleep(0.3)  # Long enough that every caller has checked `done()` before it ends.
+    marker.write_text('ok')
+
+  lock = str(tmp_path / 'data' / '.lock')
+  threads = [threading.Thread(target=datasets.run_once_across_processes,
+                              args=(lock, marker.exists, make)) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(calls) == 1 and marker.read_text() == 'ok'
+  datasets.run_once_across_processes(lock, marker.exists, make)  # Already built: no call.
+  assert len(calls) == 1

@@ -21,18 +21,20 @@ Fashion-MNIST files are looked up in `$MPL_FASHION_MNIST_DIR` if set (and only t
 `data_dir/fashion-mnist`, `data_dir` (when `data_dir` is given), then
 `/usr/share/datasets/fashion-mnist`. With `source='tfds'` (or 'auto' with TensorFlow installed),
 the TFDS `fashion_mnist` dataset in `data_dir` (default `~/tensorflow_datasets`) is used, and
-built once from those files if it is not there yet (about 20 s).
+built once from those files if it is not there yet (about 20 s; runs that start together wait
+for the first one's build, under a lock file in `data_dir`).
 
 TensorFlow is imported only inside the TFDS code paths; the rest works without it.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import importlib.util
 import sys
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -274,7 +276,12 @@ def _fashion_mnist_tfds(data_dir: str | None) -> dict[str, np.ndarray]:
   tfds = import_tfds()
   builder = tfds.builder('fashion_mnist', data_dir=data_dir)
   if not builder.is_prepared():
-    prepare_fashion_mnist_tfds(data_dir)
+    # Runs started together on a fresh machine would otherwise all build it, and all but the
+    # first fail when TFDS renames its finished folder into place.
+    run_once_across_processes(
+        os.path.join(builder.data_dir_root, '.fashion_mnist.lock'),
+        done=lambda: tfds.builder('fashion_mnist', data_dir=data_dir).is_prepared(),
+        make=lambda: prepare_fashion_mnist_tfds(data_dir))
     builder = tfds.builder('fashion_mnist', data_dir=data_dir)
   out = {}
   for split in ('train', 'test'):
@@ -286,6 +293,26 @@ def _fashion_mnist_tfds(data_dir: str | None) -> dict[str, np.ndarray]:
       images[order], labels[order] = images.copy(), labels.copy()
     out[f'{split}_images'], out[f'{split}_labels'] = images, labels
   return out
+
+
+def run_once_across_processes(lock_path: str, done: Callable[[], bool],
+                              make: Callable[[], Any]) -> None:
+  """Calls `make()` unless `done()`, holding an exclusive lock on `lock_path` meanwhile.
+
+  Processes that wait for the lock check `done()` again once they hold it, so `make` runs once
+  however many processes ask together. A remote path (`gs://...`) cannot be locked: there each
+  process checks and makes on its own.
+  """
+  if done():
+    return
+  if '://' in lock_path:
+    make()
+    return
+  os.makedirs(os.path.dirname(lock_path) or '.', exist_ok=True)
+  with open(lock_path, 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done():
+      make()
 
 
 def _tfds_write_order(split: str, n: int) -> np.ndarray:
