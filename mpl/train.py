@@ -456,6 +456,41 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
                     stream=stream)
 
 
+NOT_SAVED = '(not in the saved config)'
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, list]:
+  """{'a.b': [saved value, current value]} for every leaf key whose value differs."""
+  def leaves(d, prefix=''):
+    for key, value in d.items():
+      if isinstance(value, dict):
+        yield from leaves(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+  old, new = dict(leaves(saved)), dict(leaves(current))
+  return {key: [old.get(key, NOT_SAVED), new.get(key, NOT_SAVED)]
+          for key in sorted(old.keys() | new.keys()) if old.get(key, NOT_SAVED) != new.get(
+              key, NOT_SAVED)}
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step: int | None):
+  """Writes WORKDIR/config.json. A run resumed with another config (more steps, a new lr, ...)
+  continues, with a warning and a line in WORKDIR/config_changes.jsonl saying what changed at
+  which step: config.json then holds the current config, and the history is not lost."""
+  path = workdir_path(workdir) / 'config.json'
+  current = json.loads(json.dumps(config.to_dict(), default=str))  # tuples -> lists, as saved
+  if resume_step is not None and path.exists():
+    changed = config_changes(json.loads(path.read_text()), current)
+    if changed:
+      logging.warning('Resuming at step %d with a config that differs from the run\'s: %s',
+                      resume_step, '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in
+                                             changed.items()))
+      log = workdir_path(workdir) / 'config_changes.jsonl'
+      before = log.read_text() if log.exists() else ''  # read + write: works on GCS too
+      log.write_text(before + json.dumps({'step': resume_step, 'changed': changed}) + '\n')
+  path.write_text(json.dumps(current, indent=2))
+
+
 def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
               should_stop: Callable[[int], bool] | None = None,
               init_from: Callable[[Any], Any] | None = None,
@@ -473,10 +508,9 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
 
   is_lead = jax.process_index() == 0
   writer = reporting.Writer(workdir, is_lead)
-  if is_lead:
-    (workdir_path(workdir) / 'config.json').write_text(
-        json.dumps(config.to_dict(), indent=2, default=str))
   checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+  if is_lead:
+    write_config(config, workdir, resume_step=checkpoints.latest_step())
 
   with experiment.activate():
     meta = {'evals': [], 'wall_s': 0.0}

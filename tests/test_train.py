@@ -315,3 +315,27 @@ def test_read_only_checkpoints_create_nothing(tmp_path):
   writer = train.Checkpoints(str(tmp_path / 'trained'), keep=2)
   assert (tmp_path / 'trained' / 'checkpoints').is_dir()
   writer.close()
+
+
+def test_resume_with_another_config_records_what_changed(tmp_path):
+  """A run resumed with a changed config continues; config_changes.jsonl keeps the history."""
+  workdir = str(tmp_path / 'run')
+  overrides = {'checkpoint_every': 4, 'eval_every': 4, 'log_every': 2}
+  train.train_and_evaluate(moons('labels=6', total_steps=4, **overrides), workdir)
+  changes = os.path.join(workdir, 'config_changes.jsonl')
+  train.train_and_evaluate(moons('labels=6', total_steps=4, **overrides), workdir)
+  assert not os.path.exists(changes)  # the same config: nothing to record
+
+  summary = train.train_and_evaluate(
+      moons('labels=6', total_steps=8, **{**overrides, 'optimizer.lr': 0.05}), workdir)
+  assert summary['steps'] == 8
+  lines = [json.loads(line) for line in open(changes)]
+  assert lines == [{'step': 4, 'changed': {'optimizer.lr': [0.1, 0.05], 'total_steps': [4, 8]}}]
+  assert json.load(open(os.path.join(workdir, 'config.json')))['optimizer']['lr'] == 0.05
+
+
+def test_config_changes_names_added_and_removed_keys():
+  saved = {'a': 1, 'b': {'c': [1, 2], 'gone': 0}}
+  current = {'a': 1, 'b': {'c': [1, 3], 'new': None}}
+  assert train.config_changes(saved, current) == {
+      'b.c': [[1, 2], [1, 3]], 'b.gone': [0, train.NOT_SAVED], 'b.new': [train.NOT_SAVED, None]}
