@@ -70,6 +70,16 @@ class Writer:
       self.clu.flush()
 
 
+def format_duration(seconds: float) -> str:
+  """12 s -> '12s', 250 s -> '4m10s', 7000 s -> '1h56m': readable ETAs for long runs."""
+  seconds = max(0, int(round(seconds)))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m'
+  return f'{minutes}m{secs:02d}s' if minutes else f'{secs}s'
+
+
 class Progress:
   """Steps/s and ETA every `every_secs`: clu's ReportProgress, or a log line without clu."""
 
@@ -93,6 +103,7 @@ class Progress:
       self._last_time, self._last_step = now, step
     elif now - self._last_time >= self.every_secs or step == self.total:
       rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
-      logging.info('%d/%d steps (%.1f%%), %.2f steps/s, ETA %.0f s', step, self.total,
-                   100 * step / self.total, rate, (self.total - step) / max(rate, 1e-9))
+      logging.info('%d/%d steps (%.1f%%), %.2f steps/s, ETA %s', step, self.total,
+                   100 * step / self.total, rate,
+                   format_duration((self.total - step) / max(rate, 1e-9)))
       self._last_time, self._last_step = now, step

@@ -582,10 +582,10 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
       if evaluate:
         result = run_eval(state, step)
         rate = (step - loop_start_step) / max(time.time() - loop_start_time, 1e-9)
-        logging.info('step %d/%d  %s  (%.2f steps/s, ETA %.0f s)', step, total,
+        logging.info('step %d/%d  %s  (%.2f steps/s, ETA %s)', step, total,
                      '  '.join(f'{k}: {100 * v["accuracy"]:.2f}%'
                                for k, v in result.items() if k != 'step'),
-                     rate, (total - step) / max(rate, 1e-9))
+                     rate, reporting.format_duration((total - step) / max(rate, 1e-9)))
       if save:
         meta['wall_s'] = meta.get('wall_s', 0.0) + time.time() - session_start
         session_start = time.time()

@@ -339,3 +339,9 @@ def test_config_changes_names_added_and_removed_keys():
   current = {'a': 1, 'b': {'c': [1, 3], 'new': None}}
   assert train.config_changes(saved, current) == {
       'b.c': [[1, 2], [1, 3]], 'b.gone': [0, train.NOT_SAVED], 'b.new': [train.NOT_SAVED, None]}
+
+
+def test_eta_reads_as_hours_minutes_seconds():
+  from mpl import reporting
+  assert [reporting.format_duration(s) for s in (0, 12.4, 250, 3600, 7000, -3)] == [
+      '0s', '12s', '4m10s', '1h00m', '1h56m', '0s']
