@@ -509,18 +509,19 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
   is_lead = jax.process_index() == 0
   writer = reporting.Writer(workdir, is_lead)
   checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
-  if is_lead:
-    write_config(config, workdir, resume_step=checkpoints.latest_step())
 
   with experiment.activate():
     meta = {'evals': [], 'wall_s': 0.0}
-    if checkpoints.latest_step() is not None:
+    resume_step = checkpoints.latest_step()
+    if resume_step is not None:
       state, meta = checkpoints.restore(experiment.abstract_state)
       logging.info('Resumed from the checkpoint at step %d.', int(state.step))
     else:
       state = experiment.init_state(jax.random.PRNGKey(config.seed))
       if init_from is not None:
         state = init_from(state)
+    if is_lead:  # only now: a config whose checkpoint does not fit leaves the run's record alone
+      write_config(config, workdir, resume_step)
 
     def run_eval(state, step):
       result = {'step': step}

@@ -333,6 +333,15 @@ def test_resume_with_another_config_records_what_changed(tmp_path):
   assert lines == [{'step': 4, 'changed': {'optimizer.lr': [0.1, 0.05], 'total_steps': [4, 8]}}]
   assert json.load(open(os.path.join(workdir, 'config.json')))['optimizer']['lr'] == 0.05
 
+  # A config whose checkpoint does not fit stops with a clear error and leaves the record alone.
+  saved = open(os.path.join(workdir, 'config.json')).read()
+  with pytest.raises(ConfigError, match='does not fit this config'):
+    train.train_and_evaluate(
+        moons('labels=6', total_steps=12, **{**overrides, 'model.hidden_sizes': (16, 16)}),
+        workdir)
+  assert open(os.path.join(workdir, 'config.json')).read() == saved
+  assert len(open(changes).readlines()) == 1
+
 
 def test_config_changes_names_added_and_removed_keys():
   saved = {'a': 1, 'b': {'c': [1, 2], 'gone': 0}}
