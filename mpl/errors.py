@@ -15,3 +15,7 @@ class DataError(RuntimeError):
 
 class NonFiniteLossError(FloatingPointError):
   """A training loss became NaN/inf; the message names the step and the loss term."""
+
+
+class WorkdirInUseError(ConfigError):
+  """Another run is training in the same --workdir (it holds WORKDIR/.lock)."""

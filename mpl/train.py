@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import functools
 import json
 import math
 import os
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -37,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mpl import config_lib, methods, models, reporting, sharding
 from mpl.data import datasets, split, streaming
-from mpl.errors import ConfigError, DataError, NonFiniteLossError
+from mpl.errors import ConfigError, DataError, NonFiniteLossError, WorkdirInUseError
 from mpl.methods import base
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +228,32 @@ class PreemptionFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds WORKDIR/.lock while a run trains there: the same command started again while the
+  first still runs (a second terminal, a nohup job forgotten) stops at once with a clear error
+  instead of both writing the same checkpoints. The lead process locks; a remote workdir
+  (gs://...) cannot be locked and is not."""
+  if jax.process_index() != 0 or '://' in workdir:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, '.lock'), 'a+') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      holder = lock.read().strip() or 'unknown'
+      raise WorkdirInUseError(
+          f'another run is training in {os.path.abspath(workdir)} (process {holder}). Wait for '
+          f'it to finish, stop it (SIGTERM saves a checkpoint; rerunning then resumes), or '
+          f'choose another --workdir.') from None
+    lock.truncate(0)
+    lock.write(f'{os.getpid()} on {socket.gethostname()}\n')
+    lock.flush()
+    yield  # the lock is released when the file closes
 
 
 def any_process(flag: bool) -> bool:
@@ -629,37 +657,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   > 0 (MPL), a finetune stage follows in WORKDIR/finetune; the summary's `final` is then the
   finetuned student and `before_finetune` holds the MPL stage's results.
   """
-  # One SIGTERM handler for both stages: a request during the last MPL step stops the run
-  # before the finetune stage starts.
-  with PreemptionFlag() as preemption:
-    summary, state = run_stage(config, workdir, should_stop=should_stop, preemption=preemption)
-    stages = [summary]
-    if 'stopped_at' not in summary and config.finetune.steps > 0:
-      # Start from the evaluated student: the EMA when there is one (see the MPL docstring).
-      if state.ema_params is not None:
-        student = (state.ema_params, state.ema_batch_stats)
-      else:
-        student = (state.params['student'], state.batch_stats['student'])
-      del state
-      init_from = lambda s: s.replace(params=student[0], batch_stats=student[1])
-      ft_summary, _ = run_stage(finetune_config(config), os.path.join(workdir, 'finetune'),
-                                should_stop=should_stop, init_from=init_from,
-                                preemption=preemption)
-      stages.append(ft_summary)
-      summary = {**ft_summary, 'config': config.to_dict(), 'method': config.method,
-                 'before_finetune': {k: summary[k] for k in ('final', 'best', 'median_last_20',
-                                                             'steps', 'wall_s', 'history')},
-                 'finetune_steps': ft_summary['steps'],
-                 'steps': summary['steps'] + ft_summary['steps'],
-                 'wall_s': round(summary['wall_s'] + ft_summary['wall_s'], 2)}
-      if 'stopped_at' in ft_summary:
-        summary['stopped_at'] = summary['before_finetune']['steps'] + ft_summary['stopped_at']
-  if 'stopped_at' in summary:
+  # The workdir is locked until summary.json is written: a second run started meanwhile in it
+  # stops at once (workdir_lock).
+  with workdir_lock(workdir):
+    # One SIGTERM handler for both stages: a request during the last MPL step stops the run
+    # before the finetune stage starts.
+    with PreemptionFlag() as preemption:
+      summary, state = run_stage(config, workdir, should_stop=should_stop, preemption=preemption)
+      stages = [summary]
+      if 'stopped_at' not in summary and config.finetune.steps > 0:
+        # Start from the evaluated student: the EMA when there is one (see the MPL docstring).
+        if state.ema_params is not None:
+          student = (state.ema_params, state.ema_batch_stats)
+        else:
+          student = (state.params['student'], state.batch_stats['student'])
+        del state
+        init_from = lambda s: s.replace(params=student[0], batch_stats=student[1])
+        ft_summary, _ = run_stage(finetune_config(config), os.path.join(workdir, 'finetune'),
+                                  should_stop=should_stop, init_from=init_from,
+                                  preemption=preemption)
+        stages.append(ft_summary)
+        summary = {**ft_summary, 'config': config.to_dict(), 'method': config.method,
+                   'before_finetune': {k: summary[k] for k in ('final', 'best', 'median_last_20',
+                                                               'steps', 'wall_s', 'history')},
+                   'finetune_steps': ft_summary['steps'],
+                   'steps': summary['steps'] + ft_summary['steps'],
+                   'wall_s': round(summary['wall_s'] + ft_summary['wall_s'], 2)}
+        if 'stopped_at' in ft_summary:
+          summary['stopped_at'] = summary['before_finetune']['steps'] + ft_summary['stopped_at']
+    if 'stopped_at' in summary:
+      return summary
+    if jax.process_index() == 0:
+      (workdir_path(workdir) / 'summary.json').write_text(
+          json.dumps(summary, indent=2, default=str))
+      if summary['final']:
+        plot_curves([s['history'] for s in stages], os.path.join(workdir, 'curves.png'),
+                    f'{config.method} on {config.dataset} ({summary["num_labeled"]} labels)')
+    logging.info('Done: %s', {k: summary[k] for k in ('final', 'best', 'median_last_20')})
     return summary
-  if jax.process_index() == 0:
-    (workdir_path(workdir) / 'summary.json').write_text(json.dumps(summary, indent=2, default=str))
-    if summary['final']:
-      plot_curves([s['history'] for s in stages], os.path.join(workdir, 'curves.png'),
-                  f'{config.method} on {config.dataset} ({summary["num_labeled"]} labels)')
-  logging.info('Done: %s', {k: summary[k] for k in ('final', 'best', 'median_last_20')})
-  return summary

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mpl import config_lib, train
-from mpl.errors import ConfigError, DataError, NonFiniteLossError
+from mpl.errors import ConfigError, DataError, NonFiniteLossError, WorkdirInUseError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
@@ -354,3 +354,14 @@ def test_eta_reads_as_hours_minutes_seconds():
   from mpl import reporting
   assert [reporting.format_duration(s) for s in (0, 12.4, 250, 3600, 7000, -3)] == [
       '0s', '12s', '4m10s', '1h00m', '1h56m', '0s']
+
+
+def test_a_second_run_in_a_busy_workdir_stops_at_once(tmp_path):
+  """While a run holds WORKDIR/.lock, the same command elsewhere fails clearly (no training)."""
+  workdir = str(tmp_path / 'run')
+  config = moons('labels=6', total_steps=2, eval_every=2, checkpoint_every=2)
+  with train.workdir_lock(workdir):
+    with pytest.raises(WorkdirInUseError, match=f'process {os.getpid()} on'):
+      train.train_and_evaluate(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+  assert train.train_and_evaluate(config, workdir)['steps'] == 2  # free again
