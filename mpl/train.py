@@ -233,27 +233,40 @@ class PreemptionFlag:
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
   """Holds WORKDIR/.lock while a run trains there: the same command started again while the
-  first still runs (a second terminal, a nohup job forgotten) stops at once with a clear error
-  instead of both writing the same checkpoints. The lead process locks; a remote workdir
-  (gs://...) cannot be locked and is not."""
-  if jax.process_index() != 0 or '://' in workdir:
-    yield
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, '.lock'), 'a+') as lock:
+  first still runs (a second terminal, a forgotten nohup job) stops at once with a clear error,
+  on every host, instead of both writing the same checkpoints. The lead process locks; a remote
+  workdir (gs://...) cannot be locked, nor one on a filesystem without flock (a warning says so).
+  """
+  lock, holder = None, None
+  if jax.process_index() == 0 and '://' not in workdir:
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(os.path.join(workdir, '.lock'), 'a+')
     try:
       fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: held by another process
       lock.seek(0)
       holder = lock.read().strip() or 'unknown'
-      raise WorkdirInUseError(
-          f'another run is training in {os.path.abspath(workdir)} (process {holder}). Wait for '
-          f'it to finish, stop it (SIGTERM saves a checkpoint; rerunning then resumes), or '
-          f'choose another --workdir.') from None
-    lock.truncate(0)
-    lock.write(f'{os.getpid()} on {socket.gethostname()}\n')
-    lock.flush()
-    yield  # the lock is released when the file closes
+    except OSError as e:  # e.g. Lustre without -o flock, some FUSE mounts
+      logging.warning('Cannot lock %s (%s): nothing stops a second run in this workdir.',
+                      workdir, e)
+      lock.close()
+      lock = None
+  if any_process(holder is not None):  # all hosts stop, not only the lead
+    if lock is not None:
+      lock.close()
+    raise WorkdirInUseError(
+        f'another run is training in {os.path.abspath(workdir)} (process {holder or "on host 0"}).'
+        f' Wait for it to finish, stop it (SIGTERM saves a checkpoint; rerunning then resumes),'
+        f' or choose another --workdir.')
+  try:
+    if lock is not None:
+      lock.truncate(0)
+      lock.write(f'{os.getpid()} on {socket.gethostname()}\n')
+      lock.flush()
+    yield
+  finally:
+    if lock is not None:
+      lock.close()  # releases the lock
 
 
 def any_process(flag: bool) -> bool:
@@ -507,8 +520,14 @@ def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step: i
   which step: config.json then holds the current config, and the history is not lost."""
   path = workdir_path(workdir) / 'config.json'
   current = json.loads(json.dumps(config.to_dict(), default=str))  # tuples -> lists, as saved
+  saved = None
   if resume_step is not None and path.exists():
-    changed = config_changes(json.loads(path.read_text()), current)
+    try:
+      saved = json.loads(path.read_text())
+    except ValueError as e:
+      logging.warning('%s is damaged (%s); it is replaced by the current config.', path, e)
+  if saved is not None:
+    changed = config_changes(saved, current)
     if changed:
       logging.warning('Resuming at step %d with a config that differs from the run\'s: %s',
                       resume_step, '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in
@@ -649,6 +668,25 @@ def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return ft
 
 
+def check_finetune_is_current(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A finetune stage starts from the MPL stage's last student; once it has a checkpoint, more
+  MPL steps (a resume with a larger total_steps) would leave it, and the final result, stale."""
+  if config.finetune.steps <= 0:
+    return
+  finetune_dir = os.path.join(workdir, 'finetune')
+  def latest_step(directory):
+    checkpoints = Checkpoints(directory, keep=1, read_only=True)
+    step = checkpoints.latest_step()
+    checkpoints.close()
+    return step
+  mpl_step, finetune_step = latest_step(workdir), latest_step(finetune_dir)
+  if finetune_step is not None and mpl_step is not None and mpl_step < config.total_steps:
+    raise ConfigError(
+        f'{finetune_dir} finetuned the student of step {mpl_step}, and this config trains it to '
+        f'step {config.total_steps}: that finetune stage would be stale. Remove {finetune_dir} to '
+        f'finetune the longer run, or use a new --workdir.')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        should_stop: Callable[[int], bool] | None = None) -> dict:
   """Trains `config` in `workdir` (resuming where it stopped); returns and writes the summary.
@@ -657,6 +695,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   > 0 (MPL), a finetune stage follows in WORKDIR/finetune; the summary's `final` is then the
   finetuned student and `before_finetune` holds the MPL stage's results.
   """
+  config_lib.validate(config, jax.device_count())  # a typo leaves no workdir behind
+  check_finetune_is_current(config, workdir)
   # The workdir is locked until summary.json is written: a second run started meanwhile in it
   # stops at once (workdir_lock).
   with workdir_lock(workdir):

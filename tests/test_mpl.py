@@ -10,6 +10,7 @@ import pytest
 from sklearn.datasets import make_moons
 
 from mpl import models, sharding, train
+from mpl.errors import ConfigError
 from mpl.methods import base
 from mpl.methods.mpl import MPL
 
@@ -306,6 +307,12 @@ def test_finetune_stage_follows_mpl_and_resumes(tmp_path):
   assert summary['before_finetune']['steps'] == 10
   assert summary['final']['accuracy'] == summary['history'][-1]['raw']['accuracy']
   assert os.path.exists(tmp_path / 'summary.json')
+
+  # More MPL steps would leave the finetuned student stale: refused before training.
+  longer = config()
+  longer.total_steps = 12
+  with pytest.raises(ConfigError, match='would be stale'):
+    train.train_and_evaluate(longer, str(tmp_path))
 
 
 def test_finetune_starts_from_the_mpl_student(tmp_path):

@@ -365,3 +365,23 @@ def test_a_second_run_in_a_busy_workdir_stops_at_once(tmp_path):
       train.train_and_evaluate(config, workdir)
     assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
   assert train.train_and_evaluate(config, workdir)['steps'] == 2  # free again
+
+
+def test_workdir_lock_is_skipped_where_the_filesystem_has_no_flock(tmp_path, monkeypatch):
+  import errno
+
+  def no_flock(*args):
+    raise OSError(errno.ENOLCK, 'No locks available')
+  monkeypatch.setattr(train.fcntl, 'flock', no_flock)
+  with train.workdir_lock(str(tmp_path / 'run')):
+    pass  # a warning, not an error
+
+
+def test_a_damaged_config_json_is_replaced_with_a_warning(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text('{"total_steps": 4, "optim')  # cut short by a kill
+  train.write_config(moons('labels=6'), str(workdir), resume_step=2)
+  assert json.loads((workdir / 'config.json').read_text())['total_steps'] == moons(
+      'labels=6').total_steps
+  assert not (workdir / 'config_changes.jsonl').exists()

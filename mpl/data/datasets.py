@@ -36,6 +36,7 @@ import os
 import tempfile
 from typing import Any, Callable
 
+from absl import logging
 import numpy as np
 
 from mpl.data import idx
@@ -112,7 +113,6 @@ def load_from_config(config) -> InMemoryDataset:
   data of the right shapes when the real data is absent: the runlocal smoke tests of the paper
   configs) or 'always'.
   """
-  from absl import logging  # pylint: disable=g-import-not-at-top
   standin = config.data.standin
   if standin not in ('never', 'if_missing', 'always'):
     raise ConfigError(f"unknown data.standin {standin!r}; valid: 'never', 'if_missing', 'always'")
@@ -310,7 +310,14 @@ def run_once_across_processes(lock_path: str, done: Callable[[], bool],
     return
   os.makedirs(os.path.dirname(lock_path) or '.', exist_ok=True)
   with open(lock_path, 'a') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    try:
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        logging.info('Waiting for another process to finish building (lock %s).', lock_path)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    except OSError as e:  # no flock on this filesystem (e.g. Lustre without -o flock)
+      logging.warning('Cannot lock %s (%s); building without the lock.', lock_path, e)
     if not done():
       make()
 
