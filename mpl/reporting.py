@@ -48,15 +48,18 @@ class JsonlWriter:
 
 
 class Writer:
-  """clu's default writer (TensorBoard + logs) when available, else logs; plus metrics.jsonl."""
+  """On the lead host: clu's default writer (TensorBoard + logs) when TensorFlow is there, else
+  log lines; plus metrics.jsonl. Other hosts: log lines only."""
 
   def __init__(self, workdir: str, is_lead: bool):
     self.jsonl = JsonlWriter(workdir, enabled=is_lead)
-    try:
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      self.clu = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
-    except ImportError:  # no TensorFlow: log lines only
-      self.clu = None
+    self.clu = None  # other hosts only log; clu's writers would import TensorFlow (seconds)
+    if is_lead:
+      try:
+        from clu import metric_writers  # pylint: disable=g-import-not-at-top
+        self.clu = metric_writers.create_default_writer(workdir)
+      except ImportError:  # no TensorFlow: log lines only
+        pass
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     self.jsonl.write_scalars(step, scalars)

@@ -10,7 +10,8 @@ in the mesh and the examples in its shard of each batch.
 """
 import os, sys
 pid, n, port, tfds_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={8 // n}'
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')  # the test's compile flags
+                           + f' --xla_force_host_platform_device_count={8 // n}')
 os.environ['JAX_PLATFORMS'] = 'cpu'
 import jax
 jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=n, process_id=pid)

@@ -10,7 +10,8 @@ checkpoint's parameters to OUT.npz; every process prints one "RESULT {json}" lin
 import os, sys
 pid, n, port, workdir, stop_at, out = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
                                        sys.argv[4], int(sys.argv[5]), sys.argv[6])
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={8 // n} --xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')  # the test's compile flags
+                           + f' --xla_force_host_platform_device_count={8 // n}')
 os.environ['JAX_PLATFORMS'] = 'cpu'
 import jax
 if n > 1:

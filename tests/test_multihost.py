@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 
+from conftest import COMPILE_FLAGS
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
 
 
@@ -23,7 +25,7 @@ def free_port() -> int:
 
 def run(num_processes, workdir, stop_at, out):
   port = str(free_port())
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # the worker sets its own
+  env = dict(os.environ, XLA_FLAGS=COMPILE_FLAGS)  # the worker adds its device count
   procs = [subprocess.Popen([sys.executable, WORKER, str(pid), str(num_processes), port,
                              workdir, str(stop_at), out],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -66,7 +68,7 @@ def test_streaming_input_across_hosts_follows_the_model_parallel_groups(tmp_path
   tiny_tfds.tiny_builder_class()(data_dir=tfds_dir).download_and_prepare()
 
   port = str(free_port())
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = dict(os.environ, XLA_FLAGS=COMPILE_FLAGS)
   worker = os.path.join(os.path.dirname(WORKER), 'multihost_streaming_worker.py')
   procs = [subprocess.Popen([sys.executable, worker, str(pid), '2', port, tfds_dir],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
