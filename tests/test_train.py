@@ -317,6 +317,28 @@ def test_read_only_checkpoints_create_nothing(tmp_path):
   writer.close()
 
 
+def test_one_process_saves_replicated_arrays_whole_and_restores_them(tmp_path, caplog):
+  """Orbax's replica-parallel saving would slice each replicated array into one piece per
+  device, compiling a slice program per shape; one process saves the whole shards instead."""
+  mesh = jax.make_mesh((8,), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  state = {'kernel': jax.device_put(np.arange(8 * 24, dtype=np.float32).reshape(8, 24), replicated),
+           'rows': jax.device_put(np.arange(16 * 5, dtype=np.float32).reshape(16, 5), split)}
+  checkpoints = train.Checkpoints(str(tmp_path), keep=1)
+  caplog.set_level('WARNING')
+  with jax.log_compiles(True):
+    checkpoints.save(0, state, {'note': 'x'})
+    checkpoints.close()
+  assert not [r.message for r in caplog.records if 'Compiling' in r.getMessage()]
+  restored, meta = train.Checkpoints(str(tmp_path), keep=1).restore(
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
+  assert meta == {'note': 'x'}
+  for key in state:
+    np.testing.assert_array_equal(restored[key], state[key])
+    assert restored[key].sharding == state[key].sharding
+
+
 def test_resume_with_another_config_records_what_changed(tmp_path):
   """A run resumed with a changed config continues; config_changes.jsonl keeps the history."""
   workdir = str(tmp_path / 'run')
