@@ -171,12 +171,12 @@ workdir_path = config_lib.workdir_path
 def _type_handlers():
   """Orbax's standard type handlers, except that one process saves whole array shards.
 
-  Orbax's replica-parallel saving (its default off GPU) cuts every replicated array into one
-  slice per device so that many hosts share the writing; each slice shape costs a compiled
-  program. A single process writes every byte anyway, so there the slicing is pure overhead
-  (10 of the 60 s of a two-step EfficientNet run on CPU). Orbax's default jax.Array handler
-  also keeps an array-metadata store, which only typed PRNG keys need; the state holds raw
-  uint32 keys.
+  Orbax's replica-parallel saving (its default unless JAX_PLATFORMS names a GPU) cuts every
+  replicated array into one slice per replica so that many hosts share the writing, and each
+  slice is a compiled program. A single process writes every byte anyway, so there the slicing
+  is pure overhead (10 of the 60 s of a two-step EfficientNet run on CPU). Orbax's default
+  jax.Array handler also keeps an array-metadata store, which only typed PRNG keys need: the
+  state holds raw uint32 keys, and `Checkpoints.save` refuses typed ones.
   """
   handlers = [(kind, ocp.type_handlers.get_type_handler(kind))
               for kind in ocp.type_handlers.supported_types()]
@@ -204,6 +204,12 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict) -> None:
+    typed_keys = [jax.tree_util.keystr(path) for path, leaf in
+                  jax.tree_util.tree_flatten_with_path(state)[0]
+                  if hasattr(leaf, 'dtype') and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+    if typed_keys:  # they would restore as raw uint32 data (see _type_handlers)
+      raise TypeError(f'typed PRNG keys in the checkpointed state ({", ".join(typed_keys)}): '
+                      'store jax.random.key_data(key) or jax.random.PRNGKey keys instead.')
     self.manager.save(step, args=ocp.args.Composite(
         # A copy: Orbax serialises the JSON in the background while the loop appends to meta.
         state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(copy.deepcopy(meta))),
@@ -213,7 +219,8 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def restore(self, abstract_state, step: int | None = None):
-    """(state, meta) of checkpoint `step` (default: the latest)."""
+    """(state, meta) of checkpoint `step` (default: the latest). Every leaf of `abstract_state`
+    needs a sharding (a leaf without one would come back as a NumPy array)."""
     step = self.manager.latest_step() if step is None else step
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(

@@ -20,16 +20,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 # Many tests compile the same program (the one-device reference of each sharded-vs-unsharded
-# check, the same tiny models in several files). JAX's persistent compilation cache, shared by
-# the xdist workers and the multi-host subprocesses through the environment, compiles each
-# once per test session. The controller makes the folder and removes it at the end.
-_CACHE_OWNER = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+# check, the same tiny models in several files). A JAX persistent compilation cache in a fresh
+# folder compiles each once per test session: the first process to load this file (the xdist
+# controller, or the only process) makes the folder, the workers and subprocesses it starts
+# find it through the environment, and the maker removes it at the end. A cache the user set
+# is not used, so the suite never fills it with its tiny programs.
+_CACHE_OWNER = 'MPL_TEST_JAX_CACHE' not in os.environ
 if _CACHE_OWNER:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='mpl_test_jax_cache_')
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+  os.environ['MPL_TEST_JAX_CACHE'] = tempfile.mkdtemp(prefix='mpl_test_jax_cache_')
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['MPL_TEST_JAX_CACHE']
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 
 def pytest_unconfigure(config):
-  if _CACHE_OWNER and not hasattr(config, 'workerinput'):
-    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+  if _CACHE_OWNER:
+    shutil.rmtree(os.environ['MPL_TEST_JAX_CACHE'], ignore_errors=True)

@@ -18,8 +18,9 @@ import pytest
 from mpl import config_lib, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Every 'model' size once, with and without strips; (2, 4, 'width') is in the feedback-mode test.
-MESHES = [(8, 1, ''), (2, 4, ''), (4, 2, 'width'), (1, 8, 'width')]
+# Pure data, pure tensor and hybrid parallelism, and strips over 2 and 8 devices; (2, 4, 'width')
+# is in the feedback-mode test.
+MESHES = [(8, 1, ''), (2, 4, ''), (1, 8, ''), (4, 2, 'width'), (1, 8, 'width')]
 STEPS = 2  # the second step must reuse the first one's compiled program
 
 

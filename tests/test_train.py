@@ -319,7 +319,8 @@ def test_read_only_checkpoints_create_nothing(tmp_path):
 
 def test_one_process_saves_replicated_arrays_whole_and_restores_them(tmp_path, caplog):
   """Orbax's replica-parallel saving would slice each replicated array into one piece per
-  device, compiling a slice program per shape; one process saves the whole shards instead."""
+  replica, each a compiled program; one process saves the whole shards instead. Typed PRNG keys,
+  which that saving would restore as raw data, are refused."""
   mesh = jax.make_mesh((8,), ('data',))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
@@ -337,6 +338,8 @@ def test_one_process_saves_replicated_arrays_whole_and_restores_them(tmp_path, c
   for key in state:
     np.testing.assert_array_equal(restored[key], state[key])
     assert restored[key].sharding == state[key].sharding
+  with pytest.raises(TypeError, match=r"typed PRNG keys .*\['rng'\]"):
+    train.Checkpoints(str(tmp_path / 'keys'), keep=1).save(0, {'rng': jax.random.key(0)}, {})
 
 
 def test_resume_with_another_config_records_what_changed(tmp_path):
