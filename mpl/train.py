@@ -178,6 +178,8 @@ def _type_handlers():
   jax.Array handler also keeps an array-metadata store, which only typed PRNG keys need: the
   state holds raw uint32 keys, and `Checkpoints.save` refuses typed ones.
   """
+  if not hasattr(ocp.type_handlers, 'supported_types'):  # an Orbax older than the pinned one
+    return None                                           # (Orbax's own defaults)
   handlers = [(kind, ocp.type_handlers.get_type_handler(kind))
               for kind in ocp.type_handlers.supported_types()]
   if jax.process_count() == 1:
@@ -192,21 +194,22 @@ class Checkpoints:
   def __init__(self, workdir: str, keep: int, read_only: bool = False):
     """read_only: for tools that only inspect a run (launch/h_noise.py): the checkpoints folder
     is not created and Orbax opens it read-only; such a tool never calls `save`."""
+    registry = _type_handlers()
     self.manager = ocp.CheckpointManager(
         workdir_path(workdir) / 'checkpoints',
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                              read_only=read_only),
-        item_handlers={'state': ocp.PyTreeCheckpointHandler(
-                           type_handler_registry=_type_handlers()),
+        item_handlers={'state': ocp.PyTreeCheckpointHandler(**(
+                           {'type_handler_registry': registry} if registry is not None else {})),
                        'meta': ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict) -> None:
-    typed_keys = [jax.tree_util.keystr(path) for path, leaf in
-                  jax.tree_util.tree_flatten_with_path(state)[0]
-                  if hasattr(leaf, 'dtype') and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+    typed_keys = [jax.tree_util.keystr(path)
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+                  if jax.dtypes.issubdtype(getattr(leaf, 'dtype', bool), jax.dtypes.prng_key)]
     if typed_keys:  # they would restore as raw uint32 data (see _type_handlers)
       raise TypeError(f'typed PRNG keys in the checkpointed state ({", ".join(typed_keys)}): '
                       'store jax.random.key_data(key) or jax.random.PRNGKey keys instead.')

@@ -332,14 +332,18 @@ def test_one_process_saves_replicated_arrays_whole_and_restores_them(tmp_path, c
     checkpoints.save(0, state, {'note': 'x'})
     checkpoints.close()
   assert not [r.message for r in caplog.records if 'Compiling' in r.getMessage()]
-  restored, meta = train.Checkpoints(str(tmp_path), keep=1).restore(
+  reader = train.Checkpoints(str(tmp_path), keep=1)
+  restored, meta = reader.restore(
       jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
+  reader.close()
   assert meta == {'note': 'x'}
   for key in state:
     np.testing.assert_array_equal(restored[key], state[key])
     assert restored[key].sharding == state[key].sharding
+  writer = train.Checkpoints(str(tmp_path / 'keys'), keep=1)
   with pytest.raises(TypeError, match=r"typed PRNG keys .*\['rng'\]"):
-    train.Checkpoints(str(tmp_path / 'keys'), keep=1).save(0, {'rng': jax.random.key(0)}, {})
+    writer.save(0, {'rng': jax.random.key(0), 'step': np.int32(3)}, {})
+  writer.close()
 
 
 def test_resume_with_another_config_records_what_changed(tmp_path):
