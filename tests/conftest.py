@@ -1,9 +1,8 @@
 """Test setup: 8 fake CPU devices, created before JAX initialises its backend."""
+import importlib.metadata
 import os
 import shutil
 import tempfile
-
-import importlib.metadata
 
 # Tests compile many small programs and run each a few steps, so compile time is most of the
 # suite's time: skip LLVM's slow optimisation passes (several times faster compiles), and on

@@ -396,14 +396,19 @@ def test_a_second_run_in_a_busy_workdir_stops_at_once(tmp_path):
   assert train.train_and_evaluate(config, workdir)['steps'] == 2  # free again
 
 
-def test_workdir_lock_is_skipped_where_the_filesystem_has_no_flock(tmp_path, monkeypatch):
+def test_workdir_lock_is_skipped_where_the_filesystem_has_no_flock(tmp_path, monkeypatch,
+                                                                   caplog):
   import errno
 
   def no_flock(*args):
     raise OSError(errno.ENOLCK, 'No locks available')
   monkeypatch.setattr(train.fcntl, 'flock', no_flock)
-  with train.workdir_lock(str(tmp_path / 'run')):
-    pass  # a warning, not an error
+  workdir = str(tmp_path / 'run')
+  with train.workdir_lock(workdir):
+    with train.workdir_lock(workdir):  # nothing is held, so a second entry is not refused
+      pass
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warnings) == 2 and 'nothing stops a second run' in warnings[0], warnings
 
 
 def test_a_damaged_config_json_is_replaced_with_a_warning(tmp_path):
