@@ -25,7 +25,7 @@ mode, UDA weights 8 and 1, two seeds) did not find that ordering for the student
   6000 steps, UDA weight 1, seed 0 / 1    student            teacher
     supervised                            85.09 / 84.66 %
     UDA (official_release)                81.61 / 80.07 %    86.63 / 84.79 %
-    MPL first_order                       81.53 % / -        86.10 % / -
+    MPL first_order                       81.53 / 78.51 %    86.10 / 84.81 %
     MPL first_order, argmax labels        83.30 / 81.43 %    86.37 / 85.13 %
 The teachers beat supervised learning, but the feedback term is a few thousandths of the
 teacher's loss, so MPL's teacher is UDA's within noise; the students, which learn only from
