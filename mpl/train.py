@@ -188,6 +188,32 @@ def _type_handlers():
   return ocp.type_handlers.create_type_handler_registry(*handlers)
 
 
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'params/hidden_0/kernel': shape} for the arrays of a state or of a checkpoint's metadata.
+  The paths are spelled alike for both: Orbax saves attributes and named-tuple fields as dict
+  keys and tuples as lists."""
+  def name(key):
+    for field in ('key', 'name', 'idx'):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+      if hasattr(key, field):
+        return str(getattr(key, field))
+    return str(key)
+  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if hasattr(leaf, 'shape')}
+
+
+def _differences(saved_metadata, abstract_state, most: int = 6) -> str:
+  """What keeps `saved_metadata` (a checkpoint's) from restoring as `abstract_state`, or ''."""
+  saved, wanted = _leaf_shapes(saved_metadata), _leaf_shapes(abstract_state)
+  lines = ([f'{path} has shape {saved[path]} in the checkpoint, {wanted[path]} in this config'
+            for path in wanted if path in saved and saved[path] != wanted[path]]
+           + [f'{path} is not in the checkpoint' for path in wanted if path not in saved]
+           + [f'{path} is in the checkpoint only' for path in saved if path not in wanted])
+  if len(lines) > most:
+    lines = lines[:most] + [f'and {len(lines) - most} more']
+  return '; '.join(lines)
+
+
 class Checkpoints:
   """Orbax CheckpointManager for (state, json metadata) in WORKDIR/checkpoints."""
 
@@ -225,6 +251,13 @@ class Checkpoints:
     """(state, meta) of checkpoint `step` (default: the latest). Every leaf of `abstract_state`
     needs a sharding (a leaf without one would come back as a NumPy array)."""
     step = self.manager.latest_step() if step is None else step
+    # Compared before restoring: a restore that fails halfway leaves Orbax's other reads to fail
+    # when its event loop closes, and the message names one array where several may differ.
+    differences = _differences(self.manager.item_metadata(step)['state'], abstract_state)
+    if differences:
+      raise ConfigError(
+          f'the checkpoint at step {step} in {self.manager.directory} does not fit this config '
+          f'(a different method, model or dataset?): {differences}. Use a new --workdir.')
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
@@ -237,9 +270,24 @@ class Checkpoints:
           f'config (a different method, model or dataset?): {e}. Use a new --workdir.') from e
     return restored.state, restored.meta
 
+  def restore_numpy(self, step: int | None = None) -> dict:
+    """The state of checkpoint `step` (default: the latest) as saved, in nested dicts of NumPy
+    arrays: for tests and tools that have no config or mesh to build an abstract state from."""
+    step = self.manager.latest_step() if step is None else step
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            self.manager.item_metadata(step)['state'])
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=as_numpy))).state
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
 
 
 class PreemptionFlag:

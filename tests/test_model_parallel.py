@@ -187,9 +187,8 @@ def test_checkpoint_restores_onto_a_different_mesh_and_continues_identically(tmp
 
 
 def _params(workdir):
-  import orbax.checkpoint as ocp
-  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
-    return manager.restore(manager.latest_step())['state']['params']
+  with train.Checkpoints(workdir, keep=1, read_only=True) as checkpoints:
+    return checkpoints.restore_numpy()['params']
 
 
 def test_bfloat16_kernels_are_gathered_in_bfloat16_with_the_same_gradients():

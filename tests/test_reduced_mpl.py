@@ -221,11 +221,9 @@ def test_two_stage_run_trains_with_the_table_in_training_set_order(stage1, tmp_p
   assert train_metrics['train/large_teacher_accuracy_unlabeled'] > 0.5
 
   # Row i of the table (checkpointed in the method state) is the large teacher on image i.
-  import orbax.checkpoint as ocp
-
   def final_state(workdir):
-    with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
-      return manager.restore(manager.latest_step())['state']
+    with train.Checkpoints(workdir, keep=1, read_only=True) as checkpoints:
+      return checkpoints.restore_numpy()
 
   table = np.asarray(final_state(str(tmp_path))['method_state']['teacher_probs'])
   data = datasets.load_dataset('digits')

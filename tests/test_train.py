@@ -1,5 +1,6 @@
 """The shared training loop: configs, accuracy, exact resume, sharding, clear errors."""
 
+import gc
 import glob
 import json
 import math
@@ -102,10 +103,8 @@ def test_supervised_mlp_two_moons_all_labels_reaches_97_percent(tmp_path):
 
 def _params(workdir):
   """Final parameters of the run in `workdir`, read back from its last checkpoint."""
-  import orbax.checkpoint as ocp
-  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
-    restored = manager.restore(manager.latest_step())
-  return restored['state']['params']
+  with train.Checkpoints(workdir, keep=1, read_only=True) as checkpoints:
+    return checkpoints.restore_numpy()['params']
 
 
 def test_resume_after_preemption_equals_uninterrupted_run(tmp_path):
@@ -346,7 +345,7 @@ def test_one_process_saves_replicated_arrays_whole_and_restores_them(tmp_path, c
   writer.close()
 
 
-def test_resume_with_another_config_records_what_changed(tmp_path):
+def test_resume_with_another_config_records_what_changed(tmp_path, monkeypatch):
   """A run resumed with a changed config continues; config_changes.jsonl keeps the history."""
   workdir = str(tmp_path / 'run')
   overrides = {'checkpoint_every': 4, 'eval_every': 4, 'log_every': 2}
@@ -364,12 +363,27 @@ def test_resume_with_another_config_records_what_changed(tmp_path):
 
   # A config whose checkpoint does not fit stops with a clear error and leaves the record alone.
   saved = open(os.path.join(workdir, 'config.json')).read()
-  with pytest.raises(ConfigError, match='does not fit this config'):
+  unraisable = []
+  monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
+  with pytest.raises(ConfigError, match=r'does not fit this config .*: params/classifier/kernel '
+                     r'has shape \(8, 2\) in the checkpoint, \(16, 2\) in this config; .* more'):
     train.train_and_evaluate(
         moons('labels=6', total_steps=12, **{**overrides, 'model.hidden_sizes': (16, 16)}),
         workdir)
+  gc.collect()
+  assert not unraisable, unraisable  # no half-done Orbax reads left behind
   assert open(os.path.join(workdir, 'config.json')).read() == saved
   assert len(open(changes).readlines()) == 1
+
+
+def test_checkpoint_differences_name_each_array():
+  def arrays(**shapes):
+    return {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in shapes.items()}
+  assert train._differences(arrays(a=(2,), b=(3,)), arrays(b=(3,))) == 'a is in the checkpoint only'
+  assert train._differences(arrays(b=(3,)), {'x': arrays(c=(1,)), **arrays(b=(4,))}) == (
+      'b has shape (3,) in the checkpoint, (4,) in this config; x/c is not in the checkpoint')
+  assert train._differences(arrays(b=(3,)), arrays(b=(3,))) == ''
+  assert train._differences(arrays(**{c: (1,) for c in 'abcdefgh'}), {}).endswith('and 2 more')
 
 
 def test_config_changes_names_added_and_removed_keys():
