@@ -27,7 +27,7 @@ mode, UDA weights 8 and 1, two seeds) did not find that ordering for the student
     UDA (official_release)                81.61 / 80.07 %    86.63 / 84.79 %
     MPL first_order                       81.53 / 78.51 %    86.10 / 84.81 %
     MPL first_order, argmax labels        83.30 / 81.43 %    86.37 / 85.13 %
-    MPL exact (soft labels)               81.59 % / -        86.08 % / -
+    MPL exact (soft labels)               81.59 / 80.29 %    86.08 / 84.71 %
 The teachers beat supervised learning, but the feedback term is a few thousandths of the
 teacher's loss, so MPL's teacher is UDA's within noise; the students, which learn only from
 labels the teacher gives strong views, trail (least with `--config.mpl.pseudo_label=argmax`).
