@@ -31,11 +31,12 @@ Sweep (10 seeds each, mpl unless named; every line 0/10 successes; mean accuracy
   (81.7%); no moving baseline, baseline_decay 1.0 (81.7%; with student lr 1.0, 50k: 81.7%; with
   argmax labels too: 81.1%); 200k steps (81.7%); label smoothing 0.2 (82.5%; supervised 82.5%);
   noise 0.05 (82.1%; supervised 82.2%), noise 0.15 (81.4%; supervised 81.4%); 12 labels on
-  noise-free moons (`labels=12,noise=0.0`, seeds 0-4 only, 0/5: 84.3%; supervised 84.9%); slow teacher: lr
-  0.01 without momentum and student lr 1.0 without momentum, 50k (82.1%); 'exact' with that slow
-  teacher, 50k (82.0%); UDA on the teacher (not the paper's toy): uda_weight 1 (82.4%), 8 at 30k
-  steps (81.3%), and the same with feedback 'official_release', i.e. no MPL feedback at all (82.4%,
-  82.2%). A teacher taught by the student's feedback alone, as in the paper's section 2
+  noise-free moons (`labels=12,noise=0.0`, seeds 0-4 only, 0/5: 84.3%; supervised 84.9%);
+  slow teacher: lr 0.01 without momentum and student lr 1.0 without momentum, 50k (82.1%);
+  'exact' with that slow teacher, 50k (82.0%); UDA on the teacher (not the paper's toy):
+  uda_weight 1 (82.4%), 8 at 30k steps (81.3%), and the same with feedback 'official_release',
+  i.e. no MPL feedback at all (82.4%, 82.2%).
+  A teacher taught by the student's feedback alone, as in the paper's section 2
   (--config.mpl.teacher_labeled_weight=0): 'first_order' (53.0%; 8 seeds at 50%), 'exact' (50.0%):
   from the U(-0.1, 0.1) init the teacher says 1/2 everywhere, its sampled labels are coin flips,
   and h stays ~1e-5. Settings where the feedback dominates the teacher break the student instead: 'exact',

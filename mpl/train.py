@@ -251,13 +251,17 @@ class Checkpoints:
     """(state, meta) of checkpoint `step` (default: the latest). Every leaf of `abstract_state`
     needs a sharding (a leaf without one would come back as a NumPy array)."""
     step = self.manager.latest_step() if step is None else step
+
+    def does_not_fit(why) -> ConfigError:
+      return ConfigError(
+          f'the checkpoint at step {step} in {self.manager.directory} does not fit this config '
+          f'(a different method, model or dataset?): {why}. Use a new --workdir.')
+
     # Compared before restoring: a restore that fails halfway leaves Orbax's other reads to fail
     # when its event loop closes, and the message names one array where several may differ.
     differences = _differences(self.manager.item_metadata(step)['state'], abstract_state)
     if differences:
-      raise ConfigError(
-          f'the checkpoint at step {step} in {self.manager.directory} does not fit this config '
-          f'(a different method, model or dataset?): {differences}. Use a new --workdir.')
+      raise does_not_fit(differences)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
@@ -265,9 +269,7 @@ class Checkpoints:
               restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
           meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
-      raise ConfigError(
-          f'the checkpoint at step {step} in {self.manager.directory} does not fit this '
-          f'config (a different method, model or dataset?): {e}. Use a new --workdir.') from e
+      raise does_not_fit(e) from e
     return restored.state, restored.meta
 
   def restore_numpy(self, step: int | None = None) -> dict:
