@@ -225,6 +225,34 @@ def describe(tree) -> dict[str, str]:
           for path, leaf in flat}
 
 
+def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'params/hidden_0/kernel': shape} for the arrays of a state or of a checkpoint's metadata.
+  The paths are spelled alike for both: Orbax saves attributes and named-tuple fields as dict
+  keys and tuples as lists."""
+  def name(key):
+    for field in ('key', 'name', 'idx'):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+      if hasattr(key, field):
+        return str(getattr(key, field))
+    return str(key)
+  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if hasattr(leaf, 'shape')}
+
+
+def shape_differences(saved, wanted, saved_name: str = 'the checkpoint',
+                      wanted_name: str = 'this config', prefix: str = '', most: int = 6) -> str:
+  """What keeps the arrays of `saved` (a checkpoint's metadata) from restoring as `wanted`, one
+  clause per array ('' when they fit), for error messages."""
+  saved, wanted = leaf_shapes(saved), leaf_shapes(wanted)
+  lines = ([f'{prefix}{path} has shape {saved[path]} in {saved_name}, {wanted[path]} in '
+            f'{wanted_name}' for path in wanted if path in saved and saved[path] != wanted[path]]
+           + [f'{prefix}{path} is not in {saved_name}' for path in wanted if path not in saved]
+           + [f'{prefix}{path} is in {saved_name} only' for path in saved if path not in wanted])
+  if len(lines) > most:
+    lines = lines[:most] + [f'and {len(lines) - most} more']
+  return '; '.join(lines)
+
+
 def bytes_per_device(tree) -> int:
   """Largest per-device footprint of a tree of sharded arrays (or ShapeDtypeStructs)."""
   total = 0

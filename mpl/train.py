@@ -188,32 +188,6 @@ def _type_handlers():
   return ocp.type_handlers.create_type_handler_registry(*handlers)
 
 
-def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
-  """{'params/hidden_0/kernel': shape} for the arrays of a state or of a checkpoint's metadata.
-  The paths are spelled alike for both: Orbax saves attributes and named-tuple fields as dict
-  keys and tuples as lists."""
-  def name(key):
-    for field in ('key', 'name', 'idx'):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
-      if hasattr(key, field):
-        return str(getattr(key, field))
-    return str(key)
-  return {'/'.join(name(k) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-          if hasattr(leaf, 'shape')}
-
-
-def _differences(saved_metadata, abstract_state, most: int = 6) -> str:
-  """What keeps `saved_metadata` (a checkpoint's) from restoring as `abstract_state`, or ''."""
-  saved, wanted = _leaf_shapes(saved_metadata), _leaf_shapes(abstract_state)
-  lines = ([f'{path} has shape {saved[path]} in the checkpoint, {wanted[path]} in this config'
-            for path in wanted if path in saved and saved[path] != wanted[path]]
-           + [f'{path} is not in the checkpoint' for path in wanted if path not in saved]
-           + [f'{path} is in the checkpoint only' for path in saved if path not in wanted])
-  if len(lines) > most:
-    lines = lines[:most] + [f'and {len(lines) - most} more']
-  return '; '.join(lines)
-
-
 class Checkpoints:
   """Orbax CheckpointManager for (state, json metadata) in WORKDIR/checkpoints."""
 
@@ -259,7 +233,8 @@ class Checkpoints:
 
     # Compared before restoring: a restore that fails halfway leaves Orbax's other reads to fail
     # when its event loop closes, and the message names one array where several may differ.
-    differences = _differences(self.manager.item_metadata(step)['state'], abstract_state)
+    differences = sharding.shape_differences(self.manager.item_metadata(step)['state'],
+                                              abstract_state)
     if differences:
       raise does_not_fit(differences)
     try:

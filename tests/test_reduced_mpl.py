@@ -291,6 +291,11 @@ def test_restore_variables_reads_one_network_with_its_batch_stats(tmp_path):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves(restored)]
     assert any('model' in spec for spec in specs) == (shape == (4, 2)), specs
+  # A model that does not fit (3 classes, not 10): the error names the arrays that differ.
+  with pytest.raises(ConfigError, match=r'params/teacher/\S+/kernel has shape \(\d+, 10\) in '
+                     r'the checkpoint, \(\d+, 3\) in the model its config.json names'):
+    restore_variables(path, ('params', 'teacher'), ('batch_stats', 'teacher'),
+                      models.get_model('cnn', 3), x[:1], mesh, rules)
 
 
 def recorded_model_config(workdir):

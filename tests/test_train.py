@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpl import config_lib, train
+from mpl import config_lib, sharding, train
 from mpl.errors import ConfigError, DataError, NonFiniteLossError, WorkdirInUseError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -379,11 +379,14 @@ def test_resume_with_another_config_records_what_changed(tmp_path, monkeypatch):
 def test_checkpoint_differences_name_each_array():
   def arrays(**shapes):
     return {name: jax.ShapeDtypeStruct(shape, jnp.float32) for name, shape in shapes.items()}
-  assert train._differences(arrays(a=(2,), b=(3,)), arrays(b=(3,))) == 'a is in the checkpoint only'
-  assert train._differences(arrays(b=(3,)), {'x': arrays(c=(1,)), **arrays(b=(4,))}) == (
+  differences = sharding.shape_differences
+  assert differences(arrays(a=(2,), b=(3,)), arrays(b=(3,))) == 'a is in the checkpoint only'
+  assert differences(arrays(b=(3,)), {'x': arrays(c=(1,)), **arrays(b=(4,))}) == (
       'b has shape (3,) in the checkpoint, (4,) in this config; x/c is not in the checkpoint')
-  assert train._differences(arrays(b=(3,)), arrays(b=(3,))) == ''
-  assert train._differences(arrays(**{c: (1,) for c in 'abcdefgh'}), {}).endswith('and 2 more')
+  assert differences(arrays(b=(3,)), arrays(b=(3,))) == ''
+  assert differences(arrays(**{c: (1,) for c in 'abcdefgh'}), {}).endswith('and 2 more')
+  assert differences(arrays(b=(3,)), arrays(b=(4,)), 'the run', 'the model', prefix='p/') == (
+      'p/b has shape (3,) in the run, (4,) in the model')
 
 
 def test_config_changes_names_added_and_removed_keys():

@@ -240,12 +240,12 @@ def restore_variables(state_path, params_keys, stats_keys, model: nn.Module, sam
     saved, wanted = get_in(metadata, keys), shardings.get(name) or {}
     if not saved and not wanted:
       continue
-    saved_shapes = jax.tree.map(lambda m: (tuple(m.shape), str(m.dtype)), saved or {})
-    wanted_shapes = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)),
-                                 sharding.strip_boxes(boxed.get(name) or {}))
-    if saved_shapes != wanted_shapes:
+    differences = sharding.shape_differences(
+        saved or {}, sharding.strip_boxes(boxed.get(name) or {}), 'the checkpoint',
+        'the model its config.json names', prefix='/'.join(keys) + '/')
+    if differences:
       raise ConfigError(f'the network at {"/".join(keys)} in {state_path} does not match the '
-                        f'model its config.json names (shapes or names differ).')
+                        f'model its config.json names: {differences}.')
     abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
                                                               sharding=s), saved, wanted)
     node = target
