@@ -36,6 +36,13 @@ data_utils.py), built by `wrn28_2_mpl_config` below and shared with configs/svhn
   Cutout: weak = J1(x), strong = J2(Cutout(RA(J1(x)))) (`augment.strong_from_weak`,
   `augment.jitter_after`).
 
+One deliberate difference from the released code: h, the teacher's feedback, is measured
+'paired' (`mpl.h_pass`, the default; see mpl/methods/mpl.py): f_old and f_new come from two
+passes on the labeled images with the same dropout masks. The released code takes f_old from the
+student's training pass and f_new from a new pass with new masks, which buries the step's effect
+in dropout and batch-norm noise; `--config.mpl.h_pass=official` measures it that way, for parity
+runs.
+
 Finetune stage (paper; `config.finetune`): after the 300k MPL steps the EMA student is trained
 on the 4,000 labeled images only (weak view, cross-entropy with the same label smoothing 0.15,
 dropout on, no EMA) for 1,000 steps of SGD Nesterov 0.9 at a constant lr 1e-5, batch 512, in

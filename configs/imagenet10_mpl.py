@@ -33,7 +33,9 @@ data_utils.py):
   coupled weight decay 1e-4; global-norm clipping 5.0 (both); label smoothing 0.1 (teacher's
   labeled loss and the student's pseudo-label loss, as the official code); dense dropout 0.1;
   UDA temperature 0.5, threshold 0.6, weight 20 with a 50k-step ramp; RandAugment magnitude 17;
-  student EMA 0.999; bfloat16 compute (as on TPU), float32 parameters.
+  student EMA 0.999; bfloat16 compute (as on TPU), float32 parameters; batch norm decay 0.99,
+  epsilon 1e-3 (flags `batch_norm_decay`, `batch_norm_epsilon`: every official network, ResNet-50
+  included, uses them; the model's defaults are torchvision's 0.9 / 1e-5).
   Augmentation as in the official ImageNet input: the stream gives every training image an
   Inception random-resized crop + flip, so the labeled images get nothing more
   (`augment.labeled='none'`), the unlabeled weak view is a further random flip (`augment.pad=0`)
@@ -41,6 +43,13 @@ data_utils.py):
   (`augment.cutout_size=0`); geometric ops and RandAugment's own Cutout op fill with grey 128
   (`augment.fill`). Not copied: the official ImageNet RandAugment's translate/cutout constants
   (100 / 40 px); ours scale with the image (image_size // 8 = 28 px at 224).
+
+One deliberate difference from the released code: h, the teacher's feedback, is measured
+'paired' (`mpl.h_pass`, the default; see mpl/methods/mpl.py): f_old and f_new come from two
+passes on the labeled images with the same dropout masks. The released code takes f_old from the
+student's training pass and f_new from a new pass with new masks, which buries the step's effect
+in dropout and batch-norm noise; `--config.mpl.h_pass=official` measures it that way, for parity
+runs.
 
 Finetune stage (paper; `config.finetune`): after MPL the EMA student is trained on the labeled
 split only (stream crop + flip, cross-entropy with label smoothing 0.1, no EMA) for 2,000 steps
@@ -91,7 +100,8 @@ def get_config(arg=None):
   config.ema_decay = 0.999
 
   config.model = config_lib.ml_collections.ConfigDict(dict(
-      name='resnet50', dropout_rate=0.1, dtype='bfloat16', remat=False))
+      name='resnet50', dropout_rate=0.1, dtype='bfloat16', remat=False,
+      bn_momentum=0.99, bn_epsilon=1e-3))  # official flags, not torchvision's 0.9 / 1e-5
 
   config.augment.labeled = 'none'          # the stream already crops and flips
   config.augment.flip = True
@@ -133,9 +143,9 @@ def get_config(arg=None):
     config.data.max_eval_examples = 128
   if args.runlocal:
     config.data.image_size = 32
-    config.model = config_lib.ml_collections.ConfigDict(dict(
+    config.model = config_lib.ml_collections.ConfigDict(dict(  # 4 bottleneck blocks: fast compile
         name='resnet', stage_sizes=(1, 1, 1, 1), num_filters=8, dropout_rate=0.1,
-        dtype='float32'))                  # 4 bottleneck blocks: fast to compile
+        dtype='float32', bn_momentum=0.99, bn_epsilon=1e-3))
     config.batch_size = 8
     config.mu = 2
     config.total_steps = 3

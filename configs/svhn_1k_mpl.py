@@ -27,7 +27,8 @@ The released code has no SVHN recipe; if the paper's appendix lists SVHN-specifi
 differ, those win (not verified here).
 One deliberate difference: `augment.flip=False` (a mirrored digit is another glyph; FixMatch and
 UDA do not flip SVHN). It applies to every view: the labeled weak view, the unlabeled weak and
-strong views, and the finetune stage.
+strong views, and the finetune stage. h is measured 'paired' (`mpl.h_pass`), as in
+configs/cifar10_4k_mpl.py, which says why; `--config.mpl.h_pass=official` for parity runs.
 
 Finetune stage (paper; `config.finetune`): after MPL the EMA student is trained on the 1,000
 labeled images only for 1,000 steps of SGD at a constant lr 1e-5, batch 512 (WORKDIR/finetune).

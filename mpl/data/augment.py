@@ -9,8 +9,10 @@ Conventions
 -----------
 * Images are batched NHWC (`apply_op` takes a single HWC image). Any size and channel count.
 * `uint8` (or other integer) images hold 0..255; float images hold 0..1. Internally every op works
-  on float32 on the 0..255 scale. For integer inputs every op rounds/truncates exactly as PIL does
-  on uint8, so each op's output is again an integer image (and matches PIL: see the tests); for
+  on float32 on the 0..255 scale. For integer inputs every op rounds/truncates as PIL does on
+  uint8, so each op's output is again an integer image. It is PIL's, except that Color,
+  Contrast and Sharpness put about 0.1 % of pixels one level lower (XLA fuses the blend's
+  multiply and add into one rounding where PIL's C code rounds twice; see the tests); for
   float inputs the ops are not quantized between steps (histogram ops quantize to 256 levels for
   their statistics). Outputs are clipped to the input range; dtype and shape are preserved.
 * Fill values (`fill`) are on the 0..255 scale for every dtype: 128 (= 128/255 for floats) is the
@@ -179,8 +181,24 @@ def _floor(v):
 
 
 _NONE = OpRange('-')
-_MPL_ENHANCE = OpRange('factor m/10*1.8+0.1', lambda m, hw: m / 10 * 1.8 + 0.1)
-_FM_ENHANCE = OpRange('factor l/10*1.8+0.1', lambda l, hw: l / 10 * 1.8 + 0.1)
+# PIL's enhancers take the factor as a C float: the float32 nearest the double m/10*1.8+0.1.
+# Computed in float32 (XLA divides by a constant through its reciprocal) it can be an ulp or
+# two off (1.7199999 for 1.72 at FixMatch level 9), enough to move products that land on an
+# integer one level down (Brightness(100) = 171, not 172). Integer levels read a table made
+# in doubles as the official code computes it.
+_ENHANCE_TABLE = np.float32(np.arange(31) / 10 * 1.8 + 0.1)
+
+
+def _enhance_factor(level, hw):
+  level = jnp.asarray(level, jnp.float32)
+  nearest = jnp.round(level)
+  exact = jnp.asarray(_ENHANCE_TABLE)[jnp.clip(nearest, 0, 30).astype(jnp.int32)]
+  in_table = (level == nearest) & (nearest >= 0) & (nearest <= 30)
+  return jnp.where(in_table, exact, level / 10 * 1.8 + 0.1)
+
+
+_MPL_ENHANCE = OpRange('factor m/10*1.8+0.1', _enhance_factor)
+_FM_ENHANCE = OpRange('factor l/10*1.8+0.1', _enhance_factor)
 
 RANGES: dict[str, dict[str, OpRange]] = {
     'mpl': {
