@@ -357,7 +357,8 @@ def check_finite(metrics: dict[str, float], step: int) -> None:
 
 
 def summarize(config, evals: list[dict], wall_s: float, steps: int, num_labeled: int) -> dict:
-  """summary.json: final, best and median-of-last-20 accuracy for the raw and EMA models."""
+  """summary.json: final, best and median-of-last-20 accuracy (top-1 and top-5) for the raw and
+  EMA models."""
   model_keys = sorted({k for e in evals for k in e if k != 'step'})
   primary = 'ema' if 'ema' in model_keys else 'raw'
 
@@ -368,15 +369,19 @@ def summarize(config, evals: list[dict], wall_s: float, steps: int, num_labeled:
     out.update({name: out[f'{name}_{primary}'] for name in pick(primary)})
     return out
 
-  def final(key):
-    return {'accuracy': evals[-1][key]['accuracy']}
+  def scores(result):  # top-1, and top-5 where the evaluation has it (ImageNet reports both)
+    return {name: result[name] for name in ('accuracy', 'top5') if name in result}
 
-  def best(key):
+  def final(key):
+    return scores(evals[-1][key])
+
+  def best(key):  # the evaluation with the best top-1, and its top-5
     top = max(evals, key=lambda e: e[key]['accuracy'])
-    return {'accuracy': top[key]['accuracy'], 'step': top['step']}
+    return {**scores(top[key]), 'step': top['step']}
 
   def median(key):
-    return {'accuracy': statistics.median(e[key]['accuracy'] for e in evals[-20:])}
+    last = [e[key] for e in evals[-20:]]
+    return {name: statistics.median(r[name] for r in last) for name in scores(last[-1])}
 
   return {
       'config': config.to_dict(),

@@ -81,6 +81,21 @@ def test_every_runlocal_config_trains_two_steps(path, tmp_path):
   assert os.path.exists(tmp_path / 'labeled_split.json')
 
 
+def test_summary_reports_top1_and_top5_of_the_same_evaluation():
+  """best = the evaluation with the best top-1 (with its own top-5, not the best top-5)."""
+  config = moons('labels=6')
+  evals = [{'step': s, 'ema': {'accuracy': a, 'top5': t5}, 'raw': {'accuracy': a - 0.1,
+                                                                 'top5': t5}}
+           for s, a, t5 in ((10, 0.5, 0.9), (20, 0.7, 0.8), (30, 0.6, 0.95))]
+  summary = train.summarize(config, evals, wall_s=1.0, steps=30, num_labeled=6)
+  assert summary['evaluated_model'] == 'ema'
+  assert summary['final'] == {'accuracy': 0.6, 'top5': 0.95, 'accuracy_ema': 0.6,
+                              'top5_ema': 0.95, 'accuracy_raw': 0.5, 'top5_raw': 0.95}
+  assert (summary['best']['accuracy'], summary['best']['top5'], summary['best']['step']) == (
+      0.7, 0.8, 20)
+  assert summary['median_last_20']['top5'] == 0.9
+
+
 def test_parse_arg_rejects_unknown_keys():
   with pytest.raises(ConfigError, match='valid arguments'):
     load_config('two_moons.py', 'methdo=mpl')
