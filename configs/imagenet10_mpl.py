@@ -33,9 +33,11 @@ data_utils.py):
   coupled weight decay 1e-4; global-norm clipping 5.0 (both); label smoothing 0.1 (teacher's
   labeled loss and the student's pseudo-label loss, as the official code); dense dropout 0.1;
   UDA temperature 0.5, threshold 0.6, weight 20 with a 50k-step ramp; RandAugment magnitude 17;
-  student EMA 0.999; bfloat16 compute (as on TPU), float32 parameters; batch norm decay 0.99,
-  epsilon 1e-3 (flags `batch_norm_decay`, `batch_norm_epsilon`: every official network, ResNet-50
-  included, uses them; the model's defaults are torchvision's 0.9 / 1e-5).
+  student EMA 0.999; bfloat16 compute (as on TPU), float32 parameters. The network is the
+  official ResNet-50 (`OFFICIAL_RESNET`, see mpl/models/resnet.py): batch norm decay 0.99 and
+  epsilon 1e-3 (the flags every official network uses), every batch-norm scale starting at 1,
+  the classifier drawn from U(+-1/sqrt(classes)), TF's SAME padding. The model's own defaults
+  are torchvision's.
   Augmentation as in the official ImageNet input: the stream gives every training image an
   Inception random-resized crop + flip, so the labeled images get nothing more
   (`augment.labeled='none'`), the unlabeled weak view is a further random flip (`augment.pad=0`)
@@ -74,6 +76,10 @@ runlocal.
 
 from mpl import config_lib
 
+# The official MPL ResNet-50's settings where they differ from mpl/models/resnet.py's defaults.
+OFFICIAL_RESNET = dict(bn_momentum=0.99, bn_epsilon=1e-3, zero_init_residual=False,
+                       classifier_init='official', padding='SAME')
+
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, steps=700_000, seed=0, standin=False, runlocal=False)
@@ -101,7 +107,7 @@ def get_config(arg=None):
 
   config.model = config_lib.ml_collections.ConfigDict(dict(
       name='resnet50', dropout_rate=0.1, dtype='bfloat16', remat=False,
-      bn_momentum=0.99, bn_epsilon=1e-3))  # official flags, not torchvision's 0.9 / 1e-5
+      **OFFICIAL_RESNET))
 
   config.augment.labeled = 'none'          # the stream already crops and flips
   config.augment.flip = True
@@ -145,7 +151,7 @@ def get_config(arg=None):
     config.data.image_size = 32
     config.model = config_lib.ml_collections.ConfigDict(dict(  # 4 bottleneck blocks: fast compile
         name='resnet', stage_sizes=(1, 1, 1, 1), num_filters=8, dropout_rate=0.1,
-        dtype='float32', bn_momentum=0.99, bn_epsilon=1e-3))
+        dtype='float32', **OFFICIAL_RESNET))
     config.batch_size = 8
     config.mu = 2
     config.total_steps = 3

@@ -1,5 +1,6 @@
 """Model zoo: shapes and dtypes, official WRN architecture, randomness, registry, sharding."""
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
+from mpl import config_lib
 from mpl.models import (MODELS, MLP, PRESETS, ResNet, ResNet50, WideResNet, decay_mask,
                         get_model, is_decayed, model_options)
 from mpl.models.cnn import CNN
@@ -146,6 +148,31 @@ def test_resnet50_zero_init_last_bn_scale():
         assert np.all(params[block]['bn_3']['scale'] == 0)
         assert np.all(params[block]['bn_2']['scale'] == 1)
     assert np.asarray(params['classifier']['kernel']).std() == pytest.approx(0.01, rel=0.05)
+
+
+def test_resnet_official_mpl_settings():
+    """The ImageNet MPL configs' OFFICIAL_RESNET: every BN scale 1, the classifier U(+-1/sqrt(C)),
+    and TF's SAME padding, whose 7x7/2 stem pads (2, 3) on a 32-pixel side: output row 0 sees
+    input rows -2..4 (symmetric padding: -3..3)."""
+    configs = os.path.join(os.path.dirname(__file__), '..', 'configs')
+    official = config_lib.sibling_config(os.path.join(configs, 'x.py'),
+                                         'imagenet10_mpl.py').OFFICIAL_RESNET
+    model = ResNet(10, stage_sizes=(1, 1), num_filters=8, **official)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    params = nn.unbox(variables['params'])
+    assert all(np.all(np.asarray(p['bn_3']['scale']) == 1)
+               for name, p in params.items() if name.startswith('block_'))
+    w, bound = np.abs(np.asarray(params['classifier']['kernel'])), 1 / np.sqrt(10)
+    assert w.max() <= bound and w.max() > 0.9 * bound
+    stem = {}
+    for padding in ('SAME', 'symmetric'):
+        net = ResNet(10, stage_sizes=(1, 1), num_filters=8, **{**official, 'padding': padding})
+        outputs = [net.apply(variables, image, capture_intermediates=True,
+                             mutable=['intermediates'])[1]['intermediates']['stem_conv']
+                   ['__call__'][0] for image in (x, x.at[0, 4, 4, 0].set(1.0))]
+        stem[padding] = np.abs(np.asarray(outputs[1] - outputs[0]))[0, 0, 0].max()
+    assert stem['SAME'] > 0 and stem['symmetric'] == 0
 
 
 def test_stochastic_depth_module():

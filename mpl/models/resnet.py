@@ -7,6 +7,13 @@
 - Convs without bias, He-normal fan-out init (as torchvision and the official MPL code);
   symmetric padding as torchvision (TF's SAME would pad stride-2 convs asymmetrically).
 - BN momentum 0.9, epsilon 1e-5; classifier N(0, 0.01) kernel, zero bias (Goyal et al.).
+
+The official MPL ResNet-50 (`ResNet50` and `resnet_block` in google-research/google-research
+`meta_pseudo_labels/`) differs in four settings, each a field here; the ImageNet MPL configs set
+all four: `bn_momentum=0.99, bn_epsilon=1e-3` (its flags), `zero_init_residual=False` (every
+batch-norm scale starts at 1), `classifier_init='official'` (U(+-1/sqrt(classes)), as the WRN)
+and `padding='SAME'` (TF's: the 7x7/2 stem pads (2, 3) at 224, stride-2 3x3 convs and the
+max-pool (0, 1)).
 - Head: global average pool -> dropout -> dense -> float32 logits.
 - Optional per-example stochastic depth on identity-shortcut blocks, same schedule as
   `wide_resnet.py`.
@@ -20,9 +27,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpl.errors import ConfigError
 from mpl.sharding import constrain
 from mpl.models.wide_resnet import (DENSE_AXES, IMAGE_AXES, StochasticDepth, batch_norm,
-                                    classifier, conv, stochastic_depth_rates)
+                                    classifier, conv, official_dense_init,
+                                    stochastic_depth_rates)
+
+
+PADDINGS = ('symmetric', 'SAME')
+CLASSIFIER_INITS = {'normal': nn.initializers.normal(0.01), 'official': official_dense_init}
+
+
+def _padding(kind: str, pad: int):
+    """'symmetric': `pad` pixels on each side (torchvision); 'SAME': TF's (asymmetric when
+    strided)."""
+    if kind not in PADDINGS:
+        raise ConfigError(f'unknown padding {kind!r}; valid choices: {list(PADDINGS)}')
+    return 'SAME' if kind == 'SAME' else ((pad, pad), (pad, pad))
 
 
 class BottleneckBlock(nn.Module):
@@ -33,6 +54,8 @@ class BottleneckBlock(nn.Module):
     dtype: Any
     bn_momentum: float
     bn_epsilon: float
+    zero_init_residual: bool
+    padding: str
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -43,11 +66,11 @@ class BottleneckBlock(nn.Module):
 
         y = conv(self.features, 1, dtype=self.dtype, name='conv_1')(x)
         y = nn.relu(bn('bn_1')(y))
-        y = conv(self.features, 3, self.strides, padding=((1, 1), (1, 1)), dtype=self.dtype,
-                 name='conv_2')(y)
+        y = conv(self.features, 3, self.strides, padding=_padding(self.padding, 1),
+                 dtype=self.dtype, name='conv_2')(y)
         y = nn.relu(bn('bn_2')(y))
         y = conv(out_features, 1, dtype=self.dtype, name='conv_3')(y)
-        y = bn('bn_3', zero_scale=True)(y)
+        y = bn('bn_3', zero_scale=self.zero_init_residual)(y)
 
         if self.strides != 1 or x.shape[-1] != out_features:
             shortcut = conv(out_features, 1, self.strides, padding='VALID', dtype=self.dtype,
@@ -70,18 +93,24 @@ class ResNet(nn.Module):
     remat: bool = False      # recompute each block's activations in the backward pass
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    zero_init_residual: bool = True   # each block's last BN scale starts at 0 (Goyal et al.)
+    classifier_init: str = 'normal'   # 'normal': N(0, 0.01); 'official': the MPL code's
+    padding: str = 'symmetric'        # 'symmetric' (torchvision) or 'SAME' (TF, the MPL code)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.classifier_init not in CLASSIFIER_INITS:
+            raise ConfigError(f'unknown classifier_init {self.classifier_init!r}; valid choices: '
+                             f'{list(CLASSIFIER_INITS)}')
         drop_rates = stochastic_depth_rates(self.stochastic_depth_rate, sum(self.stage_sizes))
 
         x = constrain(jnp.asarray(x, self.dtype), IMAGE_AXES)
-        x = conv(self.num_filters, 7, 2, padding=((3, 3), (3, 3)), dtype=self.dtype,
+        x = conv(self.num_filters, 7, 2, padding=_padding(self.padding, 3), dtype=self.dtype,
                  name='stem_conv')(x)
         x = batch_norm(train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                        dtype=self.dtype, name='stem_bn')(x)
         x = nn.relu(x)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_padding(self.padding, 1))
         x = constrain(x, IMAGE_AXES)
 
         # remat: keep only block inputs for the backward pass (memory for compute).
@@ -94,6 +123,7 @@ class ResNet(nn.Module):
                     strides=2 if stage > 0 and b == 0 else 1,
                     stochastic_depth_rate=drop_rates[index], dtype=self.dtype,
                     bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+                    zero_init_residual=self.zero_init_residual, padding=self.padding,
                     name=f'block_{index + 1}')(x, train)
                 x = constrain(x, IMAGE_AXES)
                 index += 1
@@ -102,7 +132,7 @@ class ResNet(nn.Module):
         x = constrain(x, DENSE_AXES)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         x = classifier(self.num_classes, dtype=self.dtype,
-                       kernel_init=nn.initializers.normal(0.01))(x)
+                       kernel_init=CLASSIFIER_INITS[self.classifier_init])(x)
         return x.astype(jnp.float32)
 
 

@@ -5,7 +5,9 @@ it calls in `meta_pseudo_labels/modeling_utils.py` (written anew here, not copie
 
 - Stem: one 3x3 conv, stride 1, with 16k channels (`s = [16*k, 16*k, 32*k, 64*k]`,
   `ops.conv2d(x, 3, s[0], 1)`), no batch norm and no activation after it. (The WRN paper's stem
-  has 16 channels; this is why the parameter count differs from the usual 1.47M.)
+  has 16 channels: WRN-28-2 at 10 classes has 1,467,610 parameters with it, 1,472,170 with
+  this one; both are the "1.47M" papers quote.) The official code special-cases k = 135 with a
+  16-channel stem (`s = [16, 135, 270, 540]`); that width is not reproduced here.
 - Three stages of (depth - 4) / 6 = 4 blocks (`block_1` ... `block_12`), widths 16k, 32k, 64k,
   strides 1, 2, 2 on each stage's first block.
 - Block (`wrn_block`): pre-activation. `BN -> leaky ReLU -> conv3x3(stride) -> BN -> leaky ReLU
