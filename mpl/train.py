@@ -68,6 +68,8 @@ def load_data(config, workdir):
         raise ConfigError(
             f'{workdir}/labeled_split.json was made for {key}={saved[1].get(key)!r}, this run '
             f'asks for {key}={value!r}. Use a new --workdir (or delete the old one).')
+    split.check_fits(labeled, saved[1], data.train_labels,
+                     str(epath.Path(workdir) / split.SPLIT_FILENAME))
   else:
     labeled = split.labeled_indices(data.train_labels, num_labeled, data.num_classes,
                                     seed=config.data.seed)
@@ -493,6 +495,12 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
       if config.data.standin == 'never':
         raise
   if stream is not None:
+    if config.num_labeled != -1:
+      raise ConfigError(
+          f'num_labeled={config.num_labeled}, but a streamed dataset takes its labeled examples '
+          f'from data.labeled_split ({config.data.labeled_split!r}), not a class-balanced '
+          f'draw: set num_labeled=-1 and choose the slice there, e.g. '
+          f"--config.data.labeled_split='train[:10%]'.")
     info = base.DataInfo(num_classes=stream.num_classes, mean=streaming.IMAGENET_MEAN,
                          std=streaming.IMAGENET_STD, is_image=True)
     sample_images = stream.sample_images()
@@ -500,6 +508,11 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     data = labeled_idx = unlabeled_idx = None
   else:
     data, labeled_idx, unlabeled_idx = load_data(config, workdir)
+    if method_class.uses_unlabeled and not len(unlabeled_idx):
+      raise ConfigError(
+          f'{config.method} needs unlabeled data, but every training example is labeled and '
+          f'data.exclude_labeled=True leaves none: label fewer (num_labeled) or set '
+          f'data.exclude_labeled=False.')
     info = base.DataInfo(num_classes=data.num_classes, mean=tuple(data.mean),
                          std=tuple(data.std), is_image=data.train_images.ndim == 4)
     sample_images = data.train_images[:1]

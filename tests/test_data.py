@@ -88,6 +88,12 @@ def test_pad_odd_and_too_small():
 
 def test_missing_fashion_files(tmp_path, monkeypatch):
   monkeypatch.setenv(datasets.FASHION_MNIST_ENV, str(tmp_path))
+  with pytest.raises(DataError, match=f'not found in {tmp_path}, where '
+                     f'{datasets.FASHION_MNIST_ENV} points.*or unset it'):
+    datasets.load_dataset('fashion_mnist', source='idx')
+  # Without the variable: the default place, and the command that fills it.
+  monkeypatch.delenv(datasets.FASHION_MNIST_ENV)
+  monkeypatch.setattr(datasets, 'FASHION_MNIST_DEFAULT_DIR', str(tmp_path / 'none'))
   with pytest.raises(DataError, match='apt-get install -y dataset-fashion-mnist'):
     datasets.load_dataset('fashion_mnist', source='idx')
   if HAVE_TFDS:  # Not prepared in data_dir and no files to build it from.
@@ -202,6 +208,21 @@ def test_split_save_load(tmp_path):
     split.save_split(workdir, labeled[:50], {**meta, 'num_labeled': 50})
 
 
+def test_saved_split_must_fit_the_training_set(tmp_path):
+  """A split made on other data (stand-in images, another copy) is refused, not reused."""
+  labeled = split.labeled_indices(LABELS, 100, 10, seed=4)
+  meta = {'dataset': 'digits', 'num_labeled': 100, 'seed': 4}
+  split.save_split(str(tmp_path), labeled, meta, labels=LABELS)
+  idx, record = split.load_split(str(tmp_path), expected=meta)
+  split.check_fits(idx, record, LABELS, 'split.json')  # the same data: fine
+  with pytest.raises(ConfigError, match=r'labeled examples per class were \[10, 10'):
+    split.check_fits(idx, record, np.roll(LABELS, 1), 'split.json')
+  with pytest.raises(ConfigError, match=r'indices range over \d+\.\.\d+'):
+    split.check_fits(idx, record, LABELS[:idx.max()], 'split.json')
+  with pytest.raises(ConfigError, match='1 indices are repeated'):
+    split.check_fits(np.append(idx, idx[0]), {}, LABELS, 'split.json')
+
+
 # --------------------------------------------------------------------------------------------
 # Streaming: a tiny TFDS dataset built offline, read through the real pipeline.
 
@@ -250,8 +271,32 @@ def test_streaming_train(tiny_builder):
     assert b['label'].shape == (4,) and b['label'].dtype == np.int32
   again = next(_stream(tiny_builder, train=True, seed=1))
   np.testing.assert_array_equal(again['image'], batches[0]['image'])
+  # Whole epochs, though the shard (12 examples) is far smaller than the shuffle buffer: each
+  # pass of 3 batches holds every example of the shard once, in a new order.
+  epochs = [sorted(_ids_of(batches[i:i + 3])) for i in (0, 3)]
+  assert epochs[0] == epochs[1] and len(set(epochs[0])) == 12, epochs
+  assert _ids_of(batches[0:3]) != _ids_of(batches[3:6])
   with pytest.raises(ConfigError, match='multiple'):
     _stream(tiny_builder, global_batch_size=7)
+
+
+def _ids_of(batches):
+  return [i for b in batches for i in tiny_tfds.example_ids(b['image'])]
+
+
+def test_streaming_unlabeled_dataset_without_labels(tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  builder = tiny_tfds.tiny_builder_class(with_labels=False)(data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  batch = next(_stream(builder, train=True))
+  assert batch['label'].tolist() == [-1] * 4  # no labels: -1, used for monitoring only
+
+
+def test_streaming_split_names_are_checked(tiny_builder):
+  streaming.check_split(tiny_builder, 'train[:40%]', 'data.labeled_split')
+  with pytest.raises(ConfigError, match=r"data.eval_split='validation' is not a split of "
+                     r"tiny_images \(it has \['train'\]"):
+    streaming.check_split(tiny_builder, 'validation', 'data.eval_split')
 
 
 def test_global_batch(tiny_builder):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mpl import config_lib, sharding, train
+from mpl.data import datasets
 from mpl.errors import ConfigError, DataError, NonFiniteLossError, WorkdirInUseError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,6 +184,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     ({'augment.strong': 'randaugment'}, 'unknown augment.strong'),
     ({'augment.strong': 'fixmatch'}, 'magnitude=10'),   # the MPL default 16 must not leak in
     ({'method': 'mpl', 'mpl.h_pass': 'fresh'}, r"unknown mpl.h_pass 'fresh'.*'paired'"),
+    ({'method': 'mpl', 'data.exclude_labeled': True}, 'mpl needs unlabeled data'),
 ])
 def test_bad_config_fails_before_training(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
@@ -191,7 +193,8 @@ def test_bad_config_fails_before_training(tmp_path, overrides, message):
 
 
 def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
-  monkeypatch.setenv('MPL_FASHION_MNIST_DIR', str(tmp_path / 'nowhere'))
+  monkeypatch.delenv(datasets.FASHION_MNIST_ENV, raising=False)
+  monkeypatch.setattr(datasets, 'FASHION_MNIST_DEFAULT_DIR', str(tmp_path / 'nowhere'))
   config = load_config('fashion_mnist.py', 'runlocal')
   config.data.source = 'idx'
   with pytest.raises(DataError, match='apt-get install -y dataset-fashion-mnist'):

@@ -8,8 +8,9 @@ import numpy as np
 NUM_TINY = 25
 
 
-def tiny_builder_class():
-  """The builder class (TensorFlow Datasets is imported only when a test needs it)."""
+def tiny_builder_class(with_labels: bool = True):
+  """The builder class (TensorFlow Datasets is imported only when a test needs it).
+  with_labels=False: images only, as an unlabeled dataset may be."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -18,11 +19,12 @@ def tiny_builder_class():
     url_infos = None  # Nothing to download.
 
     def _info(self):
+      features = {'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg')}
+      if with_labels:
+        features['label'] = tfds.features.ClassLabel(num_classes=3)
       return tfds.core.DatasetInfo(
-          builder=self, supervised_keys=('image', 'label'),
-          features=tfds.features.FeaturesDict({
-              'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-              'label': tfds.features.ClassLabel(num_classes=3)}))
+          builder=self, supervised_keys=('image', 'label') if with_labels else None,
+          features=tfds.features.FeaturesDict(features))
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -30,7 +32,10 @@ def tiny_builder_class():
 
     def _generate_examples(self, n):
       for i in range(n):
-        yield i, {'image': np.full((20 + 7 * (i % 3), 30, 3), 10 * i, np.uint8), 'label': i % 3}
+        example = {'image': np.full((20 + 7 * (i % 3), 30, 3), 10 * i, np.uint8)}
+        if with_labels:
+          example['label'] = i % 3
+        yield i, example
 
   return TinyImages
 

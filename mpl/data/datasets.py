@@ -244,11 +244,16 @@ def fashion_mnist_dir(data_dir: str | None = None) -> str:
   for d in candidates:
     if all(os.path.isfile(os.path.join(d, f)) for f in idx.FASHION_MNIST_FILES.values()):
       return d
+  files = ', '.join(idx.FASHION_MNIST_FILES.values())
+  if env:  # the variable replaces every other place: say so, the files may be elsewhere
+    raise DataError(
+        f'Fashion-MNIST files ({files}) not found in {env}, where {FASHION_MNIST_ENV} points '
+        f'(it replaces the other places, {FASHION_MNIST_DEFAULT_DIR} included). Point it at '
+        f'the directory holding them, or unset it.')
   raise DataError(
-      f'Fashion-MNIST files ({", ".join(idx.FASHION_MNIST_FILES.values())}) not found in '
-      f'{", ".join(candidates)}. Install them with `apt-get install -y dataset-fashion-mnist` '
-      f'(Debian/Ubuntu; puts them in {FASHION_MNIST_DEFAULT_DIR}), or set '
-      f'{FASHION_MNIST_ENV} to a directory holding them.')
+      f'Fashion-MNIST files ({files}) not found in {", ".join(candidates)}. Install them '
+      f'with `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu; puts them in '
+      f'{FASHION_MNIST_DEFAULT_DIR}), or set {FASHION_MNIST_ENV} to a directory holding them.')
 
 
 def tensorflow_available() -> bool:

@@ -136,6 +136,26 @@ def load_split(workdir: str, expected: dict[str, Any] | None = None
   return idx, record
 
 
+def check_fits(idx: np.ndarray, record: dict[str, Any], labels: np.ndarray, path: str) -> None:
+  """A saved split must still describe this training set: its indices in range and distinct,
+  and, where the file recorded them, the same per-class counts (another copy or version of the
+  data, or stand-in images where the real ones now are, would reuse indices silently: a device
+  gather clamps indices out of range)."""
+  def stale(why):
+    return ConfigError(f'{path} does not fit this training set ({len(labels)} examples): {why}. '
+                       f'The data changed since the split was made (another data_dir or '
+                       f'version, or stand-in data then); use a new --workdir.')
+  if len(idx) and (idx.min() < 0 or idx.max() >= len(labels)):
+    raise stale(f'indices range over {idx.min()}..{idx.max()}')
+  if len(np.unique(idx)) != len(idx):
+    raise stale(f'{len(idx) - len(np.unique(idx))} indices are repeated')
+  recorded = record.get('per_class_counts')
+  if recorded is not None:
+    now = per_class_counts(labels, idx, len(recorded))
+    if now != list(recorded):
+      raise stale(f'its labeled examples per class were {list(recorded)}, in this data {now}')
+
+
 def _path(workdir: str) -> epath.Path:
   return epath.Path(workdir) / SPLIT_FILENAME
 

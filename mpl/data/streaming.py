@@ -102,15 +102,20 @@ def make_streaming_iterator(name: str, split: str, *, global_batch_size: int, im
   if builder is None:
     builder = get_builder(name, data_dir)
   image_key, label_key = builder.info.supervised_keys or ('image', 'label')
+  has_label = label_key in builder.info.features  # unlabeled data may have none: label -1
   subsplits = tfds.even_splits(split, n=num_shards, drop_remainder=train)
   read_config = tfds.ReadConfig(shuffle_seed=seed + shard)
   ds = builder.as_dataset(split=subsplits[shard], shuffle_files=train, read_config=read_config,
                           decoders={image_key: tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)),
+  ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32) if has_label
+                          else tf.constant(-1, tf.int32)),
               num_parallel_calls=tf.data.AUTOTUNE)
 
   if train:
-    ds = ds.repeat().shuffle(shuffle_buffer_size, seed=seed + shard).enumerate()
+    # Shuffled, then repeated: epochs stay whole (each example once per pass over the shard)
+    # even when a host's shard is smaller than the buffer (the encoded images are small).
+    ds = ds.shuffle(shuffle_buffer_size, seed=seed + shard, reshuffle_each_iteration=True)
+    ds = ds.repeat().enumerate()
     base_seed = tf.constant([seed, shard], dtype=tf.int64)
 
     def train_map(i, ex):
@@ -212,6 +217,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def check_split(builder, split: str, key: str) -> None:
+  """ConfigError unless `split` (e.g. 'train[:10%]') names examples of `builder`'s dataset."""
+  try:
+    num_examples = builder.info.splits[split].num_examples
+  except (KeyError, ValueError, AssertionError) as e:
+    raise ConfigError(f'{key}={split!r} is not a split of {builder.name} (it has '
+                      f'{sorted(builder.info.splits)}; slices like \'train[:10%]\' work '
+                      f'too): {e}') from e
+  if not num_examples:
+    raise ConfigError(f'{key}={split!r} of {builder.name} holds no examples.')
+
+
 class StreamingInput:
   """Labeled, unlabeled and evaluation batches of TFDS datasets, as global sharded arrays.
 
@@ -234,6 +251,11 @@ class StreamingInput:
     if uses_unlabeled and unlabeled_builder is None and config.data.unlabeled_dataset:
       self.unlabeled_builder = get_builder(config.data.unlabeled_dataset, config.data.data_dir)
     self.unlabeled_builder = self.unlabeled_builder or self.builder
+    # A split name that does not exist fails here, not at the first evaluation.
+    check_split(self.builder, config.data.labeled_split, 'data.labeled_split')
+    check_split(self.builder, config.data.eval_split, 'data.eval_split')
+    if uses_unlabeled:
+      check_split(self.unlabeled_builder, config.data.unlabeled_split, 'data.unlabeled_split')
     self.num_classes = self.builder.info.features['label'].num_classes
     self.image_size = config.data.image_size or 224
     # Processes holding one model-parallel replica read identical data.
