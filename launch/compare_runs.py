@@ -41,7 +41,10 @@ def _history_from_metrics(path: str) -> list[dict]:
   evals = []
   with open(path) as f:
     for line in f:
-      record = json.loads(line)
+      try:
+        record = json.loads(line)
+      except ValueError:  # the last line of a run killed while writing it
+        continue
       models = {key[len('eval/'):-len('_accuracy')]: {'accuracy': value}
                 for key, value in record.items()
                 if key.startswith('eval/') and key.endswith('_accuracy')}
@@ -73,12 +76,18 @@ def read_run(workdir: str) -> dict:
         config = json.load(f)
     running = True
   # Curves run on one step axis: the finetune stage continues where the first stage ended.
+  # It trains the first stage's evaluated model (the EMA student where there is one) and logs
+  # it as 'raw': its evaluations continue that model's curve.
+  first_primary = 'ema' if any('ema' in e for e in stages[0]) else 'raw'
   curves, offset = {}, 0
-  for stage in stages:
+  for index, stage in enumerate(stages):
     for e in stage:
       for model, result in e.items():
-        if model != 'step':
-          curves.setdefault(model, []).append((offset + e['step'], result['accuracy']))
+        if model == 'step':
+          continue
+        if index > 0 and model == 'raw':
+          model = first_primary
+        curves.setdefault(model, []).append((offset + e['step'], result['accuracy']))
     if stage:
       offset += stage[-1]['step']
   evaluated = ('ema' if 'ema' in curves else 'raw') if curves else None  # None: no eval yet

@@ -111,6 +111,9 @@ def data_axis_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
   data, model = int(config.mesh.data), int(config.mesh.model)
   if model < 1:
     raise ConfigError(f'config.mesh.model must be >= 1, got {model}.')
+  if data < 1 and data != -1:
+    raise ConfigError(f'config.mesh.data must be >= 1, or -1 for all remaining devices; got '
+                      f'{data}.')
   if data == -1:
     if num_devices % model:
       raise ConfigError(
@@ -141,11 +144,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     check_choice('dataset', config.dataset,
                  tuple(datasets.DATASETS) + tuple(datasets.STREAMING_DATASETS))
   check_choice('model', config.model.name, models.MODELS)
-  for key in ('total_steps', 'batch_size', 'eval_every', 'checkpoint_every', 'log_every'):
+  for key in ('total_steps', 'batch_size', 'eval_batch_size', 'eval_every', 'checkpoint_every',
+              'log_every', 'keep_checkpoints'):
     if int(config[key]) <= 0:
       raise ConfigError(f'config.{key} must be positive, got {config[key]}.')
   if config.mu < 0:
     raise ConfigError(f'config.mu must be >= 0, got {config.mu}.')
+  if config.mu < 1 and methods.get_method(config.method).uses_unlabeled:
+    raise ConfigError(f'config.mu = {config.mu}: {config.method} trains on mu * batch_size '
+                      f'unlabeled images a step; set mu >= 1.')
+  if config.data.get('max_eval_examples', 0) < 0:
+    raise ConfigError(f'config.data.max_eval_examples must be >= 0 (0: the whole test set), '
+                      f'got {config.data.max_eval_examples}.')
+  check_choice('augment.labeled', config.augment.labeled, ('weak', 'none'))
+  if config.finetune.steps > 0:
+    if config.finetune.batch_size <= 0:
+      raise ConfigError(f'config.finetune.batch_size must be positive, got '
+                        f'{config.finetune.batch_size}.')
+    if config.finetune.lr < 0:
+      raise ConfigError(f'config.finetune.lr must be >= 0, got {config.finetune.lr}.')
   check_choice('augment.strong', config.augment.strong, ('mpl', 'fixmatch', 'none'))
   if config.augment.strong == 'fixmatch' and not 2 <= config.augment.magnitude <= 10:
     # FixMatch draws levels 1..magnitude-1. Past 9 the formulas go out of range (level 13

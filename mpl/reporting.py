@@ -32,6 +32,24 @@ class JsonlWriter:
     if enabled and self.remote and self.path.exists():  # a resumed run keeps its history
       self.lines = self.path.read_text().splitlines(keepends=True)
 
+  def drop_after(self, step: int) -> None:
+    """Removes the lines of steps after `step`: a resumed run writes them again (they were
+    logged after the checkpoint it resumes from, before a crash or kill)."""
+    if not self.enabled or not self.path.exists():
+      return
+    def keep(line):
+      try:
+        return json.loads(line).get('step', 0) <= step
+      except ValueError:  # a line cut short by a kill
+        return False
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+      logging.info('metrics.jsonl: dropped %d lines logged after step %d, which is resumed.',
+                   len(lines) - len(kept), step)
+      self.path.write_text(''.join(kept))
+      self.lines = kept if self.remote else []
+
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
@@ -67,6 +85,9 @@ class Writer:
       self.clu.write_scalars(step, scalars)
     else:
       logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in scalars.items()))
+
+  def drop_after(self, step: int) -> None:
+    self.jsonl.drop_after(step)
 
   def flush(self) -> None:
     if self.clu is not None:

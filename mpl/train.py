@@ -282,8 +282,14 @@ class PreemptionFlag:
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    del frame
+    if self.requested:  # a second one: stop now (the first may wait on a long compile)
+      logging.warning('Second SIGTERM: exiting without a checkpoint.')
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    logging.warning('SIGTERM received: saving a checkpoint and stopping '
+                    '(a second SIGTERM exits at once).')
     self.requested = True
 
   def __exit__(self, *exc):
@@ -347,15 +353,31 @@ def any_process(flag: bool) -> bool:
 # Reporting.
 
 
-def check_finite(metrics: dict[str, float], step: int) -> None:
+def divergence_advice(config, stage: str = 'train') -> str:
+  """Which config keys set the learning rate and clipping of this method and stage."""
+  if stage == 'finetune':
+    return 'learning rate too high (lower --config.finetune.lr), bad input data'
+  if config.method in ('mpl', 'reduced_mpl'):  # two optimisers, in the method's own block
+    block = config.method
+    return (f'learning rate too high (lower --config.{block}.teacher_optimizer.lr or '
+            f'--config.{block}.student_optimizer.lr), no gradient clipping (set their '
+            f'clip_norm), bad input data')
+  return ('learning rate too high (lower --config.optimizer.lr), no gradient clipping (set '
+          '--config.optimizer.clip_norm), bad input data')
+
+
+def check_finite(metrics: dict[str, float], step: int, advice: str = '',
+                 checkpointed: bool = True, stage: str = '') -> None:
   """Raises on the first non-finite metric, loss terms first (they are the cause)."""
   ordered = sorted(metrics.items(), key=lambda kv: (not kv[0].startswith('loss'), kv[0]))
   for name, value in ordered:
     if not math.isfinite(value):
+      where = f'{stage} step' if stage else 'step'
+      kept = ('the last checkpoint is intact' if checkpointed else
+              'no checkpoint had been saved yet')
       raise NonFiniteLossError(
-          f'non-finite {name} = {value} at step {step}. The run stopped without saving this '
-          f'state; the last checkpoint is intact. Usual causes: learning rate too high (lower '
-          f'--config.optimizer.lr), no gradient clipping (set clip_norm), bad input data.')
+          f'non-finite {name} = {value} at {where} {step}. The run stopped without saving this '
+          f'state; {kept}. Usual causes: {advice or "learning rate too high, bad input data"}.')
 
 
 def summarize(config, evals: list[dict], wall_s: float, steps: int, num_labeled: int) -> dict:
@@ -618,22 +640,35 @@ def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step: i
 def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
               should_stop: Callable[[int], bool] | None = None,
               init_from: Callable[[Any], Any] | None = None,
-              preemption: 'PreemptionFlag | None' = None) -> tuple[dict, Any]:
+              preemption: 'PreemptionFlag | None' = None,
+              stage: str = '') -> tuple[dict, Any]:
   """Trains one stage of `config` in `workdir`, resuming from its latest checkpoint.
 
   Returns (summary, final state). `init_from(state)` edits a freshly created state (the
   finetune stage starts from the MPL student). `should_stop(step)` is checked after every
   step, like SIGTERM: when True the loop saves a checkpoint and returns early (the summary
-  then has "stopped_at").
+  then has "stopped_at"). `stage` ('' or 'finetune') names the stage in messages.
   """
   experiment = build(config, workdir)
-  method, mesh = experiment.method, experiment.mesh
   preemption = preemption or PreemptionFlag()
-
-  is_lead = jax.process_index() == 0
-  writer = reporting.Writer(workdir, is_lead)
+  writer = reporting.Writer(workdir, jax.process_index() == 0)
   checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+  try:
+    return _train_loop(config, workdir, experiment, writer, checkpoints, should_stop,
+                       init_from, preemption, stage)
+  finally:
+    # Also on an error (a NaN, Ctrl-C): a checkpoint still being written finishes, and the
+    # last metrics reach the TensorBoard files.
+    checkpoints.close()
+    writer.flush()
 
+
+def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, init_from,
+                preemption, stage):
+  """The body of `run_stage`."""
+  method, mesh = experiment.method, experiment.mesh
+  is_lead = jax.process_index() == 0
+  advice = divergence_advice(config, stage)
   with experiment.activate():
     meta = {'evals': [], 'wall_s': 0.0}
     resume_step = checkpoints.latest_step()
@@ -646,6 +681,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
         state = init_from(state)
     if is_lead:  # only now: a config whose checkpoint does not fit leaves the run's record alone
       write_config(config, workdir, resume_step)
+      writer.drop_after(int(state.step))  # rows logged after that checkpoint come again
 
     def run_eval(state, step):
       result = {'step': step}
@@ -669,7 +705,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
       if pending is not None:
         done_step, done_metrics = pending[0], jax.device_get(pending[1])
         pending = None
-        check_finite(done_metrics, done_step)
+        check_finite(done_metrics, done_step, advice, checkpointed=bool(meta.get('saved')),
+                     stage=stage)
         for k, v in done_metrics.items():
           sums[k] = sums.get(k, 0.0) + float(v)
         count += 1
@@ -714,12 +751,11 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
       if save:
         meta['wall_s'] = meta.get('wall_s', 0.0) + time.time() - session_start
         session_start = time.time()
+        meta['saved'] = True  # (in the checkpoint too: a resumed run has one)
         checkpoints.save(step, state, meta)
       if preempt:
         stopped_at = step
         break
-    checkpoints.close()
-    writer.flush()
 
   summary = summarize(config, meta['evals'], meta['wall_s'], step, experiment.num_labeled)
   if stopped_at is not None:
@@ -782,17 +818,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with PreemptionFlag() as preemption:
       summary, state = run_stage(config, workdir, should_stop=should_stop, preemption=preemption)
       stages = [summary]
+      if ('stopped_at' not in summary and config.finetune.steps > 0
+          and preemption.requested):  # came after the last step: stop before the next stage
+        summary['stopped_at'] = summary['steps']
+        logging.info('Stopped before the finetune stage; rerun the same command to resume.')
       if 'stopped_at' not in summary and config.finetune.steps > 0:
         # Start from the evaluated student: the EMA when there is one (see the MPL docstring).
         if state.ema_params is not None:
           student = (state.ema_params, state.ema_batch_stats)
-        else:
+        elif 'student' in state.params:  # teacher and student (MPL)
           student = (state.params['student'], state.batch_stats['student'])
+        else:  # one network
+          student = (state.params, state.batch_stats)
         del state
         init_from = lambda s: s.replace(params=student[0], batch_stats=student[1])
         ft_summary, _ = run_stage(finetune_config(config), os.path.join(workdir, 'finetune'),
                                   should_stop=should_stop, init_from=init_from,
-                                  preemption=preemption)
+                                  preemption=preemption, stage='finetune')
         stages.append(ft_summary)
         summary = {**ft_summary, 'config': config.to_dict(), 'method': config.method,
                    'before_finetune': {k: summary[k] for k in ('final', 'best', 'median_last_20',

@@ -181,3 +181,20 @@ def test_seeds_of_different_settings_or_at_different_steps_are_not_mixed(tmp_pat
   assert compare_runs.main([f'c={tmp_path}/c_2,{tmp_path}/c_1',
                             '--out', str(tmp_path / 'z.png')]) == 0
   assert '| c | supervised | 0 | 0 (running) |' in capsys.readouterr().out
+
+
+def test_finetuned_ema_student_is_the_evaluated_model(tmp_path):
+  """With an EMA, the finetune stage trains the EMA student (logged as 'raw'): final, best and
+  curve of the evaluated model come from it, not from the first stage's last EMA evaluation."""
+  workdir = tmp_path / 'ft_ema'
+  os.makedirs(workdir)
+  summary = {'config': {'method': 'mpl', 'mpl': {'feedback': 'first_order'}},
+             'history': _evals([0.95, 0.9], models=('raw',), every=10),
+             'before_finetune': {'history': _evals([0.7, 0.8], models=('raw', 'ema'))}}
+  with open(workdir / 'summary.json', 'w') as f:
+    json.dump(summary, f)
+  row = compare_runs.read_run(str(workdir))
+  assert row['evaluated'] == 'ema'
+  assert row['curves']['ema'] == [(100, 0.71), (200, 0.81), (210, 0.95), (220, 0.9)]
+  assert row['curves']['raw'] == [(100, 0.7), (200, 0.8)]
+  assert (row['final'], row['best'], row['steps']) == (0.9, 0.95, 220)

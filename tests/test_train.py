@@ -134,8 +134,14 @@ def test_resume_after_preemption_equals_uninterrupted_run(tmp_path):
                                    should_stop=lambda step: step == 20)
   assert first['stopped_at'] == 20
   assert not os.path.exists(os.path.join(interrupted, 'summary.json'))
+  # What a run killed after its checkpoint leaves behind: rows past step 20, the last cut short.
+  with open(os.path.join(interrupted, 'metrics.jsonl'), 'a') as f:
+    f.write(json.dumps({'step': 30, 'train/loss': 9.0}) + '\n{"step": 40, "eval/ra')
   resumed = train.train_and_evaluate(moons('labels=6', **overrides), interrupted)
   assert resumed['steps'] == 40
+  rows = lambda w: [json.loads(line) for line in open(os.path.join(w, 'metrics.jsonl'))]
+  assert ([(r['step'], sorted(r)) for r in rows(interrupted)]
+          == [(r['step'], sorted(r)) for r in rows(straight)])  # each row once, none stale
 
   a, b = _params(straight), _params(interrupted)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
@@ -167,8 +173,12 @@ def test_epoch_stream_visits_every_index_once_per_epoch():
 def test_non_finite_loss_stops_with_step_and_term(tmp_path):
   config = moons('labels=-1', **{'optimizer.lr': 1e30, 'model.activation': 'relu',
                                  'model.initializer': 'lecun'})
-  with pytest.raises(NonFiniteLossError, match=r'non-finite loss = .* at step \d+'):
+  with pytest.raises(NonFiniteLossError, match=r'non-finite loss = .* at step \d+\. .*no '
+                     r'checkpoint had been saved yet.*lower --config.optimizer.lr'):
     train.train_and_evaluate(config, str(tmp_path))
+  # The advice names the keys that set the learning rates of each method and stage.
+  assert '--config.mpl.student_optimizer.lr' in train.divergence_advice(moons('method=mpl'))
+  assert '--config.finetune.lr' in train.divergence_advice(config, 'finetune')
 
 
 # --- bad input fails before training, clearly ---------------------------------------------------
@@ -185,6 +195,13 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     ({'augment.strong': 'fixmatch'}, 'magnitude=10'),   # the MPL default 16 must not leak in
     ({'method': 'mpl', 'mpl.h_pass': 'fresh'}, r"unknown mpl.h_pass 'fresh'.*'paired'"),
     ({'method': 'mpl', 'data.exclude_labeled': True}, 'mpl needs unlabeled data'),
+    ({'method': 'mpl', 'mu': 0}, 'set mu >= 1'),
+    ({'keep_checkpoints': 0}, 'keep_checkpoints must be positive'),
+    ({'eval_batch_size': 0}, 'eval_batch_size must be positive'),
+    ({'mesh.data': 0}, r'mesh.data must be >= 1, or -1'),
+    ({'augment.labeled': 'strong'}, "unknown augment.labeled 'strong'"),
+    ({'data.max_eval_examples': -1}, 'max_eval_examples must be >= 0'),
+    ({'finetune.steps': 2, 'finetune.batch_size': 0}, 'finetune.batch_size must be positive'),
 ])
 def test_bad_config_fails_before_training(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
@@ -305,6 +322,31 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   steps = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 1_000_000
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+
+
+def test_second_sigterm_exits_at_once():
+  """The first SIGTERM asks for a checkpoint; a second one (the first waits on a long compile
+  or evaluation) ends the process."""
+  code = ('import os, signal, time\n'
+          'from mpl.train import PreemptionFlag\n'
+          'with PreemptionFlag() as flag:\n'
+          '  os.kill(os.getpid(), signal.SIGTERM)\n'
+          '  print("requested", flag.requested, flush=True)\n'
+          '  os.kill(os.getpid(), signal.SIGTERM)\n'
+          '  time.sleep(30)\n'
+          '  print("still running", flush=True)\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120)
+  assert result.stdout == 'requested True\n' and result.returncode == -15, result
+
+
+def test_finetune_stage_after_a_one_network_method(tmp_path):
+  """Supervised without an EMA has no 'student' sub-tree: the finetune stage starts from its
+  one network (it failed after the whole first stage had trained)."""
+  summary = train.train_and_evaluate(
+      moons('labels=6', total_steps=4, eval_every=4, checkpoint_every=4,
+            **{'finetune.steps': 2, 'finetune.batch_size': 8}), str(tmp_path))
+  assert summary['finetune_steps'] == 2 and summary['before_finetune']['steps'] == 4
 
 
 def test_epoch_stream_is_int32_safe_at_large_steps():
