@@ -697,7 +697,10 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
     total = int(config.total_steps)
     report = reporting.Progress(total, writer)
     pending = None  # (step, device metrics) of the last update: read one step late (no sync)
-    sums, count = {}, 0
+    # The training metrics summed over the current log window; saved with each checkpoint, so
+    # a resumed run logs the same averages as an uninterrupted one.
+    window = meta.get('train_window') or {'sums': {}, 'count': 0}
+    sums, count = dict(window['sums']), int(window['count'])
 
     def flush_pending():
       """Fetches and checks the pending metrics; before any log, eval or checkpoint."""
@@ -752,6 +755,7 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
         meta['wall_s'] = meta.get('wall_s', 0.0) + time.time() - session_start
         session_start = time.time()
         meta['saved'] = True  # (in the checkpoint too: a resumed run has one)
+        meta['train_window'] = {'sums': dict(sums), 'count': count}
         checkpoints.save(step, state, meta)
       if preempt:
         stopped_at = step
