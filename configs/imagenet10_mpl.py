@@ -47,11 +47,8 @@ data_utils.py):
   (100 / 40 px); ours scale with the image (image_size // 8 = 28 px at 224).
 
 One deliberate difference from the released code: h, the teacher's feedback, is measured
-'paired' (`mpl.h_pass`, the default; see mpl/methods/mpl.py): f_old and f_new come from two
-passes on the labeled images with the same dropout masks. The released code takes f_old from the
-student's training pass and f_new from a new pass with new masks, which buries the step's effect
-in dropout and batch-norm noise; `--config.mpl.h_pass=official` measures it that way, for parity
-runs.
+'paired' (`mpl.h_pass`), as configs/cifar10_4k_mpl.py explains; `--config.mpl.h_pass=official`
+for parity runs.
 
 Finetune stage (paper; `config.finetune`): after MPL the EMA student is trained on the labeled
 split only (stream crop + flip, cross-entropy with label smoothing 0.1, no EMA) for 2,000 steps
