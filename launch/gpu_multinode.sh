@@ -71,6 +71,24 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON=$PYTHON not found."
 
 MAIN=("$PYTHON" -m mpl.main --config "$CONFIG" --workdir "$WORKDIR" --distributed)
 
+# Inside a SLURM allocation jax.distributed.initialize() gives each process only the GPU of its
+# SLURM_LOCALID (it assumes one process per GPU). Here one process per node drives every GPU of
+# its node: name them all (JAX reads JAX_LOCAL_DEVICE_IDS first). Nodes are alike (--gpus-per-node).
+if [[ -z ${JAX_LOCAL_DEVICE_IDS:-} ]]; then
+  gpus=${SLURM_GPUS_ON_NODE:-}
+  if [[ -z $gpus && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+    IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
+    gpus=${#visible[@]}
+  elif [[ -z $gpus ]]; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  fi
+  if [[ $gpus =~ ^[1-9][0-9]*$ ]]; then
+    JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))
+    export JAX_LOCAL_DEVICE_IDS
+    echo "==> each process drives GPUs $JAX_LOCAL_DEVICE_IDS of its node" >&2
+  fi
+fi
+
 if [[ $MODE == slurm ]]; then
   # One task per node; JAX reads the coordinator and the process ids from SLURM.
   nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}

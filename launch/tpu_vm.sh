@@ -160,7 +160,7 @@ do_setup() {
     say "packing $REPO_ROOT (tracked and untracked files, not git-ignored ones) into $tarball"
     if git -C "$REPO_ROOT" rev-parse --git-dir >/dev/null 2>&1; then
       (cd "$REPO_ROOT" && git ls-files -z --cached --others --exclude-standard \
-        | while IFS= read -r -d '' f; do [[ -e $f ]] && printf '%s\0' "$f"; done \
+        | while IFS= read -r -d '' f; do [[ -e $f ]] || continue; printf '%s\0' "$f"; done \
         | tar -czf "$tarball" --null -T -)
     else
       tar -czf "$tarball" -C "$REPO_ROOT" --exclude=.git --exclude=runs --exclude=__pycache__ .

@@ -149,13 +149,21 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
     if workdir is None:
       workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix='mpl_bench_'))
     experiment = train.build(config, workdir)
-    method, arrays = experiment.method, experiment.arrays
+    method, stream = experiment.method, experiment.stream
     unlabeled = config.batch_size * config.mu if method.uses_unlabeled else 0
     with experiment.activate():
+      if stream is not None:  # a streamed dataset: one global batch a step, read before its
+        stream.start(0)       # step is timed (the input pipeline is not what is measured)
+        next_input = stream.next_batch
+      else:  # in memory: the step slices its batch from the device-resident arrays
+        next_input = lambda: experiment.arrays
       state = experiment.init_state(jax.random.PRNGKey(config.seed))
       jax.block_until_ready(state)
+      batch = next_input()
+      image_shape = (batch['labeled']['image'].shape[1:] if stream is not None
+                     else experiment.data.train_images.shape[1:])
       t0 = time.perf_counter()
-      lowered = experiment.train_step.lower(state, arrays)
+      lowered = experiment.train_step.lower(state, batch)
       lower_s = time.perf_counter() - t0
       t0 = time.perf_counter()
       compiled = lowered.compile()
@@ -164,12 +172,13 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       memory = _memory_analysis(compiled)
 
       for _ in range(warmup):
-        state, metrics = compiled(state, arrays)   # the old state is donated: re-bind it
+        state, metrics = compiled(state, next_input())   # the old state is donated: re-bind it
       jax.block_until_ready(state)
       times = []
       for _ in range(steps):
+        batch = jax.block_until_ready(next_input())
         t0 = time.perf_counter()
-        state, metrics = compiled(state, arrays)
+        state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
       step = int(jax.device_get(state.step))
@@ -185,7 +194,7 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       'dataset': config.dataset,
       'model': config.model.name,
       'dtype': str(config.model.get('dtype') or 'float32'),
-      'image_shape': list(experiment.data.train_images.shape[1:]),
+      'image_shape': list(image_shape),
       'global_batch_labeled': int(config.batch_size),
       'global_batch_unlabeled': int(unlabeled),
       **_device_info(experiment.mesh),

@@ -300,6 +300,11 @@ def test_streaming_input_trains_and_evaluates(tmp_path):
   assert summary['steps'] == 4 and summary['num_labeled'] == 96
   assert 0.0 <= summary['final']['accuracy'] <= 1.0
   assert len(summary['history']) == 2
+  # The benchmark times the same step on streamed batches.
+  from mpl import bench  # pylint: disable=g-import-not-at-top
+  record = bench.bench_train_step(config, steps=2, warmup=1)
+  assert record['image_shape'] == [16, 16, 3] and record['final_step'] == 3
+  assert record['step_ms_median'] > 0
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
