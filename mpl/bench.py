@@ -163,7 +163,8 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       image_shape = (batch['labeled']['image'].shape[1:] if stream is not None
                      else experiment.data.train_images.shape[1:])
       t0 = time.perf_counter()
-      lowered = experiment.train_step.lower(state, batch)
+      phase = method.phase(0)  # the state is step 0's: its phase's update is timed
+      lowered = experiment.train_step_for(0).lower(state, batch)
       lower_s = time.perf_counter() - t0
       t0 = time.perf_counter()
       compiled = lowered.compile()
@@ -195,6 +196,7 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       'model': config.model.name,
       'dtype': str(config.model.get('dtype') or 'float32'),
       'image_shape': list(image_shape),
+      'phase': phase,   # None: the method has one update; else the one of step 0 was timed
       'global_batch_labeled': int(config.batch_size),
       'global_batch_unlabeled': int(unlabeled),
       **_device_info(experiment.mesh),

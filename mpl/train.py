@@ -471,17 +471,25 @@ class Experiment:
   abstract_state: Any          # ShapeDtypeStructs carrying the shardings (restore target)
   init_state: Callable         # jitted rng -> state, created directly in its shardings
   arrays: dict                 # the training set on the device
-  train_step: Callable         # jitted (state, arrays) -> (state, metrics), state donated
+  train_step_for: Callable     # step -> jitted (state, arrays) -> (state, metrics), state
+                               # donated: the update of the method's phase at that step
   eval_set: tuple
   evaluate: Callable           # jitted (variables, *eval_set, which) -> {'accuracy', 'top5'}
   num_labeled: int
   stream: Any = None           # streaming.StreamingInput for data too large for memory
 
-  def step(self, state):
-    """One training step: (state, metrics). The state is donated."""
+  @property
+  def train_step(self):
+    """The jitted update of step 0 (every step's, for a method with one phase)."""
+    return self.train_step_for(0)
+
+  def step(self, state, step: int):
+    """Training step `step` (= state.step, known on the host): (state, metrics). The state is
+    donated."""
+    train_step = self.train_step_for(step)
     if self.stream is None:
-      return self.train_step(state, self.arrays)
-    return self.train_step(state, self.stream.next_batch())
+      return train_step(state, self.arrays)
+    return train_step(state, self.stream.next_batch())
 
   def evaluate_model(self, variables, which: str = 'raw') -> dict[str, float]:
     """Top-1 and top-5 accuracy of one model (`which`: its eval_variables key)."""
@@ -566,8 +574,10 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     batch_sharding = sharding.batch_sharding(mesh)
     if stream is not None:
       arrays = eval_set = None
-      train_step = jax.jit(method.update, in_shardings=(state_sharding, batch_sharding),
-                           out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+      def jit_update(update):
+        return jax.jit(update, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
       evaluate = make_evaluate_batch(method)
     else:
       arrays = jax.device_put({
@@ -576,22 +586,31 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
           'unlabeled_idx': unlabeled_idx.astype(np.int32)}, replicated)
       data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x0DA7A)
 
-      def train_step(state, arrays):
-        batch = sample_batch(arrays, state.step, data_key, config.batch_size, unlabeled_batch)
-        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-        return method.update(state, batch)
-
-      train_step = jax.jit(train_step, in_shardings=(state_sharding, replicated),
-                           out_shardings=(state_sharding, replicated), donate_argnums=0)
+      def jit_update(update):
+        def train_step(state, arrays):
+          batch = sample_batch(arrays, state.step, data_key, config.batch_size,
+                               unlabeled_batch)
+          batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+          return update(state, batch)
+        return jax.jit(train_step, in_shardings=(state_sharding, replicated),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
       limit = config.data.max_eval_examples or len(data.test_labels)
       eval_set = make_eval_set(data.test_images[:limit],
                                data.test_labels[:limit].astype(np.int32),
                                config.eval_batch_size, mesh)
       evaluate = make_evaluate(method)
+  train_steps = {}  # phase -> jitted update, made when a step of that phase first comes
+
+  def train_step_for(step: int):
+    phase = method.phase(step)
+    if phase not in train_steps:
+      train_steps[phase] = jit_update(method.update_for(phase))
+    return train_steps[phase]
+
   return Experiment(config=config, mesh=mesh, rules=rules, data=data,
                     labeled_idx=labeled_idx, unlabeled_idx=unlabeled_idx, method=method,
                     state_sharding=state_sharding, abstract_state=abstract_state,
-                    init_state=init_state, arrays=arrays, train_step=train_step,
+                    init_state=init_state, arrays=arrays, train_step_for=train_step_for,
                     eval_set=eval_set, evaluate=evaluate, num_labeled=num_labeled,
                     stream=stream)
 
@@ -725,7 +744,7 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
     if experiment.stream is not None:
       experiment.stream.start(step)
     while step < total:
-      state, metrics = experiment.step(state)
+      state, metrics = experiment.step(state, step)
       flush_pending()  # the previous step's metrics, while this step runs
       step += 1
       pending = (step, metrics)

@@ -229,6 +229,28 @@ def test_jitted_run_crosses_every_phase():
   assert set(method.eval_variables(state)) == {'raw', 'teacher'}
 
 
+def test_phases_chosen_on_the_host_equal_the_device_choice():
+  """The loop jits one update per phase (`phase`, `update_for`); run across both phases and
+  a round switch, it gives the state that the single update with its `lax.cond` gives."""
+  config = make_config(rounds=2, teacher_steps=2)
+  config.total_steps = 7
+  method, batch = make(config), moons_batch()
+  assert [method.phase(s) for s in range(4)] == ['teacher', 'teacher', 'student', 'student']
+  assert make(make_config(rounds=0)).phase(0) is None
+  per_phase = {p: jax.jit(method.update_for(p)) for p in ('teacher', 'student')}
+  on_device, on_host = init_state(method, batch), init_state(method, batch)
+  for step in range(7):
+    on_device, _ = update(method, on_device, batch)
+    on_host, _ = per_phase[method.phase(step)](on_host, batch)
+  assert_trees_close(on_host.params, on_device.params)
+  assert_trees_close(on_host.opt_state, on_device.opt_state)
+  # The teacher's program has no student step in it: no conditional at all (the single
+  # update has its lax.cond, lowered as stablehlo.case).
+  state = init_state(method, batch)
+  assert 'stablehlo.case' in jax.jit(method.update).lower(state, batch).as_text()
+  assert 'stablehlo.case' not in per_phase['teacher'].lower(state, batch).as_text()
+
+
 def test_config_errors():
   with pytest.raises(ConfigError, match='rounds'):
     make(make_config(rounds=-1))

@@ -13,7 +13,7 @@ its own views (augmentation) inside the step, from `jax.random.fold_in(state.rng
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -62,6 +62,20 @@ class Method:
 
   def update(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
     raise NotImplementedError
+
+  def phase(self, step: int) -> Any:
+    """For a method whose update changes at fixed steps (offline pseudo labels: teacher, then
+    student), the part of training `step` is in; the loop jits one update per phase
+    (`update_for`) and picks it on the host. A `lax.cond` on the step would compile every
+    branch into each step, and XLA's CPU backend runs convolution gradients inside a
+    conditional some 30 times slower. None: one phase."""
+    del step
+    return None
+
+  def update_for(self, phase: Any) -> Callable:
+    """The update of `phase` (see `phase`)."""
+    del phase
+    return self.update
 
   def eval_variables(self, state: TrainState) -> dict[str, Any]:
     raise NotImplementedError

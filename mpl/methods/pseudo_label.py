@@ -23,14 +23,16 @@ student has the teacher's architecture and CONTINUES from its current weights at
 (re-initialising a same-size student would only repeat round 1's learning); its optimiser state
 is reset at each round start, so every round runs the full `config.optimizer` schedule (warm-up,
 decay) over its own length, as the teacher's phase runs it over `teacher_steps`. The online
-variant runs the schedule over total_steps. Both phases live in one jitted update:
-`jax.lax.cond` on the step picks the branch; both return the same state and metric structure.
+variant runs the schedule over total_steps. The loop jits one update per phase and picks it on
+the host (`phase`, `update_for`); both return the same state and metric structure.
 
 Evaluated: 'raw' = the student (offline) or the single network (online), 'teacher' (offline),
 'ema' of the evaluated network when config.ema_decay > 0.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -137,19 +139,32 @@ class PseudoLabel(base.Method):
 
   # -- the update -------------------------------------------------------------------------------
 
-  def update(self, state, batch):
+  def phase(self, step):
+    if self.online:
+      return None
+    return 'teacher' if step < self.teacher_steps else 'student'
+
+  def update_for(self, phase):
+    return functools.partial(self.update, phase=phase)
+
+  def update(self, state, batch, phase=None):
+    """One step. Offline, `phase` ('teacher' | 'student', see `phase`) picks the branch when
+    it is known at trace time (the loop's case); None picks it on the device."""
     step = state.step
     view_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, step))
     x_l, x_w, x_s = self.views(view_rng, batch)
     y_l = batch['labeled']['label']
+    teacher_phase = lambda s: self.teacher_phase(s, x_l, y_l, x_w, dropout_rng)
+    student_phase = lambda s: self.student_phase(s, x_l, y_l, x_w, x_s, dropout_rng)
     if self.online:
       state, metrics, targets = self.online_step(state, x_l, y_l, x_w, x_s, dropout_rng)
+    elif phase == 'teacher':
+      state, metrics, targets = teacher_phase(state)
+    elif phase == 'student':
+      state, metrics, targets = student_phase(state)
     else:
-      state, metrics, targets = jax.lax.cond(
-          step < self.teacher_steps,
-          lambda s: self.teacher_phase(s, x_l, y_l, x_w, dropout_rng),
-          lambda s: self.student_phase(s, x_l, y_l, x_w, x_s, dropout_rng),
-          state)
+      state, metrics, targets = jax.lax.cond(step < self.teacher_steps, teacher_phase,
+                                             student_phase, state)
     if 'label' in batch['unlabeled']:  # monitoring only: never used for training
       metrics['pseudo_label_accuracy'] = jnp.mean(
           jnp.argmax(targets, -1) == batch['unlabeled']['label'])
