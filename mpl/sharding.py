@@ -132,11 +132,13 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """`nn.with_logical_constraint(x, names)`, leaving unsplit the dims that split badly.
 
   Models call this on their activations. Deep in a network the feature maps get small (a 4x4
-  map cannot be cut into 8 strips); such a dimension is gathered instead of split unevenly, and
-  so is a spatial one that would leave strips one pixel wide: XLA's SPMD partitioner computes a
-  wrong kernel gradient for a stride-2 conv whose input is split into 1-pixel strips and whose
-  output is not split (measured with jax 0.10 on CPU: 16x16 and 8x8 images in 8 strips; 2-pixel
-  strips and larger match the unsharded gradients, tests/test_model_parallel.py).
+  map cannot be cut into 8 strips); such a dimension is not split, and neither is a spatial one
+  that would leave strips one pixel wide. The freed mesh axis goes to the next name that asks
+  for it (under width strips: the channels of those small maps). One-pixel strips are avoided
+  because XLA's SPMD partitioner computes a wrong kernel gradient for a stride-2 conv whose
+  input is split into 1-pixel strips and whose output is not split (measured with jax 0.10 on
+  CPU: 16x16 and 8x8 images in 8 strips; 2-pixel strips and larger match the unsharded
+  gradients, tests/test_model_parallel.py).
   """
   mesh = jax.sharding.get_abstract_mesh()
   rules = nn.get_logical_axis_rules()
