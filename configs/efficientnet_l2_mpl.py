@@ -12,8 +12,9 @@ every image into 16 strips along its width and every weight tensor 16 ways.
 That layout here: `mesh = (data=128, model=16)` and `spatial_partition='width'` (mpl/sharding.py):
 images are split along width over 'model' while their feature maps are at least 2 pixels per
 strip (512 -> 16 strips of 32 px at the input; the last 16x16 stage is split along channels),
-weights, optimizer states and the EMA are stored split 16 ways along their output channels and gathered
-for the forward/backward pass. `data=-1` also works: every device not in 'model' goes to 'data'.
+weights, optimizer states and the EMA are stored split 16 ways along their output channels and
+gathered for the forward/backward pass. `data=-1` also works: every device not in 'model' goes
+to 'data'.
 
 Memory before you launch (no accelerator needed; compiles one replica's step ahead of time):
   python -m mpl.bench --config configs/efficientnet_l2_mpl.py:standin --dry_run --mesh 16 --tpu v3
