@@ -253,7 +253,10 @@ def bench_augment(config, *, steps: int = 10, warmup: int = 2,
 
     @jax.jit
     def strong(key, x):
-      return base.strong_view(config, key, x)   # exactly as the train step calls it
+      # The whole strong view from raw images: flip and crop, RandAugment, Cutout (and the
+      # second jitter with augment.jitter_after). With augment.strong_from_weak the train step
+      # shares the first flip and crop with the weak view.
+      return base.strong_view(config, key, x)
 
     key = jax.random.key(config.seed)
     t0 = time.perf_counter()
