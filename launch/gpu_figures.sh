@@ -31,6 +31,12 @@
 #            learning at 2000 steps and weight 1 does not: EXTRA='--config.mpl.uda_weight=1' is
 #            the variant to run second if device time is left.
 set -euo pipefail
+usage() { sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"; }
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  prepare|speed|compare) ;;
+  *) usage >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_figures}
 mkdir -p "$OUT"
@@ -124,9 +130,5 @@ case "${1:-}" in
         --title "Fashion-MNIST, 1000 labels, $model, $steps steps" | tee "$OUT/compare.md" ||
         echo "compare_runs failed" | tee -a "$OUT/errors.txt"
     fi
-    ;;
-  *)
-    sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"
-    exit 2
     ;;
 esac
