@@ -292,8 +292,15 @@ def test_jit_and_vmap_work():
 # ------------------------------------------------------------------ weak view, cutout, cutmix
 
 
+def test_mpl_translations_scale_with_their_own_side():
+  """MPL's translate constant is image_size // 8: on a 16x40 image TranslateX (width) moves up
+  to 5 px at m = 10 and TranslateY (height) 2 px."""
+  assert float(augment.op_param('TranslateX', 10, 'mpl', (16, 40))) == 5
+  assert float(augment.op_param('TranslateY', 10, 'mpl', (16, 40))) == 2
+
+
 def test_weak_view_is_a_flip_and_a_crop_of_the_padded_image():
-  x = _image(9, (16, 8, 8, 1))
+  x = _image(9, (256, 8, 8, 1))
   out = np.asarray(augment.weak_view(KEY, jnp.asarray(x), pad=2, pad_mode='reflect'))
   flips, offsets = 0, set()
   for i in range(len(x)):
@@ -307,7 +314,8 @@ def test_weak_view_is_a_flip_and_a_crop_of_the_padded_image():
     assert found is not None
     flips += found[0]
     offsets.add(found[1:])
-  assert 0 < flips < len(x) and len(offsets) > 3
+  assert 0.4 < flips / len(x) < 0.6
+  assert offsets == {(dy, dx) for dy in range(5) for dx in range(5)}  # every crop 0..2*pad
   zeros = jnp.zeros((16, 8, 8, 1), jnp.uint8)
   const = np.asarray(augment.weak_view(KEY, zeros, pad_mode='constant'))
   assert set(np.unique(const)) == {0, 128}

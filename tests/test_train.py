@@ -97,6 +97,59 @@ def test_summary_reports_top1_and_top5_of_the_same_evaluation():
   assert summary['median_last_20']['top5'] == 0.9
 
 
+class _TableMethod:
+  """Predicts a fixed table of logits: the image is the row index."""
+
+  def __init__(self, table):
+    self.table = jnp.asarray(table)
+
+  def predict(self, variables, images, which='raw'):
+    del variables, which
+    return self.table[images.astype(jnp.int32)]
+
+
+def test_evaluation_counts_each_test_example_once_top1_and_top5():
+  """37 examples in batches of 8 (3 padding rows): accuracy and top-5 against numpy, in memory
+  and per streamed batch."""
+  rng = np.random.default_rng(0)
+  n, classes = 37, 10
+  logits = rng.normal(size=(n, classes)).astype(np.float32)
+  labels = rng.integers(0, classes, n).astype(np.int32)
+  logits[0, 0] = 10.0  # padding rows are image 0 with label 0: right, so counting them shows
+  method = _TableMethod(logits)
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  eval_set = train.make_eval_set(np.arange(n), labels, 8, mesh)
+  result = jax.device_get(train.make_evaluate(method)(None, *eval_set, which='raw'))
+  top5 = np.argsort(-logits, axis=1)[:, :5]
+  expected = {'accuracy': np.mean(np.argmax(logits, 1) == labels),
+              'top5': np.mean(np.any(top5 == labels[:, None], axis=1))}
+  assert result['accuracy'] == pytest.approx(expected['accuracy'])
+  assert result['top5'] == pytest.approx(expected['top5'])
+  assert expected['top5'] < 1.0  # top-5 of 10 classes: an informative check
+  batch = {'image': np.arange(8), 'label': labels[:8],
+           'mask': np.array([True] * 5 + [False] * 3)}
+  sums = jax.device_get(train.make_evaluate_batch(method)(None, batch, which='raw'))
+  np.testing.assert_allclose(sums, [np.sum(np.argmax(logits[:5], 1) == labels[:5]),
+                                    np.sum(np.any(top5[:5] == labels[:5, None], axis=1)), 5])
+
+
+def test_finetune_starts_from_the_ema_student(tmp_path):
+  """The finetune stage's network is the MPL stage's EMA student (not the raw student, not the
+  teacher): at lr 0 the finetuned parameters are exactly the EMA's."""
+  config = moons('method=mpl,labels=6,runlocal', total_steps=10, checkpoint_every=10,
+                 eval_every=10, ema_decay=0.9,
+                 **{'finetune.steps': 1, 'finetune.batch_size': 8, 'finetune.lr': 0.0})
+  train.train_and_evaluate(config, str(tmp_path))
+  with train.Checkpoints(str(tmp_path), keep=1, read_only=True) as checkpoints:
+    mpl_state = checkpoints.restore_numpy()
+  with train.Checkpoints(str(tmp_path / 'finetune'), keep=1, read_only=True) as checkpoints:
+    finetuned = checkpoints.restore_numpy()['params']
+  assert_trees_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert_trees_equal(finetuned, mpl_state['ema_params'])
+  with pytest.raises(AssertionError):  # the EMA is not the raw student after 10 steps
+    assert_trees_equal(finetuned, mpl_state['params']['student'])
+
+
 def test_parse_arg_rejects_unknown_keys():
   with pytest.raises(ConfigError, match='valid arguments'):
     load_config('two_moons.py', 'methdo=mpl')
