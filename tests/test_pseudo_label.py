@@ -13,7 +13,7 @@ from sklearn.datasets import make_moons
 from mpl import models, sharding
 from mpl.errors import ConfigError
 from mpl.methods import base
-from mpl.methods.pseudo_label import PseudoLabel
+from mpl.methods.pseudo_label import PseudoLabel, pseudo_targets
 from mpl.methods.supervised import Supervised
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,3 +258,140 @@ def test_config_errors():
     make(make_config(rounds=2, teacher_steps=9))
   assert make(make_config(rounds=1)).threshold == 0.0
   assert make(make_config(rounds=1)).teacher_steps == 5
+
+
+# -- what the TwoMoons MLP cannot see: train vs eval mode, two views, soft targets, smoothing ----
+
+
+def written_grad(method, params, batch, x_u=None, targets=None, weight=1.0, smoothing=0.0):
+  """grad of CE(q_l, f(x_l)) + weight * mean CE(targets, f(x_u)), every term written out:
+  q_l = (1 - smoothing) * one_hot(y_l) + smoothing / 2, targets given (hard or soft), no mask."""
+  x_l, y_l = batch['labeled']['image'], batch['labeled']['label']
+  q_l = (1.0 - smoothing) * jax.nn.one_hot(y_l, 2) + smoothing / 2
+
+  def loss(p):
+    total = -jnp.mean(jnp.sum(q_l * jax.nn.log_softmax(apply(method, p, x_l)), -1))
+    if x_u is not None:
+      total += -weight * jnp.mean(jnp.sum(targets * jax.nn.log_softmax(apply(method, p, x_u)),
+                                          -1))
+    return total
+
+  return jax.grad(loss)(params)
+
+
+def with_distinct_views(method):
+  """The method's views replaced: s(x_u) = -w(x_u), w(x_u) = x_u (points have no augmentation).
+  The lecun MLP is odd (tanh, zero biases), so every label on s(x_u) is the flip of w(x_u)'s."""
+  def views(rng, batch):
+    del rng
+    x_u = method.prepare(batch['unlabeled']['image'])
+    return method.prepare(batch['labeled']['image']), x_u, -x_u
+  method.views = views
+  return method
+
+
+def test_frozen_teacher_labels_in_eval_mode():
+  """Batch norm (running statistics vs the batch's) and dropout make the teacher's train-mode
+  labels differ from its eval-mode ones; the student must get the eval-mode labels."""
+  config = make_config(rounds=1, teacher_steps=5)
+  model = models.get_model('cnn', 10, features=(4,), dropout_rate=0.5)
+  info = base.DataInfo(num_classes=10, mean=(0.0,), std=(1.0,), is_image=False)
+  method = PseudoLabel(config, model, info)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(72, 6, 6, 1)), jnp.float32)
+  batch = {'labeled': {'image': x[:8], 'label': jnp.asarray(np.arange(8) % 10, jnp.int32)},
+           'unlabeled': {'image': x[8:]}}
+  state = init_state(method, batch).replace(step=jnp.int32(5))
+  teacher = base.variables_of(state.params['teacher'], state.batch_stats['teacher'])
+  eval_labels = jnp.argmax(model.apply(teacher, x[8:], train=False), -1)
+  train_logits, _ = model.apply(teacher, x[8:], train=True, rngs={'dropout': jax.random.key(1)},
+                                mutable=['batch_stats'])
+  assert float(jnp.mean(jnp.argmax(train_logits, -1) != eval_labels)) > 0.2  # the test can fail
+  # 'label' of the unlabeled batch is monitoring only: set it to the labels expected.
+  batch['unlabeled']['label'] = eval_labels
+  new_state, metrics = update(method, state, batch)
+  assert float(metrics['pseudo_label_accuracy']) == 1.0
+  assert_trees_equal(new_state.params['teacher'], state.params['teacher'])
+  assert_trees_equal(new_state.batch_stats['teacher'], state.batch_stats['teacher'])
+
+
+@pytest.mark.parametrize('hard', [True, False])
+def test_offline_labels_come_from_the_weak_view_and_train_the_strong_one(hard):
+  config = make_config(rounds=1, teacher_steps=5, hard=hard)
+  method, batch = with_distinct_views(make(config)), moons_batch()
+  state = init_state(method, batch).replace(step=jnp.int32(5))
+  x_w = batch['unlabeled']['image']
+  teacher_w = apply(method, state.params['teacher'], x_w)
+  teacher_s = apply(method, state.params['teacher'], -x_w)
+  assert bool(jnp.all(jnp.argmax(teacher_w, -1) != jnp.argmax(teacher_s, -1)))
+  batch['unlabeled']['label'] = jnp.argmax(teacher_w, -1)
+  new_state, metrics = update(method, state, batch)
+  assert float(metrics['pseudo_label_accuracy']) == 1.0
+
+  targets = jax.nn.one_hot(jnp.argmax(teacher_w, -1), 2) if hard else jax.nn.softmax(teacher_w)
+  grads = written_grad(method, state.params['student'], batch, -x_w, targets)
+  assert_trees_close(new_state.params['student'], sgd_step(state.params['student'], grads))
+
+
+@pytest.mark.parametrize('hard', [True, False])
+def test_online_labels_its_weak_view_and_trains_its_strong_view(hard):
+  config = make_config(rounds=0, threshold=0.0, hard=hard)
+  method, batch = with_distinct_views(make(config)), moons_batch()
+  state = init_state(method, batch)
+  x_w = batch['unlabeled']['image']
+  logits_w = apply(method, state.params, x_w)  # no dropout or batch norm: train = eval mode
+  batch['unlabeled']['label'] = jnp.argmax(logits_w, -1)
+  new_state, metrics = update(method, state, batch)
+  assert float(metrics['pseudo_label_accuracy']) == 1.0
+
+  # Soft targets on distinct views: the unlabeled term has a gradient (none on identical views).
+  targets = jax.nn.one_hot(jnp.argmax(logits_w, -1), 2) if hard else jax.nn.softmax(logits_w)
+  grads = written_grad(method, state.params, batch, -x_w, targets)
+  assert_trees_close(new_state.params, sgd_step(state.params, grads))
+
+
+def test_soft_targets_are_the_teachers_softmax():
+  logits = jnp.asarray([[2.0, 0.0], [0.0, 0.5], [-1.0, 3.0]])
+  soft, mask = pseudo_targets(logits, hard=False, threshold=0.7)
+  np.testing.assert_allclose(soft, jax.nn.softmax(logits), rtol=1e-6)
+  np.testing.assert_array_equal(mask, [1.0, 0.0, 1.0])
+  hard, _ = pseudo_targets(logits, hard=True, threshold=0.7)
+  np.testing.assert_array_equal(hard, [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+
+  # The offline student trains on CE(softmax T(x_u), S(x_u)), not on its argmax.
+  config = make_config(rounds=1, teacher_steps=5, hard=False)
+  method, batch = make(config), moons_batch()
+  state = init_state(method, batch).replace(step=jnp.int32(5))
+  x_u = batch['unlabeled']['image']
+  targets = jax.nn.softmax(apply(method, state.params['teacher'], x_u))
+  assert float(jnp.max(targets)) < 0.99  # far from one-hot
+  new_state, _ = update(method, state, batch)
+  grads = written_grad(method, state.params['student'], batch, x_u, targets)
+  assert_trees_close(new_state.params['student'], sgd_step(state.params['student'], grads))
+
+
+@pytest.mark.parametrize('where', ['supervised', 'online', 'teacher_phase', 'student_phase'])
+def test_label_smoothing_on_the_labeled_cross_entropy(where):
+  """config.label_smoothing = 0.1: the labeled term is CE((0.9 one_hot + 0.05), f(x_l))."""
+  smoothing = 0.1
+  config = make_config(rounds=0 if where in ('supervised', 'online') else 1, teacher_steps=5,
+                       weight=0.0 if where == 'online' else 1.0)
+  config.label_smoothing = smoothing
+  method = make(config, Supervised if where == 'supervised' else PseudoLabel)
+  batch = moons_batch()
+  state = init_state(method, batch)
+  if where == 'student_phase':
+    state = state.replace(step=jnp.int32(5))
+  new_state, _ = update(method, state, batch)
+  if where in ('supervised', 'online'):
+    params, new_params, grads = state.params, new_state.params, written_grad(
+        method, state.params, batch, smoothing=smoothing)
+  elif where == 'teacher_phase':
+    params, new_params = state.params['teacher'], new_state.params['teacher']
+    grads = written_grad(method, params, batch, smoothing=smoothing)
+  else:
+    x_u = batch['unlabeled']['image']
+    targets = jax.nn.one_hot(jnp.argmax(apply(method, state.params['teacher'], x_u), -1), 2)
+    params, new_params = state.params['student'], new_state.params['student']
+    grads = written_grad(method, params, batch, x_u, targets, smoothing=smoothing)
+  assert_trees_close(new_params, sgd_step(params, grads))

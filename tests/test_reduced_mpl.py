@@ -38,18 +38,19 @@ NUM_TRAIN = 32
 
 
 def make_method(*, student_lr=1e-3, teacher_lr=1.0, pseudo_label='argmax', h_pass='paired',
-                dropout_rate=0.0):
+                dropout_rate=0.0, label_smoothing=0.0, table=None):
   config = load_config('two_moons.py', 'method=reduced_mpl,labels=6')
   config.reduced_mpl.pseudo_label = pseudo_label
   config.reduced_mpl.h_pass = h_pass
-  config.label_smoothing = 0.0
+  config.label_smoothing = label_smoothing
   config.ema_decay = 0.0
   plain_sgd(config.reduced_mpl.student_optimizer, student_lr)
   plain_sgd(config.reduced_mpl.teacher_optimizer, teacher_lr)
   model = models.get_model('mlp', 2, hidden_sizes=(8, 8), activation='tanh', initializer='lecun',
                            dropout_rate=dropout_rate)
   info = base.DataInfo(num_classes=2, mean=(0.0,), std=(1.0,), is_image=False)
-  table = np.random.default_rng(1).dirichlet(np.ones(2), NUM_TRAIN).astype(np.float32)
+  if table is None:
+    table = np.random.default_rng(1).dirichlet(np.ones(2), NUM_TRAIN).astype(np.float32)
   return ReducedMPL(config, model, info, teacher_probs=table)
 
 
@@ -160,6 +161,58 @@ def test_teacher_moves_pseudo_label_probability_with_the_feedback_sign(previous_
   pseudo = jnp.argmax(before, -1)
   change = jnp.take_along_axis(after - before, pseudo[:, None], -1).sum()
   assert np.sign(float(change)) == direction
+
+
+def test_sampled_pseudo_labels_follow_the_reduced_teachers_softmax():
+  """pseudo_label='sample': yhat ~ softmax T_r(p) (= p at init). Rows put 0.85 on one class:
+  sampled labels hit it about 85% of the time (argmax: always; sampling from -T_r: 15%)."""
+  n = 400
+  peak = np.arange(n) % 2
+  table = np.where(np.eye(2, dtype=bool)[peak], 0.85, 0.15).astype(np.float32)
+  method = make_method(pseudo_label='sample', table=table)
+  x = jnp.asarray(make_moons(n, noise=0.1, random_state=0)[0], jnp.float32)
+  index = jnp.arange(n)
+  batch = {'labeled': {'image': x[:8], 'label': jnp.asarray(peak[:8]), 'index': index[:8]},
+           'unlabeled': {'image': x, 'index': index, 'label': jnp.asarray(peak)}}
+  state = init_state(method, batch)
+  update = jax.jit(method.update)
+  hits = []
+  for step in range(3):  # a fresh sample each step
+    _, metrics = update(state.replace(step=jnp.int32(step)), batch)
+    hits.append(float(metrics['pseudo_label_accuracy']))
+  assert len(set(hits)) > 1, hits  # sampled, not argmax
+  # 1200 draws: the standard error of the mean is 0.01.
+  np.testing.assert_allclose(np.mean(hits), 0.85, atol=0.04)
+  assert float(metrics['large_teacher_accuracy_unlabeled']) == 1.0
+
+
+def test_reduced_teacher_step_with_label_smoothing_written_out():
+  """The reduced teacher descends CE_ls(y_l, T_r(p_l)) + (h - b) CE(yhat, T_r(p_u)), with
+  config.label_smoothing = 0.1 on the labeled term: target 0.9 one_hot + 0.05."""
+  smoothing, teacher_lr = 0.1, 0.5
+  method = make_method(student_lr=0.1, teacher_lr=teacher_lr, label_smoothing=smoothing)
+  batch = moons_batch()
+  state = init_state(method, batch)
+  new_state, metrics = jax.jit(method.update)(state, batch)
+  coefficient = float(metrics['h'] - metrics['baseline'])
+  assert abs(coefficient) > 1e-4
+
+  table = method.teacher_probs
+  p_l = table[np.asarray(batch['labeled']['index'])]
+  p_u = table[np.asarray(batch['unlabeled']['index'])]
+  q_l = (1 - smoothing) * jax.nn.one_hot(batch['labeled']['label'], 2) + smoothing / 2
+  pseudo = jax.nn.one_hot(np.argmax(p_u, -1), 2)  # argmax of T_r(p_u) = p_u at init
+
+  def loss(params):
+    log_q = lambda p: jax.nn.log_softmax(method.teacher.apply({'params': params}, p))
+    labeled = -jnp.mean(jnp.sum(q_l * log_q(p_l), -1))
+    return labeled + coefficient * -jnp.mean(jnp.sum(pseudo * log_q(p_u), -1)), labeled
+
+  grads, labeled = jax.grad(loss, has_aux=True)(state.params['teacher'])
+  np.testing.assert_allclose(float(metrics['loss_teacher_labeled']), float(labeled), rtol=1e-5)
+  expected = jax.tree.map(lambda p, g: p - teacher_lr * g, state.params['teacher'], grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               new_state.params['teacher'], expected)
 
 
 def test_select_teacher_picks_the_configured_network():
