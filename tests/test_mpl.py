@@ -313,15 +313,6 @@ def test_finetune_stage_follows_mpl_and_resumes(tmp_path):
     train.train_and_evaluate(longer, str(tmp_path))
 
 
-def test_finetune_starts_from_the_mpl_student(tmp_path):
-  c = moons_config('method=mpl,labels=6,runlocal')
-  c.total_steps, c.checkpoint_every, c.eval_every = 10, 10, 10
-  c.ema_decay = 0.0
-  c.finetune.steps, c.finetune.batch_size, c.finetune.lr = 1, 64, 0.0  # lr 0: no change
-  summary = train.train_and_evaluate(c, str(tmp_path))
-  assert summary['final']['accuracy'] == summary['before_finetune']['final']['accuracy_raw']
-
-
 def test_teacher_with_its_own_architecture_is_evaluated_with_it(tmp_path):
   """mpl.teacher_model: a wider teacher than the student; evaluation must use each network."""
   c = moons_config('method=mpl,labels=6,runlocal')
@@ -347,3 +338,200 @@ def test_recomputing_the_teacher_forward_changes_memory_not_results(feedback):
     results[recompute] = jax.jit(method.update)(state, batch)
   for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+# -- The teacher's and the student's updates written out by hand -------------------------------
+# (Each test below pins down a part of `MPL.update` that the ones above leave free: the scale of
+# the first_order feedback term, the sampled labels' distribution, batch statistics, UDA's
+# mask / views / ramp, and the student's label smoothing.)
+
+
+def sgd_step(params, grads, lr=1.0):
+  return jax.tree.map(lambda p, g: p - lr * g, params, grads)
+
+
+def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol),
+               actual, expected)
+
+
+def max_abs_difference(a, b):
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
+                                                            jax.tree.leaves(b)))
+
+
+def test_first_order_teacher_step_is_minus_the_gradient_of_the_teacher_loss():
+  """first_order, plain SGD lr 1: the teacher's step is minus the gradient of
+    w_l CE_l(smoothed) + lambda_uda UDA + sg(h - b) * mean_u CE(yhat, T(s(x_u))),
+  b the baseline already updated with this step's h. A baseline decay of 0.5 from a baseline of 0
+  makes the coefficient h / 2 (h if b were updated after it is subtracted), of the same order as
+  the other terms, so neither the feedback's scale nor the labeled weight can hide."""
+  eta, w_l, lambda_uda, decay = 0.3, 0.3, 0.7, 0.5
+  method = make_method('first_order', student_lr=eta, teacher_lr=1.0, uda_weight=lambda_uda,
+                       label_smoothing=0.1)
+  c = method.config.mpl
+  c.teacher_labeled_weight, c.baseline_decay = w_l, decay
+  batch = moons_batch()
+  state = init_state(method, batch).replace(step=jnp.int32(5))  # past the 1-step UDA ramp
+  new_state, metrics = method.update(state, batch)
+
+  x_l, y_l, x_u = batch['labeled']['image'], batch['labeled']['label'], batch['unlabeled']['image']
+  teacher, student = state.params['teacher'], state.params['student']
+  pseudo = jnp.argmax(mlp_apply(method, teacher, x_u), -1)
+  g_u = jax.grad(lambda p: jnp.mean(base.cross_entropy(mlp_apply(method, p, x_u), pseudo)))(
+      student)
+  h = labeled_loss(method, student, batch) - labeled_loss(method, sgd_step(student, g_u, eta),
+                                                          batch)
+  baseline = decay * 0.0 + (1 - decay) * h
+  coefficient = h - baseline
+  assert abs(float(coefficient)) > 0.05
+  np.testing.assert_allclose(float(metrics['h']), float(h), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics['baseline']), float(baseline), rtol=1e-4)
+
+  def teacher_loss(t):
+    labeled = jnp.mean(base.cross_entropy(mlp_apply(method, t, x_l), y_l, 0.1))
+    logits_u = mlp_apply(method, t, x_u)  # weak == strong view on points; threshold 0
+    target = jax.nn.softmax(jax.lax.stop_gradient(logits_u) / c.uda_temperature)
+    uda = jnp.mean(base.soft_cross_entropy(logits_u, target))
+    feedback = coefficient * jnp.mean(base.cross_entropy(logits_u, pseudo))
+    return w_l * labeled + lambda_uda * uda + feedback
+
+  expected = sgd_step(teacher, jax.grad(teacher_loss)(teacher))
+  assert_trees_close(new_state.params['teacher'], expected)
+  np.testing.assert_allclose(float(metrics['loss_teacher']), float(teacher_loss(teacher)),
+                             rtol=1e-5)
+
+
+def test_sampled_pseudo_labels_have_each_examples_teacher_probabilities():
+  """Over many steps (keys), the label sampled for an unlabeled point is class 0 with the
+  teacher's softmax probability of that point, for points the teacher sees very differently.
+  One unlabeled point per batch, so `pseudo_label_accuracy` against label 0 reads its label."""
+  method = make_method('first_order', pseudo_label='sample', student_lr=0.1)
+  batch = moons_batch(n_l=8, n_u=1)
+  state = init_state(method, batch)
+  # A sharper teacher (classifier x 8), then points whose p(class 0) spreads over (0, 1).
+  teacher = dict(state.params['teacher'])
+  teacher['classifier'] = jax.tree.map(lambda w: 8.0 * w, teacher['classifier'])
+  state = state.replace(params={**state.params, 'teacher': teacher})
+  candidates = jnp.asarray(make_moons(400, noise=0.3, random_state=1)[0], jnp.float32)
+  p_candidates = jax.nn.softmax(mlp_apply(method, teacher, candidates))[:, 0]
+  wanted = np.array([0.08, 0.3, 0.7, 0.92])
+  points = candidates[np.array([int(jnp.argmin(jnp.abs(p_candidates - w))) for w in wanted])]
+  p0 = np.asarray(jax.nn.softmax(mlp_apply(method, teacher, points))[:, 0])
+  np.testing.assert_allclose(p0, wanted, atol=0.03)
+
+  def label_is_0(point, step):
+    b = {**batch, 'unlabeled': {'image': point[None], 'label': jnp.zeros(1, jnp.int32)}}
+    return method.update(state.replace(step=step), b)[1]['pseudo_label_accuracy']
+
+  n = 500
+  per_step = jax.jit(jax.vmap(jax.vmap(label_is_0, (None, 0)), (0, None)))(
+      points, jnp.arange(n, dtype=jnp.int32))
+  frequency = np.asarray(per_step).mean(axis=1)
+  # 4.5 standard errors (0.05 to 0.09); labels drawn from -logits (frequency 1 - p) or
+  # uniformly (0.5) would be 0.2 to 0.84 away.
+  np.testing.assert_array_less(np.abs(frequency - p0), 4.5 * np.sqrt(p0 * (1 - p0) / n))
+
+
+def test_each_network_keeps_the_batch_statistics_of_its_own_training_pass():
+  """A batch-norm CNN: the new teacher statistics are those of its pass on
+  concat(x_l, w(x_u), s(x_u)), the student's those of its pass on concat(x_l, s(x_u)); f_new is
+  the updated student's training-mode CE on x_l (batch statistics of x_l itself: the running
+  statistics it is given do not enter it)."""
+  config = moons_config()
+  config.mpl.update(dict(feedback='first_order', pseudo_label='argmax', uda_weight=1.0,
+                         uda_ramp_steps=1, uda_threshold=0.0))
+  config.ema_decay = 0.0
+  plain_sgd(config.mpl.student_optimizer, 0.5)
+  plain_sgd(config.mpl.teacher_optimizer, 0.5)
+  model = models.get_model('cnn', 3, features=(4,))
+  info = base.DataInfo(num_classes=3, mean=(0.0,), std=(1.0,), is_image=True)
+  method = MPL(config, model, info)
+  rng = np.random.RandomState(0)
+  x_l, x_w = (jnp.asarray(rng.normal(size=(n, 6, 6, 1)), jnp.float32) for n in (4, 6))
+  x_s = 2.0 * x_w[::-1] + 1.0   # a strong view unlike the weak one: other statistics
+  y_l = jnp.asarray([0, 1, 2, 0], jnp.int32)
+  method.views = lambda rng, batch: (x_l, x_w, x_s)
+  batch = {'labeled': {'image': x_l, 'label': y_l}, 'unlabeled': {'image': x_w}}
+  state = sharding.strip_boxes(method.init(jax.random.PRNGKey(0), x_l[:1]))
+  state = state.replace(step=jnp.int32(3))
+  new_state, metrics = jax.jit(method.update)(state, batch)
+
+  def train_pass(name, params, x):
+    return base.apply_train(model, params, state.batch_stats[name], x, jax.random.PRNGKey(0))
+
+  _, teacher_stats = train_pass('teacher', state.params['teacher'],
+                                jnp.concatenate([x_l, x_w, x_s]))
+  _, student_stats = train_pass('student', state.params['student'], jnp.concatenate([x_l, x_s]))
+  assert max_abs_difference(teacher_stats, student_stats) > 1e-2
+  assert max_abs_difference(teacher_stats, state.batch_stats['teacher']) > 1e-2
+  assert_trees_close(new_state.batch_stats['teacher'], teacher_stats)
+  assert_trees_close(new_state.batch_stats['student'], student_stats)
+
+  new_student = new_state.params['student']
+  logits, _ = train_pass('student', new_student, x_l)
+  np.testing.assert_allclose(float(metrics['f_new']),
+                             float(jnp.mean(base.cross_entropy(logits, y_l))), rtol=1e-5)
+  logits_before, _ = train_pass('student', state.params['student'], x_l)
+  np.testing.assert_allclose(float(metrics['f_old']),
+                             float(jnp.mean(base.cross_entropy(logits_before, y_l))), rtol=1e-5)
+  assert abs(float(metrics['h'])) > 1e-3
+
+
+def test_uda_masks_on_the_weak_view_predicts_the_strong_one_and_ramps_up():
+  """Distinct weak and strong views: the target is the sharpened teacher softmax on w(x_u), kept
+  where its maximum reaches the threshold 0.6, predicted from s(x_u); the UDA weight is
+  uda_weight * min(1, t / ramp). Student lr 0 makes h = 0, hence no feedback term: the teacher's
+  step (SGD lr 1) is minus the gradient of CE_l + lambda_uda(t) UDA."""
+  lambda_uda, ramp = 2.0, 8
+  method = make_method('first_order', student_lr=0.0, teacher_lr=1.0, uda_weight=lambda_uda)
+  c = method.config.mpl
+  c.uda_threshold, c.uda_ramp_steps, c.uda_temperature = 0.6, ramp, 0.5
+  batch = moons_batch(n_u=16)
+  x_l, y_l, x_w = batch['labeled']['image'], batch['labeled']['label'], batch['unlabeled']['image']
+  x_s = x_w[::-1] + 0.5
+  method.views = lambda rng, batch: (x_l, x_w, x_s)
+  state = init_state(method, batch)
+  teacher = state.params['teacher']
+
+  def uda(t):
+    target = jax.nn.softmax(jax.lax.stop_gradient(mlp_apply(method, t, x_w)) / c.uda_temperature)
+    mask = jnp.max(target, -1) >= 0.6
+    return jnp.mean(mask * base.soft_cross_entropy(mlp_apply(method, t, x_s), target)), mask
+
+  uda_value, mask = uda(teacher)
+  assert 0.2 < float(jnp.mean(mask)) < 0.8   # the threshold does mask some examples out
+
+  def teacher_loss(t, weight):
+    labeled = jnp.mean(base.cross_entropy(mlp_apply(method, t, x_l), y_l))
+    return labeled + weight * uda(t)[0]
+
+  for step, weight in ((0, 0.0), (2, lambda_uda * 2 / ramp)):
+    new_state, metrics = method.update(state.replace(step=jnp.int32(step)), batch)
+    assert float(metrics['h']) == 0.0
+    np.testing.assert_allclose(float(metrics['uda_weight']), weight, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics['loss_uda']), float(uda_value), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics['uda_mask_rate']), float(jnp.mean(mask)))
+    expected = sgd_step(teacher, jax.grad(teacher_loss)(teacher, weight))
+    assert_trees_close(new_state.params['teacher'], expected)
+
+
+def test_student_learns_label_smoothed_pseudo_labels():
+  """mpl.student_label_smoothing 0.15: the student's step (SGD lr 1) is minus the gradient of
+  CE(0.85 one_hot(yhat) + 0.15 / K, S(s(x_u)))."""
+  method = make_method('first_order', student_lr=1.0)
+  method.config.mpl.student_label_smoothing = 0.15
+  batch = moons_batch()
+  state = init_state(method, batch)
+  new_state, metrics = method.update(state, batch)
+
+  x_u = batch['unlabeled']['image']
+  pseudo = jnp.argmax(mlp_apply(method, state.params['teacher'], x_u), -1)
+  assert 0 < int(jnp.sum(pseudo)) < len(pseudo)   # both classes among the pseudo labels
+  targets = 0.85 * jax.nn.one_hot(pseudo, 2) + 0.15 / 2
+  student_loss = lambda p: jnp.mean(base.soft_cross_entropy(mlp_apply(method, p, x_u), targets))
+  student = state.params['student']
+  np.testing.assert_allclose(float(metrics['loss_student']), float(student_loss(student)),
+                             rtol=1e-5)
+  assert_trees_close(new_state.params['student'],
+                     sgd_step(student, jax.grad(student_loss)(student)))

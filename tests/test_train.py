@@ -133,11 +133,13 @@ def test_evaluation_counts_each_test_example_once_top1_and_top5():
                                     np.sum(np.any(top5[:5] == labels[:5, None], axis=1)), 5])
 
 
-def test_finetune_starts_from_the_ema_student(tmp_path):
-  """The finetune stage's network is the MPL stage's EMA student (not the raw student, not the
-  teacher): at lr 0 the finetuned parameters are exactly the EMA's."""
+@pytest.mark.parametrize('ema_decay', [0.9, 0.0])
+def test_finetune_starts_from_the_evaluated_student(tmp_path, ema_decay):
+  """The finetune stage's network is the MPL stage's evaluated student: its EMA when there is
+  one, else the raw student (never the teacher). At lr 0 the finetuned parameters are exactly
+  those."""
   config = moons('method=mpl,labels=6,runlocal', total_steps=10, checkpoint_every=10,
-                 eval_every=10, ema_decay=0.9,
+                 eval_every=10, ema_decay=ema_decay,
                  **{'finetune.steps': 1, 'finetune.batch_size': 8, 'finetune.lr': 0.0})
   train.train_and_evaluate(config, str(tmp_path))
   with train.Checkpoints(str(tmp_path), keep=1, read_only=True) as checkpoints:
@@ -145,9 +147,12 @@ def test_finetune_starts_from_the_ema_student(tmp_path):
   with train.Checkpoints(str(tmp_path / 'finetune'), keep=1, read_only=True) as checkpoints:
     finetuned = checkpoints.restore_numpy()['params']
   assert_trees_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert_trees_equal(finetuned, mpl_state['ema_params'])
-  with pytest.raises(AssertionError):  # the EMA is not the raw student after 10 steps
-    assert_trees_equal(finetuned, mpl_state['params']['student'])
+  student = mpl_state['params']['student']
+  assert_trees_equal(finetuned, mpl_state['ema_params'] if ema_decay else student)
+  others = [mpl_state['params']['teacher']] + ([student] if ema_decay else [])
+  for other in others:  # e.g. the EMA is not the raw student after 10 steps
+    with pytest.raises(AssertionError):
+      assert_trees_equal(finetuned, other)
 
 
 def test_parse_arg_rejects_unknown_keys():
