@@ -353,8 +353,9 @@ def any_process(flag: bool) -> bool:
 # Reporting.
 
 
-def divergence_advice(config, stage: str = 'train') -> str:
-  """Which config keys set the learning rate and clipping of this method and stage."""
+def divergence_advice(config, stage: str = '') -> str:
+  """Which config keys set the learning rate and clipping of this method and stage ('' or
+  'finetune')."""
   if stage == 'finetune':
     return 'learning rate too high (lower --config.finetune.lr), bad input data'
   if config.method in ('mpl', 'reduced_mpl'):  # two optimisers, in the method's own block
