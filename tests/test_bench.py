@@ -18,8 +18,9 @@ from mpl import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TRAIN_FIELDS = ('config', 'method', 'dataset', 'model', 'dtype', 'global_batch_labeled',
-                'global_batch_unlabeled', 'devices', 'device_kind', 'platform', 'mesh', 'timing',
+TRAIN_FIELDS = ('config', 'method', 'dataset', 'model', 'dtype', 'phase',
+                'global_batch_labeled', 'global_batch_unlabeled', 'devices', 'device_kind',
+                'platform', 'mesh', 'timing',
                 'step_ms_mean', 'step_ms_median', 'images_per_s', 'flops_per_step',
                 'achieved_tflops', 'peak_bytes_in_use', 'memory_analysis', 'compile_s')
 POSITIVE = ('global_batch_labeled', 'global_batch_unlabeled', 'devices', 'step_ms_mean',
