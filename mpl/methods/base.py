@@ -83,8 +83,10 @@ class Method:
   def predict(self, variables, images, which: str = 'raw') -> jax.Array:
     """Eval-mode logits of the network `which` (a key of `eval_variables`) names."""
     del which  # one network; methods with several (MPL's teacher) override this
-    return self.model.apply(sharding.gather_for_compute(variables), self.prepare(images),
-                            train=False)
+    # Under spatial partitioning the gathered kernels come in the compute dtype (half the
+    # memory in bfloat16; the layers would cast them anyway).
+    variables = sharding.gather_for_compute(variables, getattr(self.model, 'dtype', None))
+    return self.model.apply(variables, self.prepare(images), train=False)
 
   # -- helpers shared by methods -------------------------------------------------------------
 

@@ -126,8 +126,8 @@ class MPL(base.Method):
 
   def predict(self, variables, images, which='raw'):
     network = self.teacher if which == 'teacher' else self.student
-    return network.apply(sharding.gather_for_compute(variables), self.prepare(images),
-                         train=False)
+    variables = sharding.gather_for_compute(variables, getattr(network, 'dtype', None))
+    return network.apply(variables, self.prepare(images), train=False)
 
   # -- the update -------------------------------------------------------------------------------
 

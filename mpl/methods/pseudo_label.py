@@ -231,7 +231,8 @@ class PseudoLabel(base.Method):
 
   def label_logits(self, teacher, teacher_stats, x_w):
     """The frozen teacher's logits on w(x_u), in eval mode."""
-    return self.model.apply(base.variables_of(teacher, teacher_stats), x_w, train=False)
+    variables = base.variables_of(teacher, teacher_stats, getattr(self.model, 'dtype', None))
+    return self.model.apply(variables, x_w, train=False)
 
   def round_of(self, step):
     """(round index 0..rounds-1, first step of that round) of a student-phase step."""

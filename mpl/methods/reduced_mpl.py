@@ -441,8 +441,8 @@ class ReducedMPL(base.Method):
 
   def predict(self, variables, images, which='raw'):
     del which  # 'raw' and 'ema' are both the student network
-    return self.student.apply(sharding.gather_for_compute(variables), self.prepare(images),
-                              train=False)
+    variables = sharding.gather_for_compute(variables, getattr(self.student, 'dtype', None))
+    return self.student.apply(variables, self.prepare(images), train=False)
 
   # -- the update -------------------------------------------------------------------------------
 
