@@ -305,6 +305,15 @@ def test_finetune_stage_follows_mpl_and_resumes(tmp_path):
   assert summary['before_finetune']['steps'] == 10
   assert summary['final']['accuracy'] == summary['history'][-1]['raw']['accuracy']
   assert os.path.exists(tmp_path / 'summary.json')
+  # The resumed finetune stage continues exactly: the same network and evaluations as a run
+  # that was never stopped.
+  straight = train.train_and_evaluate(config(), str(tmp_path / 'straight'))
+  assert summary['history'] == straight['history']
+  finetuned = []
+  for workdir in (tmp_path, tmp_path / 'straight'):
+    with train.Checkpoints(str(workdir / 'finetune'), keep=1, read_only=True) as checkpoints:
+      finetuned.append(checkpoints.restore_numpy()['params'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), *finetuned)
 
   # More MPL steps would leave the finetuned student stale: refused before training.
   longer = config()
