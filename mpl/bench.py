@@ -162,8 +162,8 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       batch = next_input()
       image_shape = (batch['labeled']['image'].shape[1:] if stream is not None
                      else experiment.data.train_images.shape[1:])
-      t0 = time.perf_counter()
       phase = method.phase(0)  # the state is step 0's: its phase's update is timed
+      t0 = time.perf_counter()
       lowered = experiment.train_step_for(0).lower(state, batch)
       lower_s = time.perf_counter() - t0
       t0 = time.perf_counter()

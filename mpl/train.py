@@ -721,6 +721,7 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
     # a resumed run logs the same averages as an uninterrupted one.
     window = meta.get('train_window') or {'sums': {}, 'count': 0}
     sums, count = dict(window['sums']), int(window['count'])
+    checkpointed = resume_step is not None  # for the NaN message: is there one to go back to?
 
     def flush_pending():
       """Fetches and checks the pending metrics; before any log, eval or checkpoint."""
@@ -728,8 +729,7 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
       if pending is not None:
         done_step, done_metrics = pending[0], jax.device_get(pending[1])
         pending = None
-        check_finite(done_metrics, done_step, advice, checkpointed=bool(meta.get('saved')),
-                     stage=stage)
+        check_finite(done_metrics, done_step, advice, checkpointed=checkpointed, stage=stage)
         for k, v in done_metrics.items():
           sums[k] = sums.get(k, 0.0) + float(v)
         count += 1
@@ -774,9 +774,9 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
       if save:
         meta['wall_s'] = meta.get('wall_s', 0.0) + time.time() - session_start
         session_start = time.time()
-        meta['saved'] = True  # (in the checkpoint too: a resumed run has one)
         meta['train_window'] = {'sums': dict(sums), 'count': count}
         checkpoints.save(step, state, meta)
+        checkpointed = True
       if preempt:
         stopped_at = step
         break
@@ -842,11 +842,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with PreemptionFlag() as preemption:
       summary, state = run_stage(config, workdir, should_stop=should_stop, preemption=preemption)
       stages = [summary]
-      if ('stopped_at' not in summary and config.finetune.steps > 0
-          and preemption.requested):  # came after the last step: stop before the next stage
+      finetune = 'stopped_at' not in summary and config.finetune.steps > 0
+      # A SIGTERM after the first stage's last step stops the run before the finetune stage
+      # (every host, as in the loop: one host alone would leave the others waiting).
+      if finetune and any_process(preemption.requested):
         summary['stopped_at'] = summary['steps']
         logging.info('Stopped before the finetune stage; rerun the same command to resume.')
-      if 'stopped_at' not in summary and config.finetune.steps > 0:
+        finetune = False
+      if finetune:
         # Start from the evaluated student: the EMA when there is one (see the MPL docstring).
         if state.ema_params is not None:
           student = (state.ema_params, state.ema_batch_stats)

@@ -7,6 +7,9 @@
 - Convs without bias, He-normal fan-out init (as torchvision and the official MPL code);
   symmetric padding as torchvision (TF's SAME would pad stride-2 convs asymmetrically).
 - BN momentum 0.9, epsilon 1e-5; classifier N(0, 0.01) kernel, zero bias (Goyal et al.).
+- Head: global average pool -> dropout -> dense -> float32 logits.
+- Optional per-example stochastic depth on identity-shortcut blocks, same schedule as
+  `wide_resnet.py`.
 
 The official MPL ResNet-50 (`ResNet50` and `resnet_block` in google-research/google-research
 `meta_pseudo_labels/`) differs in four settings, each a field here; the ImageNet MPL configs set
@@ -14,9 +17,6 @@ all four: `bn_momentum=0.99, bn_epsilon=1e-3` (its flags), `zero_init_residual=F
 batch-norm scale starts at 1), `classifier_init='official'` (U(+-1/sqrt(classes)), as the WRN)
 and `padding='SAME'` (TF's: the 7x7/2 stem pads (2, 3) at 224, stride-2 3x3 convs and the
 max-pool (0, 1)).
-- Head: global average pool -> dropout -> dense -> float32 logits.
-- Optional per-example stochastic depth on identity-shortcut blocks, same schedule as
-  `wide_resnet.py`.
 
 ResNet-50 with 1000 classes has 25,557,032 parameters. 32x32 inputs work too (the last stage
 runs at 1x1), though they are not what this net is for.
