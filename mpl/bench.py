@@ -37,9 +37,10 @@ The global batch is scaled to DATA of the config's `mesh.data` replicas (overrid
 --data_replicas), so each device sees the batch it would see in the real run: per-device memory
 of one model-parallel replica is that of the whole pod (data parallelism adds only the gradient
 all-reduce). Prints per-device bytes of parameters, optimizer states, EMA, batch statistics,
-method state, the batch, and XLA's temporaries (activations kept for the backward pass and
-scratch), their sum, and which accelerators that fits (HBM per device, 10 % headroom). The state
-and batch bytes are exact. The temporaries come from the CPU compiler's buffer assignment, which
+method state, the batch, the resident data (an in-memory dataset's training set, replicated on
+every device, and its share of the test set; 0 when streamed), and XLA's temporaries
+(activations kept for the backward pass and scratch), their sum, and which accelerators that
+fits (HBM per device, 10 % headroom). The state, batch and resident-data bytes are exact. The temporaries come from the CPU compiler's buffer assignment, which
 fuses less than the TPU/GPU compilers and may compute bfloat16 convolutions in float32: read
 them as an upper estimate (the GPU figure of the same step is `memory_analysis.temp_bytes` of
 the timed bench).
@@ -65,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import re
 import statistics
@@ -405,6 +407,32 @@ def _input_info(config) -> tuple[tuple[int, ...], Any, int, bool]:
   return tuple(shape), data.train_images.dtype, int(data.num_classes), is_image
 
 
+def _resident_data_bytes(config, shape, dtype, replicas: int) -> int:
+  """Per-device bytes of the data a real run keeps on the devices between steps.
+
+  In-memory datasets: the whole training set with its labels and the labeled/unlabeled index
+  lists, replicated on every device (the step slices its batches there), plus the test set padded
+  to whole evaluation batches and sharded over the real run's `replicas` data shards. Streamed
+  datasets keep only the batch (counted apart), so 0.
+  """
+  if train.is_streaming(config):
+    return 0
+  if config.dataset in datasets.SIZES:
+    num_train, num_test = datasets.SIZES[config.dataset]
+  else:
+    data = datasets.load_dataset(config.dataset, data_dir=config.data.data_dir,
+                                 source=config.data.source)
+    num_train, num_test = len(data.train_labels), len(data.test_labels)
+  example = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  num_labeled = num_train if config.num_labeled == -1 else int(config.num_labeled)
+  num_unlabeled = num_train - num_labeled if config.data.exclude_labeled else num_train
+  train_bytes = num_train * (example + 4) + 4 * (num_labeled + num_unlabeled)
+  num_eval = min(config.data.max_eval_examples or num_test, num_test)
+  padded = math.ceil(num_eval / config.eval_batch_size) * config.eval_batch_size
+  test_bytes = math.ceil(padded * (example + 4 + 4) / replicas)  # images, labels, padding mask
+  return train_bytes + test_bytes
+
+
 def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = None,
             name: str = '', compile_step: bool = True, tpu: str = '') -> dict[str, Any]:
   """Compiles `config`'s train step for a (data, model) mesh; per-device memory (module doc).
@@ -423,6 +451,7 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
   devices = devices[:data * model]
   replicas = data_replicas or (config.mesh.data if config.mesh.data > 0 else data)
   config = config.copy_and_resolve_references()
+  eval_batch_size = int(config.eval_batch_size)  # the real run's; the compiled step needs none
   with config.unlocked():
     global_batch = int(config.batch_size)
     if (global_batch * data) % replicas:
@@ -434,6 +463,10 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
   config_lib.validate(config, len(devices))
 
   shape, dtype, num_classes, is_image = _input_info(config)
+  with config.unlocked():
+    config.eval_batch_size = eval_batch_size
+    resident_bytes = _resident_data_bytes(config, shape, dtype, replicas)
+    config.eval_batch_size = data
   mesh, rules = sharding.make_mesh(config, devices), sharding.logical_rules(config)
   method_class = methods.get_method(config.method)
   channels = shape[-1] if is_image else 1
@@ -491,6 +524,7 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
                     'method_state')}
   per_device = {**{f'{k}_bytes': v for k, v in state_bytes.items()},
                 'batch_bytes': sharding.bytes_per_device(abstract_batch),
+                'resident_data_bytes': resident_bytes,
                 'temp_bytes': memory.get('temp_bytes'),
                 'generated_code_bytes': memory.get('generated_code_bytes')}
   total = sum(v for v in per_device.values() if v)

@@ -119,6 +119,25 @@ def test_dry_run_memory_per_device_follows_the_mesh():
   assert split['mesh'] == {'data': 1, 'model': 4}
 
 
+def test_dry_run_counts_the_data_a_run_keeps_on_each_device():
+  # CIFAR-10 lives in device memory: the training set with labels and index lists on every
+  # device, the test set (10,000 = 10 batches of 1000) split over the run's 4 data shards.
+  config = load_config('cifar10_4k_mpl.py', '')
+  record = bench.dry_run(config, mesh_shape=(1, 1), data_replicas=4, compile_step=False)
+  image = 32 * 32 * 3
+  expected = 50000 * (image + 4) + 4 * (4000 + 50000) + 10000 * (image + 8) // 4
+  assert record['per_device']['resident_data_bytes'] == expected
+  assert record['per_device_total_bytes'] >= expected
+  # Excluding the labeled examples from the unlabeled pool shortens its index list.
+  config.data.exclude_labeled = True
+  record = bench.dry_run(config, mesh_shape=(1, 1), data_replicas=4, compile_step=False)
+  assert record['per_device']['resident_data_bytes'] == expected - 4 * 4000
+  # A streamed dataset keeps only its batch on the devices.
+  config.data.streaming = True
+  record = bench.dry_run(config, mesh_shape=(1, 1), data_replicas=4, compile_step=False)
+  assert record['per_device']['resident_data_bytes'] == 0
+
+
 def test_dry_run_command_line_creates_its_fake_devices(tmp_path):
   out = subprocess.run(
       [sys.executable, '-m', 'mpl.bench', '--config', 'configs/two_moons.py:method=mpl,runlocal',

@@ -134,6 +134,16 @@ def load_from_config(config) -> InMemoryDataset:
                          seed=config.data.seed)
 
 
+# Examples in (train, test) of the datasets with stand-in shapes, for memory planning
+# (`mpl.bench --dry_run`) without reading them.
+SIZES: dict[str, tuple[int, int]] = {
+    'fashion_mnist': (60000, 10000),
+    'cifar10': (50000, 10000),
+    'cifar100': (50000, 10000),
+    'svhn_cropped': (73257, 26032),
+    'imagenet2012': (1281167, 50000),
+}
+
 # Shapes of the datasets users bring, for stand-in data: (height, width, channels, classes).
 STANDIN_SHAPES: dict[str, tuple[int, int, int, int]] = {
     'fashion_mnist': (28, 28, 1, 10),
