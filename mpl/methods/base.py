@@ -161,7 +161,13 @@ def updated_ema(state: TrainState, params, batch_stats, decay: float):
 
 
 def ema_decay_at(step, decay: float):
-  """The official MPL EMA decay: min(decay, (t + 1) / (t + 10))."""
+  """The official MPL EMA decay: min(decay, (t + 1) / (t + 10)).
+
+  Every method starts its EMA from the initial weights. The official code (`setup_ema`) starts it
+  from zeros (ones for variances); with this decay the starting point's weight after t updates is
+  prod_s (s + 1) / (s + 10) = 1 / C(t + 9, 9), under 1e-7 after 20 steps, so the two agree from
+  then on.
+  """
   step = jnp.asarray(step, jnp.float32)
   return jnp.minimum(decay, (step + 1.0) / (step + 10.0))
 
