@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from mpl import config_lib, sharding
 from mpl.data import datasets, idx, split, streaming
 from mpl.errors import ConfigError, DataError
 
@@ -290,6 +291,26 @@ def test_streaming_unlabeled_dataset_without_labels(tmp_path):
   builder.download_and_prepare()
   batch = next(_stream(builder, train=True))
   assert batch['label'].tolist() == [-1] * 4  # no labels: -1, used for monitoring only
+
+
+def test_streaming_input_omits_the_labels_an_unlabeled_dataset_lacks(tiny_builder, tmp_path):
+  # A JFT-like unlabeled set: its batches carry no 'label' (not -1s), so no method logs a
+  # pseudo-label accuracy against placeholders; the labeled batches keep theirs.
+  unlabeled = tiny_tfds.tiny_builder_class(with_labels=False)(data_dir=str(tmp_path))
+  unlabeled.download_and_prepare()
+  c = config_lib.base_config()
+  c.dataset, c.data.streaming, c.data.image_size = 'tiny_images', True, 16
+  c.data.labeled_split = c.data.unlabeled_split = c.data.eval_split = 'train'
+  c.batch_size, c.mu = 8, 1
+  mesh = sharding.make_mesh(c)
+  for unlabeled_builder, has_labels in ((unlabeled, False), (tiny_builder, True)):
+    stream = streaming.StreamingInput(c, mesh, uses_unlabeled=True, builder=tiny_builder,
+                                      unlabeled_builder=unlabeled_builder)
+    stream.start(0)
+    batch = stream.next_batch()
+    assert ('label' in batch['unlabeled']) == has_labels
+    assert batch['unlabeled']['image'].shape == (8, 16, 16, 3)
+    assert batch['labeled']['label'].shape == (8,)
 
 
 def test_streaming_split_names_are_checked(tiny_builder):

@@ -18,7 +18,8 @@ One tf.data pipeline per host (process):
   images, label -1 and `mask` False; eval batches carry a bool `mask` (True = real example).
 
 Batches are {'image': uint8 (b, image_size, image_size, 3), 'label': int32 (b,)} (+ 'mask' in
-eval). TensorFlow is imported only when a pipeline is built, and kept off the GPUs.
+eval); a dataset without labels gives label -1, and `StreamingInput` then leaves the unlabeled
+batches' 'label' out. TensorFlow is imported only when a pipeline is built, and kept off the GPUs.
 """
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ def make_streaming_iterator(name: str, split: str, *, global_batch_size: int, im
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if builder is None:
     builder = get_builder(name, data_dir)
-  image_key, label_key = builder.info.supervised_keys or ('image', 'label')
-  has_label = label_key in builder.info.features  # unlabeled data may have none: label -1
+  image_key, label_key = _keys(builder)
+  has_label = has_labels(builder)  # unlabeled data may have none: label -1
   subsplits = tfds.even_splits(split, n=num_shards, drop_remainder=train)
   read_config = tfds.ReadConfig(shuffle_seed=seed + shard)
   ds = builder.as_dataset(split=subsplits[shard], shuffle_files=train, read_config=read_config,
@@ -139,6 +140,15 @@ def make_streaming_iterator(name: str, split: str, *, global_batch_size: int, im
     ds = ds.concatenate(pad).take(num_batches * batch).batch(batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return iter(tfds.as_numpy(ds))
+
+
+def _keys(builder) -> tuple[str, str]:
+  return builder.info.supervised_keys or ('image', 'label')
+
+
+def has_labels(builder) -> bool:
+  """Whether the dataset has labels (an unlabeled set, e.g. a JFT-like one, may have none)."""
+  return _keys(builder)[1] in builder.info.features
 
 
 def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, Any]:
@@ -251,6 +261,9 @@ class StreamingInput:
     if uses_unlabeled and unlabeled_builder is None and config.data.unlabeled_dataset:
       self.unlabeled_builder = get_builder(config.data.unlabeled_dataset, config.data.data_dir)
     self.unlabeled_builder = self.unlabeled_builder or self.builder
+    # Without labels the unlabeled batches carry none (not the -1 placeholders), so that the
+    # methods do not log a pseudo-label accuracy of 0 against them.
+    self.unlabeled_has_labels = has_labels(self.unlabeled_builder)
     # A split name that does not exist fails here, not at the first evaluation.
     check_split(self.builder, config.data.labeled_split, 'data.labeled_split')
     check_split(self.builder, config.data.eval_split, 'data.eval_split')
@@ -285,6 +298,8 @@ class StreamingInput:
     local = {'labeled': next(self._labeled)}
     if self._unlabeled is not None:
       local['unlabeled'] = next(self._unlabeled)
+      if not self.unlabeled_has_labels:
+        del local['unlabeled']['label']
     return global_batch(local, self.sharding)
 
   def eval_batches(self):
