@@ -3,7 +3,7 @@
   config -> validate -> mesh -> data (device-resident) -> model -> method
   -> state created already sharded (or restored from the latest checkpoint in the workdir)
   -> jitted steps (batch sampled on the device) -> periodic eval / checkpoint / logs
-  -> WORKDIR/summary.json and WORKDIR/curves.png
+  -> WORKDIR/summary.json and WORKDIR/curves.png (redrawn during long runs)
 
 Small datasets live in device memory; each step draws its batch there from per-epoch
 permutations keyed by (seed, epoch), so the batch at step t is a pure function of t: a resumed
@@ -450,6 +450,19 @@ def plot_curves(stages: list[list[dict]], path: str, title: str) -> None:
   plt.close(fig)
 
 
+# A long run redraws WORKDIR/curves.png after an evaluation at most this often: the curve so far,
+# for runs on machines without TensorBoard (no TensorFlow). Short runs draw it once, at the end.
+PROGRESS_PLOT_EVERY_S = 300.0
+
+
+def plot_progress(evals: list[dict], workdir: str, title: str) -> None:
+  """curves.png of a run in progress; a plot that fails is logged, never stops the run."""
+  try:
+    plot_curves([evals], os.path.join(workdir, 'curves.png'), title)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Could not draw %s/curves.png (training goes on): %r', workdir, e)
+
+
 # --------------------------------------------------------------------------------------------
 # The loop.
 
@@ -736,6 +749,7 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
 
     session_start = time.time()
     loop_start_time, loop_start_step = time.time(), step
+    last_plot_time = time.time()
     stopped_at = None
     stop_asked = False
     multihost = jax.process_count() > 1
@@ -771,6 +785,11 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
                      '  '.join(f'{k}: {100 * v["accuracy"]:.2f}%'
                                for k, v in result.items() if k != 'step'),
                      rate, reporting.format_duration((total - step) / max(rate, 1e-9)))
+        if is_lead and not last and time.time() - last_plot_time >= PROGRESS_PLOT_EVERY_S:
+          plot_progress(meta['evals'], workdir,
+                        f'{config.method} on {config.dataset}{" (finetune)" if stage else ""}: '
+                        f'step {step} of {total}')
+          last_plot_time = time.time()
       if save:
         meta['wall_s'] = meta.get('wall_s', 0.0) + time.time() - session_start
         session_start = time.time()

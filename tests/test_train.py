@@ -175,6 +175,26 @@ def test_supervised_mlp_two_moons_all_labels_reaches_97_percent(tmp_path):
   assert os.path.exists(tmp_path / 'curves.png')
 
 
+def test_a_run_in_progress_redraws_its_curves(tmp_path, monkeypatch):
+  overrides = {'total_steps': 8, 'eval_every': 2, 'checkpoint_every': 4}
+  stop_at_4 = lambda step: step == 4
+  # Left alone, a short run draws its curves once, at the end: a stopped one has none yet.
+  train.train_and_evaluate(moons('labels=6', **overrides), str(tmp_path / 'a'),
+                           should_stop=stop_at_4)
+  assert not os.path.exists(tmp_path / 'a' / 'curves.png')
+  monkeypatch.setattr(train, 'PROGRESS_PLOT_EVERY_S', 0.0)
+  train.train_and_evaluate(moons('labels=6', **overrides), str(tmp_path / 'b'),
+                           should_stop=stop_at_4)
+  assert os.path.getsize(tmp_path / 'b' / 'curves.png') > 0
+  # A plot that fails is logged; the run goes on to its stop.
+  def broken_plot(*args, **kwargs):
+    raise OSError('disk full')
+  monkeypatch.setattr(train, 'plot_curves', broken_plot)
+  summary = train.train_and_evaluate(moons('labels=6', **overrides), str(tmp_path / 'c'),
+                                     should_stop=stop_at_4)
+  assert summary['stopped_at'] == 4
+
+
 def _params(workdir):
   """Final parameters of the run in `workdir`, read back from its last checkpoint."""
   with train.Checkpoints(workdir, keep=1, read_only=True) as checkpoints:
