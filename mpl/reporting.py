@@ -8,6 +8,7 @@ write, for tools and plots.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -92,6 +93,20 @@ class Writer:
   def flush(self) -> None:
     if self.clu is not None:
       self.clu.flush()
+
+
+@contextlib.contextmanager
+def without_log_message(prefix: str):
+  """Drops the absl log records that start with `prefix`: a library's notice about something
+  done on purpose, which users would otherwise take for a problem."""
+  def keep(record):
+    return not record.getMessage().startswith(prefix)
+  logger = logging.get_absl_logger()
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
 
 
 def format_duration(seconds: float) -> str:

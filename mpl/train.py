@@ -197,13 +197,18 @@ class Checkpoints:
     """read_only: for tools that only inspect a run (launch/h_noise.py): the checkpoints folder
     is not created and Orbax opens it read-only; such a tool never calls `save`."""
     registry = _type_handlers()
-    self.manager = ocp.CheckpointManager(
-        workdir_path(workdir) / 'checkpoints',
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                             read_only=read_only),
-        item_handlers={'state': ocp.PyTreeCheckpointHandler(**(
-                           {'type_handler_registry': registry} if registry is not None else {})),
-                       'meta': ocp.JsonCheckpointHandler()})
+    # Read-only, Orbax wants no saving options, and warns that the folder is read-only: the
+    # purpose, not news (it printed three warnings at the start of every run with a finetune
+    # stage, from check_finetune_is_current).
+    options = (ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                            save_interval_steps=0) if read_only else
+               ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    with reporting.without_log_message('Given directory is read only'):
+      self.manager = ocp.CheckpointManager(
+          workdir_path(workdir) / 'checkpoints', options=options,
+          item_handlers={'state': ocp.PyTreeCheckpointHandler(**(
+                             {'type_handler_registry': registry} if registry is not None else {})),
+                         'meta': ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -831,6 +836,8 @@ def check_finetune_is_current(config: ml_collections.ConfigDict, workdir: str) -
     return
   finetune_dir = os.path.join(workdir, 'finetune')
   def latest_step(directory):
+    if not (workdir_path(directory) / 'checkpoints').exists():
+      return None
     checkpoints = Checkpoints(directory, keep=1, read_only=True)
     step = checkpoints.latest_step()
     checkpoints.close()

@@ -313,7 +313,7 @@ def test_large_teacher_is_restored_sharded_on_a_model_parallel_mesh(stage1):
   assert results[(1, 1)][1].shape == (40, 10)
 
 
-def test_restore_variables_reads_one_network_with_its_batch_stats(tmp_path):
+def test_restore_variables_reads_one_network_with_its_batch_stats(tmp_path, caplog):
   """From a two-network (MPL) checkpoint, exactly the chosen network's params and batch
   statistics come back, on one device and tensor-parallel on a (4, 2) mesh."""
   model = models.get_model('cnn', 10)
@@ -332,6 +332,10 @@ def test_restore_variables_reads_one_network_with_its_batch_stats(tmp_path):
   checkpoints.close()
   path = latest_state_path(tmp_path / 'checkpoints')
   config = stage2_config(str(tmp_path))
+  caplog.set_level('WARNING')
+  # Read-only inspection of a run logs no warnings (Orbax's notices about it are dropped).
+  with train.Checkpoints(str(tmp_path), 1, read_only=True) as read_only:
+    assert read_only.latest_step() == 3
   for shape in ((1, 1), (4, 2)):
     config.mesh.data, config.mesh.model = shape
     mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
@@ -344,6 +348,8 @@ def test_restore_variables_reads_one_network_with_its_batch_stats(tmp_path):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves(restored)]
     assert any('model' in spec for spec in specs) == (shape == (4, 2)), specs
+  assert not [r.getMessage() for r in caplog.records
+              if r.levelname == 'WARNING' and 'orbax' in r.pathname]
   # A model that does not fit (3 classes, not 10): the error names the arrays that differ.
   with pytest.raises(ConfigError, match=r'params/teacher/\S+/kernel has shape \(\d+, 10\) in '
                      r'the checkpoint, \(\d+, 3\) in the model its config.json names'):

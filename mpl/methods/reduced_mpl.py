@@ -85,7 +85,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mpl import config_lib, models, optim, sharding
+from mpl import config_lib, models, optim, reporting, sharding
 from mpl.data import datasets, split
 from mpl.errors import ConfigError
 from mpl.methods import base
@@ -179,9 +179,15 @@ def latest_state_path(checkpoint_dir) -> epath.Path | None:
   return None if step is None else checkpoint_dir / str(step) / 'state'
 
 
+METADATA_NOTICE = 'Metadata file does not exist'
+
+
 def state_metadata(state_path) -> dict[str, Any]:
   """The saved TrainState as a tree of shape/dtype metadata (no array is read)."""
-  return ocp.StandardCheckpointer().metadata(state_path).item_metadata.tree
+  # The run's checkpoint metadata lives one folder up, with the step; Orbax looks for it here
+  # and warns that it is missing, harmlessly.
+  with reporting.without_log_message(METADATA_NOTICE):
+    return ocp.StandardCheckpointer().metadata(state_path).item_metadata.tree
 
 
 def get_in(tree, keys: tuple[str, ...]):
@@ -252,9 +258,10 @@ def restore_variables(state_path, params_keys, stats_keys, model: nn.Module, sam
     for k in keys[:-1]:
       node = node.setdefault(k, {})
     node[keys[-1]] = abstract
-  restored = ocp.PyTreeCheckpointer().restore(state_path, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True))
+  with reporting.without_log_message(METADATA_NOTICE):
+    restored = ocp.PyTreeCheckpointer().restore(state_path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
   return base.variables_of(get_in(restored, params_keys), get_in(restored, stats_keys) or {})
 
 
