@@ -39,6 +39,7 @@ from typing import Any, Callable
 from absl import logging
 import numpy as np
 
+from mpl import reporting
 from mpl.data import idx
 from mpl.errors import ConfigError, DataError
 
@@ -428,9 +429,11 @@ def not_prepared_message(name: str, builder) -> str:
 
 def _tfds_arrays(name: str, data_dir: str | None) -> tuple[dict[str, np.ndarray], int]:
   tfds = import_tfds()
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    raise DataError(not_prepared_message(name, builder))
+  # TFDS warns when it finds no prepared version; not_prepared_message says it, with the fix.
+  with reporting.without_log_message('Variant folder'):
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+      raise DataError(not_prepared_message(name, builder))
   out = {}
   for split in ('train', 'test'):
     out[f'{split}_images'], out[f'{split}_labels'] = _tfds_split(builder, split)
