@@ -81,6 +81,8 @@ def get_config(arg=None):
     opt.update(dict(lr=0.05, scale_lr_by_batch=False, weight_decay=5e-4, wait_steps=wait,
                     warmup_steps=100, decay='cosine'))
   if args.runlocal:
+    for opt in (config.mpl.teacher_optimizer, config.mpl.student_optimizer):
+      opt.wait_steps = opt.warmup_steps = 0  # a real student step within the smoke run
     config.total_steps = 10
     config.eval_every = 5
     config.log_every = 5

@@ -570,9 +570,9 @@ def _config_name() -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
+    if len(argv) > 1:
+      raise ConfigError(f'unexpected arguments {argv[1:]}: every setting is a flag.')
     if FLAGS.dry_run:
       if not FLAGS.mesh:
         raise ConfigError('--dry_run needs --mesh MODEL or DATAxMODEL, e.g. --mesh 16.')
@@ -581,6 +581,9 @@ def main(argv):
                        name=_config_name(), compile_step=FLAGS.compile, tpu=FLAGS.tpu or '')
     elif FLAGS.tpu:
       raise ConfigError('--tpu goes with --dry_run (ahead-of-time compilation for a TPU).')
+    elif FLAGS.mesh or FLAGS.data_replicas is not None:
+      raise ConfigError('--mesh and --data_replicas go with --dry_run; a timed bench runs on '
+                        'the mesh of the config (--config.mesh.data / --config.mesh.model).')
     elif FLAGS.augment_only:
       result = bench_augment(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                              name=_config_name())

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any
 
+from absl import logging
 from etils import epath
 
 import ml_collections
@@ -67,11 +69,25 @@ def flag_error_message(error: Exception) -> str:
   config_flags wraps errors from get_config (our ConfigError) with a formatted traceback, and
   reports unknown keys as AttributeError/KeyError: keep only what the user needs to read.
   """
-  message = str(error).strip().splitlines()[-1].replace('\\n', ' ').replace('\\', '')
-  message = message.replace('mpl.errors.ConfigError: ', '').strip('\'"')
+  message = str(error).strip().splitlines()[-1].replace('\\n', '\n').replace('\\', '')
+  message = message.replace('mpl.errors.ConfigError: ', '')
   if isinstance(error, (AttributeError, KeyError)):
-    message = f"unknown config key '{message}'"
-  return message
+    # e.g. "'batchsize'\nDid you mean "batch_size" instead of "batchsize"?", quoted again
+    key, _, hint = message.strip('\'"').partition('\n')
+    message = f"unknown config key '{key.strip(chr(39))}'."
+    if hint:
+      message += ' ' + hint.split(' instead of ')[0] + '?'
+    return message
+  wrong_type = re.match(r'flag --(config\.\S+?)=(.*?): (.*)', message)
+  if wrong_type and ('for int()' in message or 'to float' in message):
+    kind = 'an integer' if 'for int()' in message else 'a number'
+    return f'{wrong_type.group(1)} is {kind}, got {wrong_type.group(2)!r}.'
+  if 'can not be applied because field' in message and 'is None' in message:
+    field = re.search(r'field "(\w+)" is None', message).group(1)
+    return (f'{message.split()[1]}: the config sets {field} to None, so its fields cannot be set '
+            f'one by one from the command line; set the whole block in a config file (e.g. '
+            f'config.mpl.teacher_model = ConfigDict(dict(name=..., ...))).')
+  return message.strip()
 
 
 def sibling_config(config_file: str, name: str):
@@ -89,12 +105,40 @@ def sibling_config(config_file: str, name: str):
   return module
 
 
+def config_file_message(error: Exception, filename: str | None) -> str:
+  """A --config file that does not load: which, why, and the configs there are."""
+  reason = str(error).strip().splitlines()[-1].strip() if str(error).strip() else repr(error)
+  reason = reason.split('earlier failure to load: ')[-1]
+  configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             'configs')
+  available = sorted(f for f in os.listdir(configs_dir) if f.endswith('.py')) if os.path.isdir(
+      configs_dir) else []
+  return (f'--config {filename!r} did not load: {reason}. A config is a Python file with '
+          f'get_config(), e.g. configs/<file>.py[:args]; {configs_dir} has {available}.')
+
+
 def parse_flags_or_exit(argv, usage: str):
   """absl flag parsing for a command; a config mistake is one line plus `usage`, exit 2."""
   import sys  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+
+  def config_filename():  # as given (the flag may not have been parsed); the last one counts
+    given = None
+    for i, arg in enumerate(argv):
+      if arg.startswith('--config='):
+        given = arg.split('=', 1)[1].split(':')[0]
+      elif arg == '--config' and i + 1 < len(argv):
+        given = argv[i + 1].split(':')[0]
+    return given
+
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].value is not None:
+      # A file that could not be read is reported only when the config is first used.
+      flags.FLAGS['config'].value.keys()
+    return remaining
+  except (OSError, SyntaxError, ImportError) as e:  # the config file itself
+    message = config_file_message(e, config_filename())
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = flag_error_message(e)
   print(f'error: {message}\nUsage: {usage}', file=sys.stderr)
@@ -104,6 +148,128 @@ def parse_flags_or_exit(argv, usage: str):
 def check_choice(what: str, value: Any, choices) -> None:
   if value not in choices:
     raise ConfigError(f'unknown {what} {value!r}; valid choices: {sorted(choices)}')
+
+
+def check_range(key: str, value: Any, *, at_least=None, above=None, below=None, at_most=None,
+                why: str = '') -> None:
+  """ConfigError unless `value` lies within the bounds given; `key` names it (config.<key>)."""
+  if ((at_least is None or value >= at_least) and (above is None or value > above) and
+      (below is None or value < below) and (at_most is None or value <= at_most)):
+    return
+  lower = f'[{at_least}' if at_least is not None else (f'({above}' if above is not None else '')
+  upper = f'{at_most}]' if at_most is not None else (f'{below})' if below is not None else '')
+  if lower and upper:
+    bounds = f'in {lower}, {upper}'
+  elif lower:
+    bounds = ('>= ' if at_least is not None else '> ') + lower[1:]
+  else:
+    bounds = ('<= ' if at_most is not None else '< ') + upper[:-1]
+  raise ConfigError(f'config.{key} must be {bounds}, got {value!r}.' + (f' {why}' if why else ''))
+
+
+# Padding modes of the weak view (jnp.pad's, those that make sense for images).
+PAD_MODES = ('reflect', 'constant', 'edge', 'symmetric', 'wrap')
+
+
+def _check_model(key: str, model: Any) -> None:
+  """The options every model shares, in range (the model's own code checks its shape)."""
+  from mpl.models import mlp  # pylint: disable=g-import-not-at-top
+  for rate in ('dropout_rate', 'stochastic_depth_rate'):
+    if rate in model:
+      check_range(f'{key}.{rate}', model[rate], at_least=0, below=1)
+  if 'bn_momentum' in model:
+    check_range(f'{key}.bn_momentum', model['bn_momentum'], at_least=0, below=1)
+  if 'bn_epsilon' in model:
+    check_range(f'{key}.bn_epsilon', model['bn_epsilon'], above=0)
+  for sizes in ('hidden_sizes', 'features', 'stage_sizes'):
+    for size in model.get(sizes) or ():
+      check_range(f'{key}.{sizes} entries', size, at_least=1)
+  if 'activation' in model:
+    check_choice(f'{key}.activation', model['activation'], mlp.ACTIVATIONS)
+
+
+def _check_optimizer(key: str, opt: Any) -> None:
+  from mpl import optim  # pylint: disable=g-import-not-at-top
+  check_choice(f'{key}.name', opt.get('name', 'sgd'), optim.OPTIMIZERS)
+  check_choice(f'{key}.decay', opt.get('decay', 'cosine'), optim.DECAYS)
+  check_range(f'{key}.lr', opt.get('lr', 0.0), at_least=0)
+  check_range(f'{key}.momentum', opt.get('momentum', 0.0), at_least=0, below=1)
+  check_range(f'{key}.weight_decay', opt.get('weight_decay', 0.0), at_least=0)
+  check_range(f'{key}.clip_norm', opt.get('clip_norm', 0.0), at_least=0, why='(0: no clipping)')
+  for steps in ('wait_steps', 'warmup_steps'):
+    check_range(f'{key}.{steps}', opt.get(steps, 0), at_least=0)
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Every method's settings within their meaning, whichever method runs: a value outside
+  (a negative lr, a threshold of 1.5, dropout 1) would train nonsense without an error."""
+  from mpl.data import datasets  # pylint: disable=g-import-not-at-top
+  from mpl.methods import mpl as mpl_method, reduced_mpl  # pylint: disable=g-import-not-at-top
+  check_range('ema_decay', config.ema_decay, at_least=0, below=1, why='(0 turns the EMA off)')
+  check_range('label_smoothing', config.label_smoothing, at_least=0, below=1)
+  check_range('data.noise', config.data.noise, at_least=0)
+  check_range('finetune.steps', config.finetune.steps, at_least=0, why='(0: no finetune stage)')
+  _check_model('model', config.model)
+  _check_optimizer('optimizer', config.optimizer)
+
+  m = config.mpl
+  check_choice('mpl.feedback', m.feedback, mpl_method.FEEDBACKS)
+  check_choice('mpl.pseudo_label', m.pseudo_label, mpl_method.PSEUDO_LABELS)
+  check_choice('mpl.h_pass', m.h_pass, mpl_method.H_PASSES)
+  check_range('mpl.uda_threshold', m.uda_threshold, at_least=0, at_most=1)
+  check_range('mpl.uda_temperature', m.uda_temperature, above=0)
+  check_range('mpl.uda_weight', m.uda_weight, at_least=0)
+  check_range('mpl.uda_ramp_steps', m.uda_ramp_steps, at_least=0)
+  check_range('mpl.baseline_decay', m.baseline_decay, at_least=0, at_most=1)
+  check_range('mpl.teacher_labeled_weight', m.teacher_labeled_weight, at_least=0)
+  check_range('mpl.student_label_smoothing', m.student_label_smoothing, at_least=0, below=1)
+  if m.get('teacher_model'):
+    _check_model('mpl.teacher_model', m.teacher_model)
+  for name in ('teacher_optimizer', 'student_optimizer'):
+    _check_optimizer(f'mpl.{name}', m[name])
+  wait = m.student_optimizer.get('wait_steps', 0)
+  if config.method == 'mpl' and wait >= config.total_steps:
+    logging.warning('config.mpl.student_optimizer.wait_steps=%d >= total_steps=%d: the student '
+                    'never trains (its lr is 0 throughout).', wait, config.total_steps)
+
+  r = config.reduced_mpl
+  check_choice('reduced_mpl.teacher_source', r.teacher_source, reduced_mpl.TEACHER_SOURCES)
+  check_choice('reduced_mpl.pseudo_label', r.pseudo_label, mpl_method.PSEUDO_LABELS)
+  check_choice('reduced_mpl.h_pass', r.h_pass, mpl_method.H_PASSES)
+  check_range('reduced_mpl.baseline_decay', r.baseline_decay, at_least=0, at_most=1)
+  check_range('reduced_mpl.student_label_smoothing', r.student_label_smoothing, at_least=0,
+              below=1)
+  for size in r.hidden_sizes:
+    check_range('reduced_mpl.hidden_sizes entries', size, at_least=1)
+  for name in ('teacher_optimizer', 'student_optimizer'):
+    _check_optimizer(f'reduced_mpl.{name}', r[name])
+
+  p = config.pseudo_label
+  check_range('pseudo_label.rounds', p.rounds, at_least=0, why='(0: online)')
+  if p.threshold is not None:
+    check_range('pseudo_label.threshold', p.threshold, at_least=0, at_most=1)
+  check_range('pseudo_label.weight', p.weight, at_least=0)
+
+  a = config.augment
+  check_range('augment.num_layers', a.num_layers, at_least=0)
+  check_range('augment.magnitude', a.magnitude, at_least=0)
+  check_range('augment.cutout_size', a.cutout_size, at_least=0, why='(0: no Cutout)')
+  check_range('augment.pad', a.pad, at_least=0)
+  check_range('augment.fill', a.fill, at_least=0, at_most=255)
+  check_choice('augment.pad_mode', a.pad_mode, PAD_MODES)
+  if config.dataset in datasets.POINT_DATASETS:
+    for key in ('labeled', 'strong'):
+      if a[key] != 'none':
+        raise ConfigError(f'{config.dataset} holds points, not images: set '
+                          f'--config.augment.{key}=none (got {a[key]!r}).')
+    if config.spatial_partition:
+      raise ConfigError(f'{config.dataset} holds points, not images: spatial_partition needs '
+                        f'images; set --config.spatial_partition="" (got '
+                        f'{config.spatial_partition!r}).')
+  if config.data.streaming and config.dataset in datasets.SKLEARN_DATASETS:
+    raise ConfigError(f'{config.dataset} comes from scikit-learn and is small: it trains from '
+                      f'device memory, not streamed. Set --config.data.streaming=False '
+                      f'(streaming is for TFDS image datasets).')
 
 
 def data_axis_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -148,6 +314,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
               'log_every', 'keep_checkpoints'):
     if int(config[key]) <= 0:
       raise ConfigError(f'config.{key} must be positive, got {config[key]}.')
+  if config.num_labeled != -1 and config.num_labeled < 1:
+    raise ConfigError(f'config.num_labeled must be -1 (every example labeled) or a positive '
+                      f'count (at least one per class), got {config.num_labeled}.')
   if config.mu < 0:
     raise ConfigError(f'config.mu must be >= 0, got {config.mu}.')
   if config.mu < 1 and methods.get_method(config.method).uses_unlabeled:
@@ -172,6 +341,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f'config.augment.magnitude = {config.augment.magnitude} with augment.strong=fixmatch: '
         f'FixMatch draws random levels 1..magnitude-1 and its official bound is 10 (levels '
         f'1..9). Set --config.augment.magnitude=10.')
+  check_values(config)
   data = data_axis_size(config, num_devices)
   finetune_batch = config.finetune.batch_size if config.finetune.steps > 0 else data
   for name, size in (('finetune.batch_size', finetune_batch),

@@ -42,17 +42,32 @@ def quiet_library_logs():
   logging.get_absl_handler().addFilter(_Filter())
 
 
+USAGE = ('python -m mpl.main --config configs/<file>.py[:args] --workdir DIR '
+         '[--config.key=value ...] [--distributed]')
+
+
+def usage_error(message: str):
+  print(f'error: {message}\nUsage: {USAGE}', file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    usage_error(f'unexpected arguments {argv[1:]}: every setting is a flag (--config.key=value).')
   import jax  # pylint: disable=g-import-not-at-top
   explicit = [f for f in ('coordinator_address', 'num_processes', 'process_id')
               if FLAGS[f].value is not None]
   if explicit and not FLAGS.distributed:
-    raise app.UsageError(f'--{explicit[0]} needs --distributed.')
+    usage_error(f'--{explicit[0]} needs --distributed.')
   if FLAGS.distributed:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    try:
+      jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    except (ValueError, RuntimeError) as e:
+      usage_error(f'--distributed: {str(e).rstrip(".")}. On TPU VMs and under SLURM the hosts '
+                  f'are found automatically; elsewhere pass --coordinator_address=host:port '
+                  f'--num_processes=N --process_id=I on every host, or drop --distributed '
+                  f'for a single-host run.')
     logging.info('Process %d of %d; %d local of %d devices.', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
   from mpl import train  # pylint: disable=g-import-not-at-top
@@ -72,9 +87,7 @@ def main(argv):
 def parse_flags(argv):
   """absl flag parsing, with config mistakes reported as one line instead of a traceback."""
   from mpl import config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.parse_flags_or_exit(
-      argv, 'python -m mpl.main --config configs/<file>.py[:args] --workdir DIR '
-      '[--config.key=value ...]')
+  return config_lib.parse_flags_or_exit(argv, USAGE)
 
 
 if __name__ == '__main__':

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mpl import config_lib
+from mpl.errors import ConfigError
 
 # Logical axis names used by mpl.models.
 # Order is priority: a mesh axis goes to the first name in this order that asks for it and that
@@ -87,7 +88,19 @@ def logical_rules(config) -> tuple[tuple[str, Any], ...]:
     rules.update(TENSOR_PARALLEL_RULES)
     if spatial:
       rules[spatial] = 'model'  # 'height'/'width' precede 'channels' in the table
-  for name, axis in (config.get('sharding_rules') or ()):
+  elif spatial:
+    logging.warning('spatial_partition=%r has no effect with mesh.model=1: it splits images over '
+                    "the 'model' axis.", spatial)
+  for entry in (config.get('sharding_rules') or ()):
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+      raise ConfigError(f"config.sharding_rules holds (logical name, mesh axis) pairs, e.g. "
+                        f"--config.sharding_rules=\"(('features', 'model'),)\"; got {entry!r}.")
+    name, axis = entry
+    config_lib.check_choice('logical axis name in config.sharding_rules', name, rules)
+    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    if not all(a in ('data', 'model', None) for a in axes):
+      raise ConfigError(f"config.sharding_rules maps {name!r} to {axis!r}; mesh axes are 'data', "
+                        f"'model' (or a tuple of both), or None (replicated).")
     rules[name] = axis
   return tuple(rules.items())
 

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import statistics
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -51,7 +52,12 @@ def is_streaming(config) -> bool:
 
 
 def load_data(config, workdir):
-  """Loads the in-memory dataset and the labeled/unlabeled split (saved in the workdir)."""
+  """Loads the in-memory dataset and the labeled/unlabeled split (saved in the workdir).
+
+  Returns (data, labeled, unlabeled, save_split). A new split is written by `save_split()`, which
+  `build` calls once the method and model are built: a config that fails there leaves no split
+  behind to refuse its corrected rerun.
+  """
   data = datasets.load_from_config(config)
   num_train = len(data.train_labels)
   num_labeled = num_train if config.num_labeled == -1 else int(config.num_labeled)
@@ -70,13 +76,16 @@ def load_data(config, workdir):
             f'asks for {key}={value!r}. Use a new --workdir (or delete the old one).')
     split.check_fits(labeled, saved[1], data.train_labels,
                      str(epath.Path(workdir) / split.SPLIT_FILENAME))
+    save_split = lambda: None
   else:
     labeled = split.labeled_indices(data.train_labels, num_labeled, data.num_classes,
                                     seed=config.data.seed)
-    if jax.process_index() == 0:
-      split.save_split(workdir, labeled, meta, labels=data.train_labels)
+
+    def save_split():
+      if jax.process_index() == 0:
+        split.save_split(workdir, labeled, meta, labels=data.train_labels)
   unlabeled = split.unlabeled_indices(num_train, labeled, config.data.exclude_labeled)
-  return data, labeled, unlabeled
+  return data, labeled, unlabeled, save_split
 
 
 def epoch_stream_indices(key, step, batch_size: int, pool_size: int):
@@ -300,6 +309,23 @@ class PreemptionFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_workdir(workdir: str) -> None:
+  """ConfigError unless the (local) workdir is, or can be made, a writable directory."""
+  if not workdir:
+    raise ConfigError('--workdir is empty: name a directory for the run, e.g. --workdir runs/x.')
+  if '://' in workdir:  # object stores report their own errors
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir {workdir} is a file, not a directory: choose another path.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):  # writable (permissions, read-only mounts)
+      pass
+  except OSError as e:
+    raise ConfigError(f'cannot write in --workdir {workdir}: {e.strerror or e}. Choose a '
+                      f'directory this user can write to.') from e
 
 
 @contextlib.contextmanager
@@ -555,8 +581,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     sample_images = stream.sample_images()
     num_labeled = stream.builder.info.splits[config.data.labeled_split].num_examples
     data = labeled_idx = unlabeled_idx = None
+    save_split = lambda: None
   else:
-    data, labeled_idx, unlabeled_idx = load_data(config, workdir)
+    data, labeled_idx, unlabeled_idx, save_split = load_data(config, workdir)
     if method_class.uses_unlabeled and not len(unlabeled_idx):
       raise ConfigError(
           f'{config.method} needs unlabeled data, but every training example is labeled and '
@@ -572,11 +599,14 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     raise ConfigError(f'config.model: {e}') from e
   method = method_class(config, model, info)
   unlabeled_batch = config.batch_size * config.mu if method.uses_unlabeled else 0
-  if stream is None and max(len(unlabeled_idx) * config.batch_size * max(config.mu, 1),
-                            len(labeled_idx) * config.batch_size) >= 2**31:
-    raise ConfigError('the training set times the batch size overflows the int32 batch '
-                      'sampler; use the streaming input (config.data.streaming) for data this '
-                      'large.')
+  if stream is None:
+    for name, pool, batch in (('labeled', len(labeled_idx), config.batch_size),
+                              ('unlabeled', len(unlabeled_idx), unlabeled_batch)):
+      if pool * batch >= 2**31:  # see epoch_stream_indices
+        raise ConfigError(
+            f'{name} batches of {batch} drawn from {pool} examples overflow the in-memory '
+            f'sampler (pool x batch = {pool * batch} >= 2**31): lower batch_size or mu, or, for '
+            f'a TFDS image dataset, stream it (config.data.streaming=True).')
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # Shapes first, then the state is created (or restored) directly in its shardings.
@@ -588,6 +618,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
         sharding.strip_boxes(abstract_boxed), state_sharding)
     init_state = jax.jit(lambda r: sharding.strip_boxes(init(r)),
                          out_shardings=state_sharding)
+    save_split()  # the method and its networks are built: the run is on
 
     replicated = sharding.replicated(mesh)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -710,6 +741,12 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
   with experiment.activate():
     meta = {'evals': [], 'wall_s': 0.0}
     resume_step = checkpoints.latest_step()
+    if resume_step is not None and resume_step > config.total_steps:
+      key = 'finetune.steps' if stage else 'total_steps'
+      raise ConfigError(
+          f'{workdir} holds a checkpoint at step {resume_step}, past this config\'s '
+          f'{key}={config.total_steps}: a run cannot go back. Set {key} >= {resume_step} to '
+          f'continue it, or use a new --workdir.')
     if resume_step is not None:
       state, meta = checkpoints.restore(experiment.abstract_state)
       logging.info('Resumed from the checkpoint at step %d.', int(state.step))
@@ -859,6 +896,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finetuned student and `before_finetune` holds the MPL stage's results.
   """
   config_lib.validate(config, jax.device_count())  # a typo leaves no workdir behind
+  if jax.process_index() == 0:
+    check_workdir(workdir)
   check_finetune_is_current(config, workdir)
   # The workdir is locked until summary.json is written: a second run started meanwhile in it
   # stops at once (workdir_lock).

@@ -92,6 +92,14 @@ def test_missing_fashion_files(tmp_path, monkeypatch):
   with pytest.raises(DataError, match=f'not found in {tmp_path}, where '
                      f'{datasets.FASHION_MNIST_ENV} points.*or unset it'):
     datasets.load_dataset('fashion_mnist', source='idx')
+  # With source 'auto' too the variable names the files to read: not a TFDS copy of others.
+  def no_tfds(*args):
+    raise AssertionError('read TFDS although the variable names the IDX files')
+  with monkeypatch.context() as patch:
+    patch.setattr(datasets, '_fashion_mnist_tfds', no_tfds)
+    patch.setattr(datasets, 'tensorflow_available', lambda: True)
+    with pytest.raises(DataError, match=f'where {datasets.FASHION_MNIST_ENV} points'):
+      datasets.load_dataset('fashion_mnist', source='auto')
   # Without the variable: the default place, and the command that fills it.
   monkeypatch.delenv(datasets.FASHION_MNIST_ENV)
   monkeypatch.setattr(datasets, 'FASHION_MNIST_DEFAULT_DIR', str(tmp_path / 'none'))

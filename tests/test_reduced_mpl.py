@@ -264,8 +264,10 @@ def stage2_config(teacher_workdir, arg='labels=100'):
                    2)
 
 
-def test_two_stage_run_trains_with_the_table_in_training_set_order(stage1, tmp_path):
+def test_two_stage_run_trains_with_the_table_in_training_set_order(stage1, tmp_path, caplog):
   summary = train.train_and_evaluate(stage2_config(stage1), str(tmp_path))
+  # stage1 ran one stage and wrote no summary.json: the user is told it had not finished.
+  assert 'has no summary.json: it has not finished' in caplog.text
   assert summary['method'] == 'reduced_mpl' and summary['steps'] == 2
   assert 0.0 <= summary['final']['accuracy'] <= 1.0 and 'accuracy_ema' in summary['final']
   metrics = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
@@ -366,6 +368,7 @@ def recorded_model_config(workdir):
 def test_stage2_rejects_another_dataset_or_more_labels(stage1, tmp_path):
   config = stage2_config(stage1)
   config.dataset = 'two_moons'
+  config.augment.labeled = config.augment.strong = 'none'  # points
   with pytest.raises(ConfigError, match='dataset'):
     train.build(config, str(tmp_path / 'a'))
   with pytest.raises(ConfigError, match='labels this run treats as unlabeled'):

@@ -284,11 +284,50 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     ({'augment.labeled': 'strong'}, "unknown augment.labeled 'strong'"),
     ({'data.max_eval_examples': -1}, 'max_eval_examples must be >= 0'),
     ({'finetune.steps': 2, 'finetune.batch_size': 0}, 'finetune.batch_size must be positive'),
+    # Values outside their meaning, which would otherwise train nonsense without an error.
+    ({'optimizer.lr': -0.1}, r'config.optimizer.lr must be >= 0, got -0.1'),
+    ({'optimizer.momentum': 1.5}, r'optimizer.momentum must be in \[0, 1\)'),
+    ({'optimizer.clip_norm': -1.0}, r'optimizer.clip_norm must be >= 0.*no clipping'),
+    ({'optimizer.decay': 'cosin'}, r"unknown optimizer.decay 'cosin'"),
+    ({'method': 'mpl', 'mpl.teacher_optimizer.lr': -0.1}, 'mpl.teacher_optimizer.lr'),
+    ({'method': 'mpl', 'mpl.uda_temperature': 0.0}, 'mpl.uda_temperature must be > 0'),
+    ({'method': 'mpl', 'mpl.uda_threshold': 1.5}, r'uda_threshold must be in \[0, 1\]'),
+    ({'method': 'mpl', 'mpl.baseline_decay': 1.5}, 'baseline_decay'),
+    ({'mpl.feedback': 'first-order'}, r"unknown mpl.feedback 'first-order'"),
+    ({'ema_decay': 1.0}, r'ema_decay must be in \[0, 1\).*EMA off'),
+    ({'ema_decay': -0.1}, 'ema_decay'),
+    ({'label_smoothing': 1.0}, 'label_smoothing'),
+    ({'model.dropout_rate': 1.0}, r'model.dropout_rate must be in \[0, 1\)'),
+    ({'model.activation': 'relux'}, r"unknown model.activation 'relux'"),
+    ({'model.hidden_sizes': (0,)}, 'hidden_sizes entries must be >= 1'),
+    ({'method': 'pseudo_label', 'pseudo_label.threshold': 1.5}, 'pseudo_label.threshold'),
+    ({'method': 'pseudo_label', 'pseudo_label.weight': -1.0}, 'pseudo_label.weight'),
+    ({'augment.pad_mode': 'mirror'}, r"unknown augment.pad_mode 'mirror'"),
+    ({'augment.num_layers': -1}, 'augment.num_layers must be >= 0'),
+    ({'augment.fill': 300}, r'augment.fill must be in \[0, 255\]'),
+    ({'augment.strong': 'mpl'}, 'two_moons holds points, not images'),
+    ({'augment.labeled': 'weak'}, 'augment.labeled=none'),
+    ({'spatial_partition': 'width'}, 'spatial_partition needs images'),
+    ({'data.streaming': True}, 'scikit-learn'),
+    ({'data.noise': -1.0}, 'data.noise must be >= 0'),
+    ({'num_labeled': -2}, r'num_labeled must be -1 \(every example labeled\) or a positive'),
+    ({'finetune.steps': -5}, 'finetune.steps must be >= 0'),
+    ({'sharding_rules': (('features', 'modle'),)}, "mesh axes are 'data', 'model'"),
+    ({'sharding_rules': (('featurez', 'model'),)}, "logical axis name.*'featurez'"),
 ])
 def test_bad_config_fails_before_training(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
     train.train_and_evaluate(moons('labels=-1', **overrides), str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints')
+  # Nor is a labeled split left behind for the corrected rerun to trip over.
+  assert not os.path.exists(tmp_path / 'labeled_split.json')
+
+
+def test_a_run_cannot_resume_into_fewer_steps(tmp_path):
+  steps = {'eval_every': 2, 'checkpoint_every': 2, 'log_every': 2}
+  train.train_and_evaluate(moons('labels=6', total_steps=4, **steps), str(tmp_path))
+  with pytest.raises(ConfigError, match="checkpoint at step 4, past this config's total_steps=2"):
+    train.train_and_evaluate(moons('labels=6', total_steps=2, **steps), str(tmp_path))
 
 
 def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
@@ -300,22 +339,29 @@ def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
-def test_main_prints_a_clear_error_for_unknown_config_key(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  result = subprocess.run(
-      [sys.executable, '-m', 'mpl.main', '--config', 'configs/two_moons.py:runlocal',
-       '--workdir', str(tmp_path), '--config.optimizer.lrr=0.1'],
-      cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-  assert result.returncode != 0
-  assert 'lrr' in result.stderr
-  assert 'Traceback' not in result.stderr
-  result = subprocess.run(
-      [sys.executable, '-m', 'mpl.main', '--config', 'configs/two_moons.py:method=nope',
-       '--workdir', str(tmp_path)],
-      cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+@pytest.mark.parametrize('args, message', [
+    (['--config.optimizer.lrr=0.1'], "unknown config key 'lrr'. Did you mean \"lr\"?"),
+    (['--config.batch_size=1.5'], "config.batch_size is an integer, got '1.5'."),
+    (['--config.optimizer.lr=fast'], "config.optimizer.lr is a number, got 'fast'."),
+    (['--config.mpl.teacher_model.name=cnn'], 'set the whole block in a config file'),
+    (['--config', 'configs/two_moon.py'], "--config 'configs/two_moon.py' did not load: [Errno 2]"),
+    (['--config', 'README.md'], "--config 'README.md' did not load"),
+    (['--config', 'configs/two_moons.py:method=nope'], "unknown method 'nope'"),
+    (['stray'], "unexpected arguments ['stray']"),
+    (['--workdir', 'WORKDIR/summary.json'], 'is a file, not a directory'),
+    (['--workdir='], '--workdir is empty'),
+])
+def test_main_prints_a_clear_error_for_a_bad_command_line(tmp_path, args, message):
+  (tmp_path / 'summary.json').write_text('{}')  # a file where a directory should be
+  command = [sys.executable, '-m', 'mpl.main', '--config', 'configs/two_moons.py:runlocal',
+             '--workdir', str(tmp_path / 'run')]
+  command += [a.replace('WORKDIR', str(tmp_path)) for a in args]  # later flags win
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 2, result.stderr[-2000:]
-  assert "unknown method 'nope'" in result.stderr
+  assert message in result.stderr, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+  assert len(result.stderr.strip().splitlines()) <= 8  # the error, not a page of help
 
 
 def test_trains_without_tensorflow(tmp_path):

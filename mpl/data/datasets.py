@@ -17,12 +17,13 @@ exactly (from pixel histograms) on the native, unpadded images, so they do not d
 `image_size` larger than the native size zero-pads symmetrically (28 -> 32 adds 2 pixels on each
 side; an odd difference puts the extra pixel at the bottom/right); smaller is a `ConfigError`.
 
-Fashion-MNIST files are looked up in `$MPL_FASHION_MNIST_DIR` if set (and only there), else in
-`data_dir/fashion-mnist`, `data_dir` (when `data_dir` is given), then
-`/usr/share/datasets/fashion-mnist`. With `source='tfds'` (or 'auto' with TensorFlow installed),
-the TFDS `fashion_mnist` dataset in `data_dir` (default `~/tensorflow_datasets`) is used, and
-built once from those files if it is not there yet (about 20 s; runs that start together wait
-for the first one's build, under a lock file in `data_dir`).
+Fashion-MNIST files are looked up in `$MPL_FASHION_MNIST_DIR` if set (and only there; with
+source 'auto' it also selects the IDX reader), else in `data_dir/fashion-mnist`, `data_dir` (when
+`data_dir` is given), then `/usr/share/datasets/fashion-mnist`. With `source='tfds'` (or 'auto'
+with TensorFlow installed and the variable unset), the TFDS `fashion_mnist` dataset in
+`data_dir` (default `~/tensorflow_datasets`) is used, and built once from those files if it is
+not there yet (about 20 s; runs that start together wait for the first one's build, under a
+lock file in `data_dir`).
 
 TensorFlow is imported only inside the TFDS code paths; the rest works without it.
 """
@@ -60,6 +61,8 @@ class InMemoryDataset:
 DATASETS: tuple[str, ...] = (
     'two_moons', 'digits', 'fashion_mnist', 'cifar10', 'cifar100', 'svhn_cropped')
 STREAMING_DATASETS: tuple[str, ...] = ('imagenet2012',)
+POINT_DATASETS = ('two_moons',)               # (N, 2) points: no image views or partitioning
+SKLEARN_DATASETS = ('two_moons', 'digits')    # generated or loaded by scikit-learn, never TFDS
 SOURCES = ('auto', 'idx', 'tfds')
 
 TWO_MOONS_SIZE = 2000
@@ -254,6 +257,10 @@ def fashion_mnist_dir(data_dir: str | None = None) -> str:
     candidates.append(FASHION_MNIST_DEFAULT_DIR)
   for d in candidates:
     if all(os.path.isfile(os.path.join(d, f)) for f in idx.FASHION_MNIST_FILES.values()):
+      if data_dir and not env and d == FASHION_MNIST_DEFAULT_DIR:
+        logging.warning('data.data_dir=%s holds no Fashion-MNIST files: reading those in %s.',
+                        data_dir, d)
+      logging.info('Fashion-MNIST: the IDX files in %s.', d)
       return d
   files = ', '.join(idx.FASHION_MNIST_FILES.values())
   if env:  # the variable replaces every other place: say so, the files may be elsewhere
@@ -281,7 +288,9 @@ def tensorflow_available() -> bool:
 
 def _fashion_mnist(data_dir: str | None, source: str) -> dict[str, np.ndarray]:
   if source == 'auto':
-    source = 'tfds' if tensorflow_available() else 'idx'
+    # The variable names the files to read: TFDS's copy, built from other files, would not be.
+    explicit_files = bool(os.environ.get(FASHION_MNIST_ENV))
+    source = 'tfds' if tensorflow_available() and not explicit_files else 'idx'
   if source == 'idx':
     return idx.read_fashion_mnist(fashion_mnist_dir(data_dir))
   return _fashion_mnist_tfds(data_dir)

@@ -162,6 +162,9 @@ def _mesh_context(mesh, rules):
 
 def read_run_config(workdir: str) -> dict[str, Any]:
   path = config_lib.workdir_path(workdir) / 'config.json'
+  if not path.parent.exists():
+    raise ConfigError(f'reduced_mpl.teacher_workdir={workdir!r} does not exist: pass the workdir '
+                      f'of a finished stage-1 run (see configs/digits_reduced_mpl.py).')
   if not path.exists():
     raise ConfigError(
         f'reduced_mpl.teacher_workdir={workdir!r} has no config.json: run stage 1 there first '
@@ -380,6 +383,11 @@ class ReducedMPL(base.Method):
       run_path = latest_state_path(workdir / 'checkpoints')
       if run_path is None:
         raise ConfigError(f'no checkpoints in {workdir / "checkpoints"}: did stage 1 finish?')
+      if not (workdir / 'summary.json').exists():
+        logging.warning('reduced_mpl: the stage-1 run %s has no summary.json: it has not '
+                        'finished (stopped or still training). Its latest checkpoint, %s, is the '
+                        'large teacher; finish stage 1 (rerun its command) for the documented '
+                        'recipe.', c.teacher_workdir, run_path.parent.name)
       # Only 'auto' looks at the finetune stage (its result is what run A reported).
       finetune_path = (latest_state_path(workdir / 'finetune' / 'checkpoints')
                        if c.teacher_source == 'auto' else None)
