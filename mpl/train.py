@@ -284,31 +284,37 @@ class Checkpoints:
 
 
 class PreemptionFlag:
-  """Set by SIGTERM (a preempted TPU VM / a SLURM time limit): checkpoint, then exit cleanly."""
+  """Set by SIGTERM (a preempted TPU VM / a SLURM time limit) or SIGINT (Ctrl-C): the loop
+  saves a checkpoint at the end of the step and exits cleanly; the same command resumes. A second
+  signal exits at once. (Ctrl-C used to raise KeyboardInterrupt wherever the loop was, e.g. in
+  the middle of a checkpoint save, whose Orbax threads then kept the process from exiting.)"""
+
+  SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C (SIGINT)'}
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
     del frame
+    name = self.SIGNALS.get(signum, str(signum))
     if self.requested:  # a second one: stop now (the first may wait on a long compile)
-      logging.warning('Second SIGTERM: exiting without a checkpoint.')
+      logging.warning('Second signal (%s): exiting without a checkpoint.', name)
       signal.signal(signum, signal.SIG_DFL)
       os.kill(os.getpid(), signum)
       return
-    logging.warning('SIGTERM received: saving a checkpoint and stopping '
-                    '(a second SIGTERM exits at once).')
+    logging.warning('%s received: saving a checkpoint and stopping after this step (a second '
+                    'signal exits at once).', name)
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
 
 def check_workdir(workdir: str) -> None:

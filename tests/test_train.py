@@ -431,7 +431,9 @@ def test_streaming_input_trains_and_evaluates(tmp_path):
   assert record['step_ms_median'] > 0
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize('signal_name, logged', [('SIGTERM', 'SIGTERM received'),
+                                                  ('SIGINT', 'Ctrl-C (SIGINT) received')])
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signal_name, logged):
   import signal
   import time
   workdir = str(tmp_path / 'run')
@@ -446,31 +448,32 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
       if 'Training supervised on two_moons' in line:
         break
     time.sleep(3)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, signal_name))
     _, rest = process.communicate(timeout=120)
   finally:
     process.kill()
   assert process.returncode == 0, rest[-2000:]
-  assert 'SIGTERM received' in rest
+  assert logged in rest and 'Traceback' not in rest
   steps = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 1_000_000
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
 
 
-def test_second_sigterm_exits_at_once():
-  """The first SIGTERM asks for a checkpoint; a second one (the first waits on a long compile
-  or evaluation) ends the process."""
+@pytest.mark.parametrize('signal_name, status', [('SIGTERM', -15), ('SIGINT', -2)])
+def test_second_sigterm_exits_at_once(signal_name, status):
+  """The first SIGTERM (or Ctrl-C) asks for a checkpoint; a second one (the first waits on a
+  long compile or evaluation) ends the process."""
   code = ('import os, signal, time\n'
           'from mpl.train import PreemptionFlag\n'
           'with PreemptionFlag() as flag:\n'
-          '  os.kill(os.getpid(), signal.SIGTERM)\n'
+          f'  os.kill(os.getpid(), signal.{signal_name})\n'
           '  print("requested", flag.requested, flush=True)\n'
-          '  os.kill(os.getpid(), signal.SIGTERM)\n'
+          f'  os.kill(os.getpid(), signal.{signal_name})\n'
           '  time.sleep(30)\n'
           '  print("still running", flush=True)\n')
   result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120)
-  assert result.stdout == 'requested True\n' and result.returncode == -15, result
+  assert result.stdout == 'requested True\n' and result.returncode == status, result
 
 
 def test_finetune_stage_after_a_one_network_method(tmp_path):
