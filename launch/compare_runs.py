@@ -34,6 +34,9 @@ import json
 import os
 import statistics
 import sys
+import tempfile
+
+from mpl.errors import ConfigError
 
 
 def _history_from_metrics(path: str) -> list[dict]:
@@ -53,15 +56,35 @@ def _history_from_metrics(path: str) -> list[dict]:
   return evals
 
 
+def _load_json(path: str):
+  """The JSON in `path`; a file cut short or corrupt is an error that names it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}): it is corrupt or cut short. Leave '
+                     f'that run out, or rerun it.') from None
+
+
 def read_run(workdir: str) -> dict:
   """One row: name-free results of the run in `workdir` (finished or not)."""
+  if not os.path.exists(workdir):
+    raise FileNotFoundError(f'{workdir} does not exist; give the --workdir of a run of '
+                            f'`python -m mpl.main`.')
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'{workdir} is not a directory; give the --workdir of a run of '
+                            f'`python -m mpl.main` (the folder holding summary.json or '
+                            f'metrics.jsonl).')
   summary_path = os.path.join(workdir, 'summary.json')
   if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
-    stages = [summary['before_finetune']['history'], summary['history']] \
-        if 'before_finetune' in summary else [summary['history']]
-    config = summary['config']
+    summary = _load_json(summary_path)
+    try:
+      stages = [summary['before_finetune']['history'], summary['history']] \
+          if 'before_finetune' in summary else [summary['history']]
+      config = summary['config']
+    except (KeyError, TypeError) as e:
+      raise ValueError(f'{summary_path} lacks {e}: it is not the summary of a run of '
+                       f'`python -m mpl.main`.') from None
     running = False
   else:
     metrics_path = os.path.join(workdir, 'metrics.jsonl')
@@ -70,10 +93,7 @@ def read_run(workdir: str) -> dict:
       raise FileNotFoundError(f'{workdir}: neither summary.json nor metrics.jsonl; is it a '
                               f'workdir of `python -m mpl.main`?')
     stages = [_history_from_metrics(metrics_path)]
-    config = {}
-    if os.path.exists(config_path):
-      with open(config_path) as f:
-        config = json.load(f)
+    config = _load_json(config_path) if os.path.exists(config_path) else {}
     running = True
   # Curves run on one step axis: the finetune stage continues where the first stage ended.
   # It trains the first stage's evaluated model (the EMA student where there is one) and logs
@@ -195,8 +215,14 @@ def combine(runs: list[dict], workdirs: list[str]) -> dict:
 def expand(spec: str) -> tuple[str, list[str]]:
   """'NAME=W1,W2' / 'NAME=GLOB' / 'WORKDIR' -> (name, workdirs)."""
   name, _, target = spec.rpartition('=')
+  if not target:
+    raise ValueError(f'{spec!r} names no workdir: give WORKDIR, NAME=WORKDIR, NAME=W1,W2,... '
+                     f"or NAME='GLOB'.")
   if ',' in target:
     workdirs = target.split(',')
+    if not all(workdirs):
+      raise ValueError(f'{spec!r}: an empty workdir in the list (a stray comma?); give '
+                       f'NAME=W1,W2,... with no empty entries.')
   elif glob.has_magic(target):
     workdirs = sorted(d for d in glob.glob(target) if os.path.isdir(d))
     if not workdirs:
@@ -277,27 +303,69 @@ def plot(rows: dict[str, dict], path: str, title: str) -> None:
   plt.close(fig)
 
 
+def check_out_path(path: str, flag: str = '--out', figure: bool = True,
+                   make_parent: bool = False) -> None:
+  """Refuses, before any work, an output path that cannot be written: a directory, a folder
+  that does not exist (created when `make_parent`) or is not writable, or for a figure a name
+  without an extension matplotlib saves. Raises ConfigError saying how to fix it."""
+  if os.path.isdir(path):
+    example = os.path.join(path, 'figure.png' if figure else 'out.json')
+    raise ConfigError(f'{flag} {path} is a directory; give a file name, e.g. {example}.')
+  if figure:
+    from matplotlib.backend_bases import FigureCanvasBase  # pylint: disable=g-import-not-at-top
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension not in formats:
+      raise ConfigError(f'{flag} {path}: ' + (f'.{extension} is not an image format matplotlib '
+                        f'can save' if extension else 'the name has no extension') +
+                        f'; end it with .png, .pdf, .svg or another format matplotlib saves '
+                        f'({", ".join(formats)}).')
+  parent = os.path.dirname(os.path.abspath(path))
+  if make_parent and not os.path.exists(parent):
+    try:
+      os.makedirs(parent)
+    except OSError as e:
+      raise ConfigError(f'{flag} {path}: cannot create the folder {parent} ({e.strerror}); '
+                        f'choose a path in a writable folder.') from None
+  if not os.path.isdir(parent):
+    raise ConfigError(f'{flag} {path}: the folder {parent} does not exist; create it '
+                      f'(mkdir -p {parent}) or choose a path in an existing folder.')
+  try:  # the real test: root ignores permission bits, a read-only mount does not
+    with tempfile.TemporaryFile(dir=parent):
+      pass
+  except OSError as e:
+    raise ConfigError(f'{flag} {path}: cannot write in {parent} ({e.strerror}); choose a path '
+                      f'in a writable folder.') from None
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('runs', nargs='+', help='WORKDIR or NAME=WORKDIR')
-  parser.add_argument('--out', default='compare.png', help='PNG path (and <out>.json)')
+  parser.add_argument('--out', default='compare.png',
+                      help='figure path, e.g. compare.png (the rows go to <out>.json)')
   parser.add_argument('--title', default='test accuracy')
   args = parser.parse_args(argv)
+  json_path = os.path.splitext(args.out)[0] + '.json'
   rows = {}
-  for spec in args.runs:
-    try:
+  try:
+    check_out_path(args.out)
+    check_out_path(json_path, '--out (its rows file)', figure=False)
+    for spec in args.runs:
       name, workdirs = expand(spec)
+      if name in rows:  # a second row of one name would replace the first
+        raise ValueError(f'two rows named {name!r} ({", ".join(rows[name]["workdirs"])} and '
+                         f'{", ".join(workdirs)}); give each its own NAME=WORKDIR.')
       rows[name] = combine([read_run(w) for w in workdirs], workdirs)
-    except (FileNotFoundError, ValueError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 2
+  except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   print(markdown_table(rows))
   plot(rows, args.out, args.title)
-  with open(os.path.splitext(args.out)[0] + '.json', 'w') as f:
+  with open(json_path, 'w') as f:
     json.dump({name: {k: v for k, v in r.items() if k not in ('curves', 'curves_std')}
                for name, r in rows.items()},
               f, indent=2)
-  print(f'wrote {args.out}')
+  print(f'wrote {args.out} and {json_path}')
   return 0
 
 

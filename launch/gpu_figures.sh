@@ -10,6 +10,8 @@
 #   bash launch/gpu_figures.sh speed     # ~5 min (estimate): MPL step fp32/bf16, augmentation, Fashion all labels
 #   bash launch/gpu_figures.sh compare   # ~7 min (estimate): Fashion-MNIST 1000 labels, supervised vs MPL x 3
 # Each training run is cut at $RUN_TIMEOUT s (default 240). Every result is one JSON line in $OUT (the device tool returns that folder) and in the log.
+# Runs go to $RUNS/NAME (default /tmp/runs); a mode refuses to start where one of its runs
+# already finished there (summary.json), unless OVERWRITE=1.
 # Rehearsed on a CPU in a venv like the GPU image (Python 3.12, jax 0.11.2, numpy 2.5.2, no
 # TensorFlow / clu / ml_collections): `SMOKE=1 bash launch/gpu_figures.sh speed|compare` runs
 # every command on the runlocal configs in ~3 min each; both passed there.
@@ -32,11 +34,23 @@
 #            the variant to run second if device time is left.
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"; }
+refuse() {  # refuse MESSAGE: one error line and the short usage, exit 2 before any work
+  echo "error: $1" >&2
+  echo "usage: bash launch/gpu_figures.sh prepare | speed | compare   (--help: the details)" >&2
+  exit 2
+}
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
   prepare|speed|compare) ;;
-  *) usage >&2; exit 2 ;;
+  '') refuse "no mode given; use prepare | speed | compare" ;;
+  *) refuse "unknown mode '$1'; use prepare | speed | compare" ;;
 esac
+if (( $# > 1 )); then
+  refuse "unexpected arguments after '$1': ${*:2}; settings go in environment variables \
+(OUT, RUNS, STEPS, MODEL, EXTRA, RUN_TIMEOUT, SMOKE, PY, OVERWRITE), \
+e.g. STEPS=500 bash launch/gpu_figures.sh compare"
+fi
+RUNS=$(realpath -m "${RUNS:-/tmp/runs}")  # before the cd: a relative RUNS is the caller's
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_figures}
 mkdir -p "$OUT"
@@ -66,18 +80,34 @@ setup_device() {
     tee "$OUT/gpu.txt"
 }
 
+# Each run starts afresh in $RUNS/NAME (always empty on the device machine). Elsewhere a
+# finished run there is someone's result: refuse before any work rather than delete it.
+check_fresh() {  # check_fresh NAME...
+  local name finished=()
+  for name in "$@"; do
+    [[ -f $RUNS/$name/summary.json ]] && finished+=("$RUNS/$name")
+  done
+  if (( ${#finished[@]} )) && [[ -z "${OVERWRITE:-}" ]]; then
+    echo "error: a finished run (summary.json) is in ${finished[*]}; this mode would delete it to \
+start afresh. Move it elsewhere to keep it, set RUNS=DIR to run in another folder, or set \
+OVERWRITE=1 to replace it." >&2
+    exit 2
+  fi
+}
+
 fashion() {  # fashion NAME CONFIG_ARGS [--config.x=y ...]
   local name=$1 args=$2
   shift 2
-  rm -rf "/tmp/runs/$name"
+  rm -rf "${RUNS:?}/$name"   # checked by check_fresh at the start of the mode
   timeout "${RUN_TIMEOUT:-240}" "$PY" -m mpl.main --config "configs/fashion_mnist.py:$args$RUNLOCAL" \
-    --workdir "/tmp/runs/$name" --config.data.data_dir="$PWD/.gpu_carry" \
+    --workdir "$RUNS/$name" --config.data.data_dir="$PWD/.gpu_carry" \
     --config.data.source=idx "$@" > "$OUT/$name.log" 2>&1 || echo "$name failed" | tee -a "$OUT/errors.txt"
-  "$PY" - "$name" <<'EOF' | tee -a "$OUT/results.jsonl"
+  "$PY" - "$RUNS/$name" <<'EOF' | tee -a "$OUT/results.jsonl"
 import json, sys
-name = sys.argv[1]
+workdir = sys.argv[1]
+name = workdir.rstrip('/').rsplit('/', 1)[-1]
 try:
-  s = json.load(open(f'/tmp/runs/{name}/summary.json'))
+  s = json.load(open(f'{workdir}/summary.json'))
   print(json.dumps({'run': name, 'steps': s['steps'], 'wall_s': s['wall_s'], 'final': s['final'],
                     'best': s['best'], 'median_last_20': s['median_last_20']}))
 except (OSError, ValueError, KeyError) as e:   # one failed run must not stop the rest
@@ -95,6 +125,7 @@ case "${1:-}" in
     du -sh .gpu_carry
     ;;
   speed)
+    check_fresh fashion_all_wrn
     setup_device
     for dtype in float32 bfloat16; do
       "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $BENCH_STEPS \
@@ -111,6 +142,7 @@ case "${1:-}" in
     fashion fashion_all_wrn 'labels=-1' --config.eval_every=2500
     ;;
   compare)
+    check_fresh fm1000_supervised fm1000_mpl_{first_order,exact,official_release}
     setup_device
     steps=${STEPS:-2000}
     model=${MODEL:-wrn28_2}
@@ -122,7 +154,7 @@ case "${1:-}" in
         --config.mpl.feedback=$feedback ${EXTRA:-}
     done
     runs=()   # only the runs that got as far as logging (a failed one must not lose the table)
-    for run in /tmp/runs/fm1000_supervised /tmp/runs/fm1000_mpl_*; do
+    for run in "$RUNS"/fm1000_supervised "$RUNS"/fm1000_mpl_*; do
       [[ -f $run/summary.json || -f $run/metrics.jsonl ]] && runs+=("$run")
     done
     if (( ${#runs[@]} )); then

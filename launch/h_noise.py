@@ -53,8 +53,9 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import ml_collections
 
+from launch import compare_runs
 from mpl import config_lib, train
-from mpl.errors import ConfigError
+from mpl.errors import ConfigError, DataError
 
 H_PASSES = ('official', 'paired')
 RECORDED = ('f_old', 'f_new', 'lr_student')
@@ -64,8 +65,16 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise ConfigError(f'{path} not found: WORKDIR must be the --workdir of an MPL run.')
-  with open(path) as f:
-    config = config_lib.saved_run_config(json.load(f))
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}): it is corrupt or cut short, so the run '
+                      f'cannot be rebuilt. Restore it from a copy, or use another run.') from None
+  if not isinstance(saved, dict) or 'method' not in saved:
+    raise ConfigError(f'{path} is not the config of a run of `python -m mpl.main` (no '
+                      f'"method" in it): WORKDIR must be the --workdir of an MPL run.')
+  config = config_lib.saved_run_config(saved)
   if config.method not in ('mpl', 'reduced_mpl'):
     raise ConfigError(f'{workdir} is a {config.method!r} run; h exists only in MPL runs '
                       "(method 'mpl' or 'reduced_mpl').")
@@ -163,16 +172,24 @@ def main(argv=None) -> int:
   parser.add_argument('--keys', type=int, default=16, help='random keys per h_pass')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default latest)')
   parser.add_argument('--out', default=None, help='write the results here as JSON')
-  parser.add_argument('--plot', default=None, help='draw every key\'s h here (PNG)')
+  parser.add_argument('--plot', default=None, help='draw every key\'s h here (e.g. h.png)')
   args = parser.parse_args(argv)
   if args.keys < 1:
     parser.error('--keys must be at least 1')
   try:
+    # Both outputs are checked first: they are written only after minutes of work.
+    if args.out:
+      compare_runs.check_out_path(args.out, '--out', figure=False)
+    if args.plot:
+      compare_runs.check_out_path(args.plot, '--plot')
+    if args.out and args.plot and os.path.abspath(args.out) == os.path.abspath(args.plot):
+      raise ConfigError(f'--out and --plot are both {args.out}: the figure would replace the '
+                        f'JSON; give them different names (e.g. h.json and h.png).')
     config = read_config(args.workdir)
     step = checkpoint_step(config, args.workdir, args.step)
     runs = {h_pass: h_under_keys(config, args.workdir, h_pass, args.keys, step)
             for h_pass in H_PASSES}
-  except ConfigError as e:
+  except (ConfigError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
 

@@ -12,11 +12,13 @@ all seeds in the title. Next to it, <out>.json: per-seed accuracies, success rat
 
 Options: --steps N overrides config.total_steps; --set key=value (repeatable) overrides any
 config key for every method, e.g. --set mpl.pseudo_label=argmax; --methods to run a subset.
+Every argument, every run's config and --out are checked before the first run trains.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -29,10 +31,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
-from mpl import train
+from launch import compare_runs
+from mpl import config_lib, train
+from mpl.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ('supervised', 'pseudo_label', 'mpl')
@@ -49,38 +54,87 @@ def load_config(method: str):
 
 
 def set_key(config, key: str, text: str) -> None:
-  """config.<key> = text, parsed as the type of the current value (or a Python literal)."""
+  """config.<key> = text, parsed as the type of the current value (or a Python literal);
+  ConfigError for an unknown key or a value of the wrong type."""
   *parents, leaf = key.split('.')
   target = config
-  for p in parents:
-    target = target[p]
+  for depth, name in enumerate(parents + [leaf]):
+    if not isinstance(target, ml_collections.ConfigDict) or name not in target:
+      where = '.'.join(parents[:depth]) or 'the config'
+      known = sorted(target.keys()) if isinstance(target, ml_collections.ConfigDict) else []
+      raise ConfigError(f'--set {key}={text}: {where} has no key {name!r}'
+                        + (f'; its keys: {", ".join(known)}.' if known else '.'))
+    if name != leaf:
+      target = target[name]
   current = target[leaf]
-  if isinstance(current, bool):
-    value = text.lower() in ('1', 'true', 'yes')
-  elif isinstance(current, (int, float)) and not isinstance(current, bool):
-    value = type(current)(float(text)) if isinstance(current, int) else float(text)
-  elif isinstance(current, str):
-    value = text
-  else:
-    import ast  # pylint: disable=g-import-not-at-top
-    value = ast.literal_eval(text)
-  target[leaf] = value
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ConfigError(f'--set {key}={text}: {key} is a block, not a value; set one of its keys '
+                      f'({", ".join(sorted(current.keys()))}), e.g. --set {key}.KEY=VALUE.')
+  try:
+    if isinstance(current, bool):
+      if text.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
+        raise ValueError
+      value = text.lower() in ('1', 'true', 'yes')
+    elif isinstance(current, int):
+      value = float(text)   # 1e4 is fine; 2.5 steps is not
+      if not value.is_integer():
+        raise ValueError
+      value = int(value)
+    elif isinstance(current, float):
+      value = float(text)
+    elif isinstance(current, str):
+      value = text
+    else:
+      value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    expected = {bool: 'true/false (or 1/0, yes/no)', int: 'an integer', float: 'a number'}.get(
+        type(current), 'a Python literal (a number, a quoted string, a list, None ...)')
+    raise ConfigError(f'--set {key}={text}: expected {expected} (the current value is '
+                      f'{current!r}).') from None
+  try:
+    target[leaf] = value
+  except TypeError as e:  # a type-safe ConfigDict field given a value of another type
+    raise ConfigError(f'--set {key}={text}: {e}') from None
 
 
 def make_config(method: str, seed: int, steps: int | None, overrides: list[str]):
   config = load_config(method)
   config.seed = seed
   config.data.seed = seed  # the points and the labeled six change with the seed
-  if steps:
+  if steps is not None:
     config.total_steps = steps
   for item in overrides:
-    key, _, text = item.partition('=')
+    key, equals, text = item.partition('=')
+    if not equals or not key:
+      raise ConfigError(f'--set {item}: expected KEY=VALUE, e.g. --set optimizer.lr=0.05.')
     if key.split('.')[0] in ('mpl', 'pseudo_label') and key.split('.')[0] != method:
       continue  # another method's block
     set_key(config, key, text)
   # One evaluation, one checkpoint: at the end.
   config.eval_every = config.checkpoint_every = config.log_every = config.total_steps
   return config
+
+
+def check_arguments(methods: list[str], seeds: int, steps: int | None, overrides: list[str]):
+  """Refuses arguments that make no figure, before any training."""
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods:
+    raise ConfigError((f'--methods {",".join(methods)}: unknown {", ".join(map(repr, unknown))}'
+                       if unknown else '--methods names no method') +
+                      f'; give a comma-separated subset of {",".join(METHODS)}.')
+  if len(set(methods)) < len(methods):
+    raise ConfigError(f'--methods {",".join(methods)} names a method twice; name each once.')
+  if seeds < 1:
+    raise ConfigError(f'--seeds {seeds}: give the number of seeds to run (at least 1; seeds '
+                      f'0 .. N-1).')
+  if steps is not None and steps < 1:
+    raise ConfigError(f'--steps {steps}: give a positive number of training steps, or leave '
+                      f'--steps out for the config\'s.')
+  for item in overrides:
+    block = item.partition('=')[0].split('.')[0]
+    if block in ('mpl', 'pseudo_label') and block not in methods:
+      raise ConfigError(f'--set {item} reaches only method {block}, which --methods '
+                        f'({",".join(methods)}) does not run; drop it or add {block}.')
 
 
 def grid_for(points, n: int = 250):
@@ -90,9 +144,8 @@ def grid_for(points, n: int = 250):
   return xx, yy, np.stack([xx.ravel(), yy.ravel()], -1).astype(np.float32)
 
 
-def run(method: str, seed: int, steps: int | None, overrides: list[str], with_boundary: bool):
+def run(method: str, seed: int, config, with_boundary: bool):
   """Trains one run; returns its record (and the boundary of its evaluated network)."""
-  config = make_config(method, seed, steps, overrides)
   with tempfile.TemporaryDirectory(prefix=f'moons_{method}_{seed}_') as workdir:
     start = time.time()
     summary = train.train_and_evaluate(config, workdir)
@@ -153,7 +206,33 @@ def plot(path: str, boundaries: dict, results: dict, seeds: list[int], steps_not
   plt.close(fig)
 
 
-def main(argv=None):
+def train_all(methods: list[str], seeds: list[int], configs: dict) -> tuple[dict, dict]:
+  """Trains every (method, seed); returns per-method results and the first seed's boundaries."""
+  results, boundaries = {}, {}
+  for method in methods:
+    accuracies = {}
+    for seed in seeds:
+      record, boundary = run(method, seed, configs[method, seed], with_boundary=seed == seeds[0])
+      accuracies[str(seed)] = record['accuracy']
+      if boundary is not None:
+        boundaries[method] = boundary
+      print(f'{method:13s} seed {seed:2d}: {100 * record["accuracy"]:6.2f}%  '
+            f'({record["wall_s"]:.0f} s)', flush=True)
+    values = list(accuracies.values())
+    results[method] = {
+        'accuracies': accuracies,
+        'successes': sum(a >= SUCCESS for a in values),
+        'success_rate': sum(a >= SUCCESS for a in values) / len(values),
+        'mean_accuracy': statistics.fmean(values),
+        'min_accuracy': min(values),
+        'steps': configs[method, seeds[0]].total_steps,
+    }
+    print(f'{method}: success {results[method]["successes"]}/{len(seeds)}, mean accuracy '
+          f'{100 * results[method]["mean_accuracy"]:.2f}%', flush=True)
+  return results, boundaries
+
+
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='two_moons.png')
   parser.add_argument('--seeds', type=int, default=10, help='seeds 0 .. N-1')
@@ -169,31 +248,22 @@ def main(argv=None):
 
   methods = [m for m in args.methods.split(',') if m]
   seeds = list(range(args.seeds))
-  results, boundaries = {}, {}
-  for method in methods:
-    accuracies = {}
-    for seed in seeds:
-      record, boundary = run(method, seed, args.steps, args.set, with_boundary=seed == seeds[0])
-      accuracies[str(seed)] = record['accuracy']
-      if boundary is not None:
-        boundaries[method] = boundary
-      print(f'{method:13s} seed {seed:2d}: {100 * record["accuracy"]:6.2f}%  '
-            f'({record["wall_s"]:.0f} s)', flush=True)
-    values = list(accuracies.values())
-    results[method] = {
-        'accuracies': accuracies,
-        'successes': sum(a >= SUCCESS for a in values),
-        'success_rate': sum(a >= SUCCESS for a in values) / len(values),
-        'mean_accuracy': statistics.fmean(values),
-        'min_accuracy': min(values),
-        'steps': make_config(method, 0, args.steps, args.set).total_steps,
-    }
-    print(f'{method}: success {results[method]["successes"]}/{len(seeds)}, mean accuracy '
-          f'{100 * results[method]["mean_accuracy"]:.2f}%', flush=True)
+  json_path = os.path.splitext(args.out)[0] + '.json'
+  try:
+    # Every argument and config is checked before the first run trains (minutes each).
+    check_arguments(methods, args.seeds, args.steps, args.set)
+    configs = {(m, s): make_config(m, s, args.steps, args.set) for m in methods for s in seeds}
+    for config in configs.values():
+      config_lib.validate(config, jax.device_count())
+    compare_runs.check_out_path(args.out, make_parent=True)
+    compare_runs.check_out_path(json_path, '--out (its .json)', figure=False)
+    results, boundaries = train_all(methods, seeds, configs)
+  except (ConfigError, DataError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
 
   steps = sorted({r['steps'] for r in results.values()})
   steps_note = f'{"/".join(map(str, steps))} steps'
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   plot(args.out, boundaries, results, seeds, steps_note)
   record = {
       'command': 'python -m launch.two_moons_figure ' + ' '.join(
@@ -203,11 +273,11 @@ def main(argv=None):
       'overrides': args.set,
       'methods': results,
   }
-  json_path = os.path.splitext(args.out)[0] + '.json'
   with open(json_path, 'w') as f:
     json.dump(record, f, indent=2)
   print(f'wrote {args.out} and {json_path}')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

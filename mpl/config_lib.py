@@ -13,7 +13,6 @@ import os
 import re
 from typing import Any
 
-from absl import logging
 from etils import epath
 
 import ml_collections
@@ -47,6 +46,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   default. Unknown keys raise ConfigError listing the valid ones.
   """
   result = dict(defaults)
+  given = {}
   if arg:
     for item in arg.split(','):
       item = item.strip()
@@ -57,13 +57,17 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       if key not in defaults:
         raise ConfigError(
             f'unknown config argument {key!r}; valid arguments: {sorted(defaults)}')
+      if key in given:
+        raise ConfigError(f'config argument {key!r} is given twice ({given[key]!r} and '
+                          f'{item!r}); keep one.')
+      given[key] = item
       if '=' not in item and not isinstance(defaults[key], bool):
         raise ConfigError(f'config argument {key!r} needs a value ({key}=...).')
       result[key] = _convert(key, value.strip(), defaults[key])
   return ml_collections.ConfigDict(result)
 
 
-def flag_error_message(error: Exception) -> str:
+def flag_error_message(error: Exception, argv=()) -> str:
   """One line for a config mistake caught while absl parses --config / --config.* flags.
 
   config_flags wraps errors from get_config (our ConfigError) with a formatted traceback, and
@@ -74,9 +78,15 @@ def flag_error_message(error: Exception) -> str:
   if isinstance(error, (AttributeError, KeyError)):
     # e.g. "'batchsize'\nDid you mean "batch_size" instead of "batchsize"?", quoted again
     key, _, hint = message.strip('\'"').partition('\n')
-    message = f"unknown config key '{key.strip(chr(39))}'."
+    key = key.strip(chr(39))
+    # The error names the last part only: find the flag that holds it (--config.data.dataset).
+    paths = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
+    path = next((p for p in paths if p == key or p.endswith('.' + key)), key)
+    message = f"unknown config key '{path}'."
     if hint:
       message += ' ' + hint.split(' instead of ')[0] + '?'
+    elif path != key and key in _top_level_keys():
+      message += f' Did you mean --config.{key}?'
     return message
   wrong_type = re.match(r'flag --(config\.\S+?)=(.*?): (.*)', message)
   if wrong_type and ('for int()' in message or 'to float' in message):
@@ -88,6 +98,10 @@ def flag_error_message(error: Exception) -> str:
             f'one by one from the command line; set the whole block in a config file (e.g. '
             f'config.mpl.teacher_model = ConfigDict(dict(name=..., ...))).')
   return message.strip()
+
+
+def _top_level_keys() -> set[str]:
+  return set(base_config().keys())
 
 
 def sibling_config(config_file: str, name: str):
@@ -132,6 +146,10 @@ def parse_flags_or_exit(argv, usage: str):
     return given
 
   try:
+    if sum(a == '--config' or a.startswith('--config=') for a in argv) > 1:
+      # Each copy would define its --config.* overrides; absl keeps the last one silently.
+      raise ConfigError('--config is given twice; give one config (override its keys with '
+                        '--config.key=value).')
     remaining = flags.FLAGS(argv)
     if 'config' in flags.FLAGS and flags.FLAGS['config'].value is not None:
       # A file that could not be read is reported only when the config is first used.
@@ -139,8 +157,10 @@ def parse_flags_or_exit(argv, usage: str):
     return remaining
   except (OSError, SyntaxError, ImportError) as e:  # the config file itself
     message = config_file_message(e, config_filename())
+  except ConfigError as e:
+    message = str(e)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = flag_error_message(e)
+    message = flag_error_message(e, argv)
   print(f'error: {message}\nUsage: {usage}', file=sys.stderr)
   sys.exit(2)
 
@@ -227,10 +247,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     _check_model('mpl.teacher_model', m.teacher_model)
   for name in ('teacher_optimizer', 'student_optimizer'):
     _check_optimizer(f'mpl.{name}', m[name])
-  wait = m.student_optimizer.get('wait_steps', 0)
-  if config.method == 'mpl' and wait >= config.total_steps:
-    logging.warning('config.mpl.student_optimizer.wait_steps=%d >= total_steps=%d: the student '
-                    'never trains (its lr is 0 throughout).', wait, config.total_steps)
 
   r = config.reduced_mpl
   check_choice('reduced_mpl.teacher_source', r.teacher_source, reduced_mpl.TEACHER_SOURCES)

@@ -10,6 +10,7 @@ Multi-host (every host runs the same command; see launch/ and the README's "Scal
   python -m mpl.main --config configs/imagenet10_mpl.py --workdir gs://bucket/run --distributed
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -74,8 +75,13 @@ def main(argv):
   from mpl.errors import ConfigError, DataError, NonFiniteLossError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   quiet_library_logs()
+  workdir = FLAGS.workdir
+  if workdir.startswith('-'):
+    usage_error(f'--workdir {workdir!r} looks like a flag: --workdir needs a directory, e.g. '
+                f'--workdir runs/x.')
+  workdir = os.path.expanduser(workdir)  # '~/runs/x' quoted in a script
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(FLAGS.config, workdir)
   except (ConfigError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -605,6 +606,13 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     raise ConfigError(f'config.model: {e}') from e
   method = method_class(config, model, info)
   unlabeled_batch = config.batch_size * config.mu if method.uses_unlabeled else 0
+  if info.is_image and unlabeled_batch and config.augment.strong != 'none':
+    side = max(sample_images.shape[1:3])
+    if config.augment.cutout_size > side:
+      raise ConfigError(
+          f'config.augment.cutout_size={config.augment.cutout_size} exceeds the {side}-pixel '
+          f'images: Cutout would erase every strong view. Use at most {side} (the official '
+          f'16 is for 32x32 images; 0 turns Cutout off).')
   if stream is None:
     for name, pool, batch in (('labeled', len(labeled_idx), config.batch_size),
                               ('unlabeled', len(unlabeled_idx), unlabeled_batch)):
@@ -902,9 +910,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finetuned student and `before_finetune` holds the MPL stage's results.
   """
   config_lib.validate(config, jax.device_count())  # a typo leaves no workdir behind
-  if jax.process_index() == 0:
-    check_workdir(workdir)
-  check_finetune_is_current(config, workdir)
+  with removed_if_unused(workdir):  # nor does a mistake found while building the run
+    if jax.process_index() == 0:
+      check_workdir(workdir)
+    check_finetune_is_current(config, workdir)
+    return _train_and_evaluate(config, workdir, should_stop)
+
+
+@contextlib.contextmanager
+def removed_if_unused(workdir: str):
+  """A workdir this command created is removed again if the config or the data fail before it
+  holds more than the lock file, so that the corrected command starts afresh."""
+  created = (jax.process_index() == 0 and '://' not in workdir and bool(workdir) and
+             not os.path.exists(workdir))
+  try:
+    yield
+  except (ConfigError, DataError):
+    if created and os.path.isdir(workdir) and set(os.listdir(workdir)) <= {'.lock'}:
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+def _train_and_evaluate(config, workdir, should_stop):
+  """The body of `train_and_evaluate`, in a checked workdir."""
   # The workdir is locked until summary.json is written: a second run started meanwhile in it
   # stops at once (workdir_lock).
   with workdir_lock(workdir):

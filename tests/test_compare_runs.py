@@ -198,3 +198,49 @@ def test_finetuned_ema_student_is_the_evaluated_model(tmp_path):
   assert row['curves']['ema'] == [(100, 0.71), (200, 0.81), (210, 0.95), (220, 0.9)]
   assert row['curves']['raw'] == [(100, 0.7), (200, 0.8)]
   assert (row['final'], row['best'], row['steps']) == (0.9, 0.95, 220)
+
+
+def test_a_bad_out_is_refused_before_reading_any_run(tmp_path, capsys):
+  """A path matplotlib cannot write stops the command first (it used to fail after the table,
+  with a traceback); a directory or a name without extension used to be 'written' elsewhere."""
+  run = tmp_path / 'nothing_here'   # not read: the --out check comes first
+  (tmp_path / 'figs').mkdir()
+  for out, message in ((tmp_path / 'no' / 'such' / 'c.png', 'does not exist'),
+                       (tmp_path / 'figs', 'is a directory'),
+                       (tmp_path / 'c.xyz', '.xyz is not an image format'),
+                       (tmp_path / 'c.json', '.json is not an image format'),
+                       (tmp_path / 'c', 'has no extension'),
+                       ('/proc/c.png', 'cannot write in /proc')):
+    assert compare_runs.main([str(run), '--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: --out {out}') and message in err, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['figs']
+  assert not list((tmp_path / 'figs').iterdir())
+
+
+def test_prints_the_files_it_wrote(tmp_path, capsys):
+  _write_summary(tmp_path / 'sup', 'supervised', _evals([0.5], models=('raw',)))
+  assert compare_runs.main([str(tmp_path / 'sup'), '--out', str(tmp_path / 'c.pdf')]) == 0
+  assert f'wrote {tmp_path}/c.pdf and {tmp_path}/c.json' in capsys.readouterr().out
+  assert (tmp_path / 'c.pdf').exists() and (tmp_path / 'c.json').exists()
+
+
+def test_bad_run_arguments_say_what_is_wrong(tmp_path, capsys):
+  _write_summary(tmp_path / 'a', 'supervised', _evals([0.5], models=('raw',)))
+  _write_summary(tmp_path / 'b', 'supervised', _evals([0.6], models=('raw',)))
+  (tmp_path / 'plain').write_text('a file')
+  corrupt = tmp_path / 'corrupt'
+  corrupt.mkdir()
+  (corrupt / 'summary.json').write_text('{"history": \n')
+  out = str(tmp_path / 'x.png')
+  for runs, message in (([str(tmp_path / 'missing')], 'missing does not exist'),
+                        ([str(tmp_path / 'plain')], 'plain is not a directory'),
+                        ([str(corrupt)], f'{corrupt}/summary.json is not valid JSON'),
+                        (['x='], "'x=' names no workdir"),
+                        ([f'x={tmp_path}/a,'], 'an empty workdir in the list'),
+                        # Two rows of one name: the second used to replace the first silently.
+                        ([f'r={tmp_path}/a', f'r={tmp_path}/b'], "two rows named 'r'")):
+    assert compare_runs.main(runs + ['--out', out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and message in err, err
+  assert not os.path.exists(out)

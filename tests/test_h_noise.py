@@ -117,3 +117,19 @@ def test_refuses_a_run_without_h_or_without_checkpoints(tmp_path, capsys):
   assert h_noise.main([str(workdir)]) == 2
   assert 'no checkpoint in' in capsys.readouterr().err
   assert sorted(p.name for p in workdir.iterdir()) == ['checkpoints', 'config.json']
+
+
+def test_bad_outputs_and_a_corrupt_config_are_refused_before_any_work(tmp_path, capsys):
+  # --out / --plot are checked before the workdir is even read (they used to fail at the end).
+  missing = tmp_path / 'no' / 'such'
+  for flag, name in (('--out', 'h.json'), ('--plot', 'h.png')):
+    assert h_noise.main([str(tmp_path / 'not_a_run'), flag, str(missing / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {flag} {missing / name}: the folder {missing} does not exist')
+  assert h_noise.main([str(tmp_path / 'not_a_run'), '--plot', str(tmp_path / 'h.txt')]) == 2
+  assert 'not an image format' in capsys.readouterr().err
+  workdir = tmp_path / 'cut_short'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text('{"method": "mpl",\n')
+  assert h_noise.main([str(workdir)]) == 2
+  assert f'{workdir}/config.json is not valid JSON' in capsys.readouterr().err

@@ -160,6 +160,8 @@ def test_parse_arg_rejects_unknown_keys():
     load_config('two_moons.py', 'methdo=mpl')
   with pytest.raises(ConfigError, match='expected int'):
     load_config('two_moons.py', 'labels=many')
+  with pytest.raises(ConfigError, match="'method' is given twice"):
+    load_config('two_moons.py', 'method=mpl,method=supervised')
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -317,10 +319,26 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
 ])
 def test_bad_config_fails_before_training(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
+    train.train_and_evaluate(moons('labels=-1', **overrides), str(tmp_path / 'run'))
+  # No workdir is left behind (nor a labeled split in it for the corrected rerun to trip over).
+  assert not os.path.exists(tmp_path / 'run')
+  # In a workdir that was there before, nothing is written.
+  with pytest.raises(ConfigError, match=message):
     train.train_and_evaluate(moons('labels=-1', **overrides), str(tmp_path))
-  assert not os.path.exists(tmp_path / 'checkpoints')
-  # Nor is a labeled split left behind for the corrected rerun to trip over.
-  assert not os.path.exists(tmp_path / 'labeled_split.json')
+  assert set(os.listdir(tmp_path)) <= {'run', '.lock'}
+
+
+def test_bad_image_settings_fail_before_training(tmp_path):
+  config = load_config('digits.py', 'method=mpl,runlocal')
+  config.augment.cutout_size = 9  # the digits are 8x8
+  with pytest.raises(ConfigError, match='cutout_size=9 exceeds the 8-pixel images'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+  config = load_config('fashion_mnist.py', 'runlocal')
+  config.data.data_dir = str(tmp_path / 'typo')
+  with pytest.raises(ConfigError, match='typo is not a directory'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'typo') and not os.path.exists(tmp_path / 'run')
 
 
 def test_a_run_cannot_resume_into_fewer_steps(tmp_path):
@@ -340,7 +358,7 @@ def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--config.optimizer.lrr=0.1'], "unknown config key 'lrr'. Did you mean \"lr\"?"),
+    (['--config.optimizer.lrr=0.1'], "unknown config key 'optimizer.lrr'. Did you mean \"lr\"?"),
     (['--config.batch_size=1.5'], "config.batch_size is an integer, got '1.5'."),
     (['--config.optimizer.lr=fast'], "config.optimizer.lr is a number, got 'fast'."),
     (['--config.mpl.teacher_model.name=cnn'], 'set the whole block in a config file'),
@@ -350,12 +368,18 @@ def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
     (['stray'], "unexpected arguments ['stray']"),
     (['--workdir', 'WORKDIR/summary.json'], 'is a file, not a directory'),
     (['--workdir='], '--workdir is empty'),
+    (['--workdir', '--config.seed=1'], 'looks like a flag'),
+    (['--config', 'configs/two_moons.py', '--config', 'configs/digits.py'],
+     '--config is given twice'),
+    (['--config.data.dataset=digits'], "unknown config key 'data.dataset'. Did you mean "
+                                       "--config.dataset?"),
 ])
 def test_main_prints_a_clear_error_for_a_bad_command_line(tmp_path, args, message):
   (tmp_path / 'summary.json').write_text('{}')  # a file where a directory should be
-  command = [sys.executable, '-m', 'mpl.main', '--config', 'configs/two_moons.py:runlocal',
-             '--workdir', str(tmp_path / 'run')]
-  command += [a.replace('WORKDIR', str(tmp_path)) for a in args]  # later flags win
+  command = [sys.executable, '-m', 'mpl.main', '--workdir', str(tmp_path / 'run')]
+  if '--config' not in args:
+    command += ['--config', 'configs/two_moons.py:runlocal']
+  command += [a.replace('WORKDIR', str(tmp_path)) for a in args]  # a later --workdir wins
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 2, result.stderr[-2000:]

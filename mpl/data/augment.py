@@ -842,12 +842,52 @@ def make_grid(size: int = 64, seed: int = 0) -> tuple[np.ndarray, list[str], lis
   return grid, labels, col_titles
 
 
-def main(argv=None):
+MIN_GRID_SIZE = 8  # below this the ops' strengths (shifts, cutouts, posterize) cannot be seen
+
+
+def _check_out(path: str) -> Optional[str]:
+  """What is wrong with `path` as the picture's file (None: nothing), checked before the work."""
+  import os  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from matplotlib.backend_bases import FigureCanvasBase  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path):
+    return f'--out {path} is a directory; give a file name, e.g. {os.path.join(path, "grid.png")}.'
+  formats = sorted(FigureCanvasBase.get_supported_filetypes())
+  extension = os.path.splitext(path)[1][1:].lower()
+  if extension not in formats:
+    return (f'--out {path}: ' + (f'.{extension} is not an image format matplotlib can save'
+                                 if extension else 'the name has no extension') +
+            f'; end it with .png, .pdf, .svg or another format matplotlib saves '
+            f'({", ".join(formats)}).')
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    return (f'--out {path}: the folder {parent} does not exist; create it (mkdir -p {parent}) '
+            f'or choose a path in an existing folder.')
+  try:  # the real test: root ignores permission bits, a read-only mount does not
+    with tempfile.TemporaryFile(dir=parent):
+      pass
+  except OSError as e:
+    return f'--out {path}: cannot write in {parent} ({e.strerror}); choose a writable folder.'
+  return None
+
+
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default='grid.png')
-  parser.add_argument('--size', type=int, default=64)
+  parser.add_argument('--out', default='grid.png', help='picture file, e.g. grid.png')
+  parser.add_argument('--size', type=int, default=64,
+                      help=f'side of each sample image in pixels (at least {MIN_GRID_SIZE})')
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
+  import sys  # pylint: disable=g-import-not-at-top
+  # Checked first: the grid takes about 20 s to compute.
+  if args.size < MIN_GRID_SIZE:
+    problem = (f'--size {args.size}: each sample image needs at least {MIN_GRID_SIZE} x '
+               f'{MIN_GRID_SIZE} pixels for the ops to show; the default is 64.')
+  else:
+    problem = _check_out(args.out)
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
+    return 2
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -867,7 +907,8 @@ def main(argv=None):
   fig.tight_layout()
   fig.savefig(args.out, dpi=80)
   print(f'wrote {args.out}')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  raise SystemExit(main())

@@ -93,6 +93,13 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
     raise ConfigError(f'Unknown dataset {name!r}; valid names: {", ".join(DATASETS)}.{hint}')
   if source not in SOURCES:
     raise ConfigError(f'Unknown data source {source!r}; valid: {", ".join(SOURCES)}.')
+  if data_dir and '://' not in data_dir and not os.path.isdir(data_dir):
+    raise ConfigError(
+        f'data_dir {data_dir} is not a directory. Point it at the directory that holds the '
+        f'dataset (TFDS: the one holding {name}/; Fashion-MNIST IDX files: it or its '
+        f'fashion-mnist/), or create it first for a new TFDS build of Fashion-MNIST there.')
+  if data_dir and name in SKLEARN_DATASETS:
+    logging.warning('data_dir=%s is not used: %s comes with scikit-learn.', data_dir, name)
   if name == 'two_moons':
     if image_size is not None:
       raise ConfigError('two_moons is not an image dataset; leave image_size unset (None).')
@@ -257,9 +264,6 @@ def fashion_mnist_dir(data_dir: str | None = None) -> str:
     candidates.append(FASHION_MNIST_DEFAULT_DIR)
   for d in candidates:
     if all(os.path.isfile(os.path.join(d, f)) for f in idx.FASHION_MNIST_FILES.values()):
-      if data_dir and not env and d == FASHION_MNIST_DEFAULT_DIR:
-        logging.warning('data.data_dir=%s holds no Fashion-MNIST files: reading those in %s.',
-                        data_dir, d)
       logging.info('Fashion-MNIST: the IDX files in %s.', d)
       return d
   files = ', '.join(idx.FASHION_MNIST_FILES.values())
@@ -292,7 +296,11 @@ def _fashion_mnist(data_dir: str | None, source: str) -> dict[str, np.ndarray]:
     explicit_files = bool(os.environ.get(FASHION_MNIST_ENV))
     source = 'tfds' if tensorflow_available() and not explicit_files else 'idx'
   if source == 'idx':
-    return idx.read_fashion_mnist(fashion_mnist_dir(data_dir))
+    directory = fashion_mnist_dir(data_dir)
+    if data_dir and directory == FASHION_MNIST_DEFAULT_DIR:
+      logging.warning('data_dir=%s holds no Fashion-MNIST files: reading those in %s.',
+                      data_dir, directory)
+    return idx.read_fashion_mnist(directory)
   return _fashion_mnist_tfds(data_dir)
 
 
@@ -300,12 +308,12 @@ def _fashion_mnist_tfds(data_dir: str | None) -> dict[str, np.ndarray]:
   """TFDS `fashion_mnist` from `data_dir`, built from the local IDX files when missing."""
   tfds = import_tfds()
   builder = tfds.builder('fashion_mnist', data_dir=data_dir)
-  if not builder.is_prepared():
+  if not is_prepared(builder):
     # Runs started together on a fresh machine would otherwise all build it, and all but the
     # first fail when TFDS renames its finished folder into place.
     run_once_across_processes(
         os.path.join(builder.data_dir_root, '.fashion_mnist.lock'),
-        done=lambda: tfds.builder('fashion_mnist', data_dir=data_dir).is_prepared(),
+        done=lambda: is_prepared(tfds.builder('fashion_mnist', data_dir=data_dir)),
         make=lambda: prepare_fashion_mnist_tfds(data_dir))
     builder = tfds.builder('fashion_mnist', data_dir=data_dir)
   out = {}
@@ -436,13 +444,18 @@ def not_prepared_message(name: str, builder) -> str:
           f'holds {name}/>.')
 
 
+def is_prepared(builder) -> bool:
+  """builder.is_prepared(), without TFDS's warning about the folder it did not find (our
+  DataError says it, with the fix; a Fashion-MNIST build then makes it)."""
+  with reporting.without_log_message('Variant folder'):
+    return builder.is_prepared()
+
+
 def _tfds_arrays(name: str, data_dir: str | None) -> tuple[dict[str, np.ndarray], int]:
   tfds = import_tfds()
-  # TFDS warns when it finds no prepared version; not_prepared_message says it, with the fix.
-  with reporting.without_log_message('Variant folder'):
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-      raise DataError(not_prepared_message(name, builder))
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not is_prepared(builder):
+    raise DataError(not_prepared_message(name, builder))
   out = {}
   for split in ('train', 'test'):
     out[f'{split}_images'], out[f'{split}_labels'] = _tfds_split(builder, split)

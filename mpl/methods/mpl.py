@@ -43,6 +43,7 @@ measurement, for parity runs.
 
 from __future__ import annotations
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import optax
@@ -92,6 +93,9 @@ class MPL(base.Method):
     steps, batch = config.total_steps, config.batch_size
     self.teacher_tx, self.teacher_lr = optim.make_optimizer(c.teacher_optimizer, steps, batch)
     self.student_tx, self.student_lr = optim.make_optimizer(c.student_optimizer, steps, batch)
+    if c.student_optimizer.get('wait_steps', 0) >= steps:
+      logging.warning('mpl.student_optimizer.wait_steps=%d >= total_steps=%d: the student never '
+                      'trains (its lr is 0 throughout).', c.student_optimizer.wait_steps, steps)
     self.ema_decay = float(config.get('ema_decay', 0.0))
 
   # -- state ----------------------------------------------------------------------------------
