@@ -34,9 +34,8 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 
-from mpl.errors import ConfigError
+from mpl import reporting
 
 
 def _history_from_metrics(path: str) -> list[dict]:
@@ -303,41 +302,6 @@ def plot(rows: dict[str, dict], path: str, title: str) -> None:
   plt.close(fig)
 
 
-def check_out_path(path: str, flag: str = '--out', figure: bool = True,
-                   make_parent: bool = False) -> None:
-  """Refuses, before any work, an output path that cannot be written: a directory, a folder
-  that does not exist (created when `make_parent`) or is not writable, or for a figure a name
-  without an extension matplotlib saves. Raises ConfigError saying how to fix it."""
-  if os.path.isdir(path):
-    example = os.path.join(path, 'figure.png' if figure else 'out.json')
-    raise ConfigError(f'{flag} {path} is a directory; give a file name, e.g. {example}.')
-  if figure:
-    from matplotlib.backend_bases import FigureCanvasBase  # pylint: disable=g-import-not-at-top
-    formats = sorted(FigureCanvasBase.get_supported_filetypes())
-    extension = os.path.splitext(path)[1][1:].lower()
-    if extension not in formats:
-      raise ConfigError(f'{flag} {path}: ' + (f'.{extension} is not an image format matplotlib '
-                        f'can save' if extension else 'the name has no extension') +
-                        f'; end it with .png, .pdf, .svg or another format matplotlib saves '
-                        f'({", ".join(formats)}).')
-  parent = os.path.dirname(os.path.abspath(path))
-  if make_parent and not os.path.exists(parent):
-    try:
-      os.makedirs(parent)
-    except OSError as e:
-      raise ConfigError(f'{flag} {path}: cannot create the folder {parent} ({e.strerror}); '
-                        f'choose a path in a writable folder.') from None
-  if not os.path.isdir(parent):
-    raise ConfigError(f'{flag} {path}: the folder {parent} does not exist; create it '
-                      f'(mkdir -p {parent}) or choose a path in an existing folder.')
-  try:  # the real test: root ignores permission bits, a read-only mount does not
-    with tempfile.TemporaryFile(dir=parent):
-      pass
-  except OSError as e:
-    raise ConfigError(f'{flag} {path}: cannot write in {parent} ({e.strerror}); choose a path '
-                      f'in a writable folder.') from None
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('runs', nargs='+', help='WORKDIR or NAME=WORKDIR')
@@ -348,8 +312,8 @@ def main(argv=None) -> int:
   json_path = os.path.splitext(args.out)[0] + '.json'
   rows = {}
   try:
-    check_out_path(args.out)
-    check_out_path(json_path, '--out (its rows file)', figure=False)
+    reporting.check_out_path(args.out)
+    reporting.check_out_path(json_path, '--out (its rows file)', figure=False)
     for spec in args.runs:
       name, workdirs = expand(spec)
       if name in rows:  # a second row of one name would replace the first

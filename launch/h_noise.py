@@ -53,8 +53,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import ml_collections
 
-from launch import compare_runs
-from mpl import config_lib, train
+from mpl import config_lib, reporting, train
 from mpl.errors import ConfigError, DataError
 
 H_PASSES = ('official', 'paired')
@@ -179,9 +178,9 @@ def main(argv=None) -> int:
   try:
     # Both outputs are checked first: they are written only after minutes of work.
     if args.out:
-      compare_runs.check_out_path(args.out, '--out', figure=False)
+      reporting.check_out_path(args.out, '--out', figure=False)
     if args.plot:
-      compare_runs.check_out_path(args.plot, '--plot')
+      reporting.check_out_path(args.plot, '--plot')
     if args.out and args.plot and os.path.abspath(args.out) == os.path.abspath(args.plot):
       raise ConfigError(f'--out and --plot are both {args.out}: the figure would replace the '
                         f'JSON; give them different names (e.g. h.json and h.png).')

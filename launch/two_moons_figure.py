@@ -35,8 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from launch import compare_runs
-from mpl import config_lib, train
+from mpl import config_lib, reporting, train
 from mpl.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,8 +254,8 @@ def main(argv=None) -> int:
     configs = {(m, s): make_config(m, s, args.steps, args.set) for m in methods for s in seeds}
     for config in configs.values():
       config_lib.validate(config, jax.device_count())
-    compare_runs.check_out_path(args.out, make_parent=True)
-    compare_runs.check_out_path(json_path, '--out (its .json)', figure=False)
+    reporting.check_out_path(args.out, make_parent=True)
+    reporting.check_out_path(json_path, '--out (its .json)', figure=False)
     results, boundaries = train_all(methods, seeds, configs)
   except (ConfigError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)

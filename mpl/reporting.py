@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import tempfile
 import time
 
 from absl import logging
 from etils import epath
+
+from mpl.errors import ConfigError
 
 
 class JsonlWriter:
@@ -146,3 +150,38 @@ class Progress:
                    100 * step / self.total, rate,
                    format_duration((self.total - step) / max(rate, 1e-9)))
       self._last_time, self._last_step = now, step
+
+
+def check_out_path(path: str, flag: str = '--out', figure: bool = True,
+                   make_parent: bool = False) -> None:
+  """Refuses, before any work, an output path that cannot be written: a directory, a folder
+  that does not exist (created when `make_parent`) or is not writable, or for a figure a name
+  without an extension matplotlib saves. Raises ConfigError saying how to fix it."""
+  if os.path.isdir(path):
+    example = os.path.join(path, 'figure.png' if figure else 'out.json')
+    raise ConfigError(f'{flag} {path} is a directory; give a file name, e.g. {example}.')
+  if figure:
+    from matplotlib.backend_bases import FigureCanvasBase  # pylint: disable=g-import-not-at-top
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension not in formats:
+      raise ConfigError(f'{flag} {path}: ' + (f'.{extension} is not an image format matplotlib '
+                        f'can save' if extension else 'the name has no extension') +
+                        f'; end it with .png, .pdf, .svg or another format matplotlib saves '
+                        f'({", ".join(formats)}).')
+  parent = os.path.dirname(os.path.abspath(path))
+  if make_parent and not os.path.exists(parent):
+    try:
+      os.makedirs(parent)
+    except OSError as e:
+      raise ConfigError(f'{flag} {path}: cannot create the folder {parent} ({e.strerror}); '
+                        f'choose a path in a writable folder.') from None
+  if not os.path.isdir(parent):
+    raise ConfigError(f'{flag} {path}: the folder {parent} does not exist; create it '
+                      f'(mkdir -p {parent}) or choose a path in an existing folder.')
+  try:  # the real test: root ignores permission bits, a read-only mount does not
+    with tempfile.TemporaryFile(dir=parent):
+      pass
+  except OSError as e:
+    raise ConfigError(f'{flag} {path}: cannot write in {parent} ({e.strerror}); choose a path '
+                      f'in a writable folder.') from None

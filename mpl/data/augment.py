@@ -845,32 +845,6 @@ def make_grid(size: int = 64, seed: int = 0) -> tuple[np.ndarray, list[str], lis
 MIN_GRID_SIZE = 8  # below this the ops' strengths (shifts, cutouts, posterize) cannot be seen
 
 
-def _check_out(path: str) -> Optional[str]:
-  """What is wrong with `path` as the picture's file (None: nothing), checked before the work."""
-  import os  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-  from matplotlib.backend_bases import FigureCanvasBase  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(path):
-    return f'--out {path} is a directory; give a file name, e.g. {os.path.join(path, "grid.png")}.'
-  formats = sorted(FigureCanvasBase.get_supported_filetypes())
-  extension = os.path.splitext(path)[1][1:].lower()
-  if extension not in formats:
-    return (f'--out {path}: ' + (f'.{extension} is not an image format matplotlib can save'
-                                 if extension else 'the name has no extension') +
-            f'; end it with .png, .pdf, .svg or another format matplotlib saves '
-            f'({", ".join(formats)}).')
-  parent = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(parent):
-    return (f'--out {path}: the folder {parent} does not exist; create it (mkdir -p {parent}) '
-            f'or choose a path in an existing folder.')
-  try:  # the real test: root ignores permission bits, a read-only mount does not
-    with tempfile.TemporaryFile(dir=parent):
-      pass
-  except OSError as e:
-    return f'--out {path}: cannot write in {parent} ({e.strerror}); choose a writable folder.'
-  return None
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='grid.png', help='picture file, e.g. grid.png')
@@ -879,14 +853,15 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
   import sys  # pylint: disable=g-import-not-at-top
-  # Checked first: the grid takes about 20 s to compute.
-  if args.size < MIN_GRID_SIZE:
-    problem = (f'--size {args.size}: each sample image needs at least {MIN_GRID_SIZE} x '
-               f'{MIN_GRID_SIZE} pixels for the ops to show; the default is 64.')
-  else:
-    problem = _check_out(args.out)
-  if problem:
-    print(f'error: {problem}', file=sys.stderr)
+  from mpl import reporting  # pylint: disable=g-import-not-at-top
+  from mpl.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  try:  # checked first: the grid takes about 20 s to compute
+    if args.size < MIN_GRID_SIZE:
+      raise ConfigError(f'--size {args.size}: each sample image needs at least {MIN_GRID_SIZE} '
+                        f'x {MIN_GRID_SIZE} pixels for the ops to show; the default is 64.')
+    reporting.check_out_path(args.out)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
     return 2
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
