@@ -155,4 +155,7 @@ def get_config(arg=None):
     config.eval_every = config.log_every = config.checkpoint_every = 3
     config.finetune.steps = 2
     config.finetune.batch_size = 16        # a multiple of the 8 test devices
+    # No student wait/warm-up: the few smoke steps must exercise a real student step and feedback.
+    for opt in (mpl.teacher_optimizer, mpl.student_optimizer):
+      opt.wait_steps = opt.warmup_steps = 0
   return config

@@ -30,8 +30,9 @@
 #              MODEL=cnn_small EXTRA='--config.batch_size=32 --config.mu=4 --config.eval_every=250' \
 #              RUN_TIMEOUT=3600 bash launch/gpu_figures.sh compare   (after `prepare`)
 #            That study found the recipe's UDA weight 8 holds a small teacher below supervised
-#            learning at 2000 steps and weight 1 does not: EXTRA='--config.mpl.uda_weight=1' is
-#            the variant to run second if device time is left.
+#            learning at 2000 steps and weight 1 does not: RUNS=/tmp/runs_uda1
+#            EXTRA='--config.mpl.uda_weight=1' is the variant to run second if device time is
+#            left (its own RUNS: a warm machine still holds the first compare's runs).
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"; }
 refuse() {  # refuse MESSAGE: one error line and the short usage, exit 2 before any work

@@ -79,13 +79,17 @@ def flag_error_message(error: Exception, argv=()) -> str:
     # e.g. "'batchsize'\nDid you mean "batch_size" instead of "batchsize"?", quoted again
     key, _, hint = message.strip('\'"').partition('\n')
     key = key.strip(chr(39))
-    # The error names the last part only: find the flag that holds it (--config.data.dataset).
+    # The error names the last part only: find the flag that holds it (--config.data.dataset),
+    # the one that is no key of the base config when several end alike.
     paths = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
-    path = next((p for p in paths if p == key or p.endswith('.' + key)), key)
+    candidates = [p for p in paths if p == key or p.endswith('.' + key)] or [key]
+    path = next((p for p in candidates if not _is_base_key(p)), candidates[0])
     message = f"unknown config key '{path}'."
-    if hint:
-      message += ' ' + hint.split(' instead of ')[0] + '?'
-    elif path != key and key in _top_level_keys():
+    suggestion = re.search(r'Did you mean "([^"]+)"', hint)
+    if suggestion:
+      parent = path.rpartition('.')[0]
+      message += f' Did you mean --config.{parent + "." if parent else ""}{suggestion.group(1)}?'
+    elif path != key and _is_base_key(key):
       message += f' Did you mean --config.{key}?'
     return message
   wrong_type = re.match(r'flag --(config\.\S+?)=(.*?): (.*)', message)
@@ -100,8 +104,14 @@ def flag_error_message(error: Exception, argv=()) -> str:
   return message.strip()
 
 
-def _top_level_keys() -> set[str]:
-  return set(base_config().keys())
+def _is_base_key(path: str) -> bool:
+  """Whether `path` ('optimizer.lr') names a key of `base_config`."""
+  node = base_config()
+  for part in path.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
 
 
 def sibling_config(config_file: str, name: str):
@@ -212,12 +222,13 @@ def _check_optimizer(key: str, opt: Any) -> None:
   from mpl import optim  # pylint: disable=g-import-not-at-top
   check_choice(f'{key}.name', opt.get('name', 'sgd'), optim.OPTIMIZERS)
   check_choice(f'{key}.decay', opt.get('decay', 'cosine'), optim.DECAYS)
-  check_range(f'{key}.lr', opt.get('lr', 0.0), at_least=0)
-  check_range(f'{key}.momentum', opt.get('momentum', 0.0), at_least=0, below=1)
-  check_range(f'{key}.weight_decay', opt.get('weight_decay', 0.0), at_least=0)
-  check_range(f'{key}.clip_norm', opt.get('clip_norm', 0.0), at_least=0, why='(0: no clipping)')
+  value = lambda name: opt.get(name) or 0  # None, like 0: off (mpl.optim reads it so)
+  check_range(f'{key}.lr', value('lr'), at_least=0)
+  check_range(f'{key}.momentum', value('momentum'), at_least=0, below=1)
+  check_range(f'{key}.weight_decay', value('weight_decay'), at_least=0)
+  check_range(f'{key}.clip_norm', value('clip_norm'), at_least=0, why='(0: no clipping)')
   for steps in ('wait_steps', 'warmup_steps'):
-    check_range(f'{key}.{steps}', opt.get(steps, 0), at_least=0)
+    check_range(f'{key}.{steps}', value(steps), at_least=0)
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:

@@ -11,6 +11,7 @@ Multi-host (every host runs the same command; see launch/ and the README's "Scal
 """
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -64,7 +65,7 @@ def main(argv):
     try:
       jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    except (ValueError, RuntimeError) as e:
+    except ValueError as e:  # no cluster found or described; runtime failures propagate
       usage_error(f'--distributed: {str(e).rstrip(".")}. On TPU VMs and under SLURM the hosts '
                   f'are found automatically; elsewhere pass --coordinator_address=host:port '
                   f'--num_processes=N --process_id=I on every host, or drop --distributed '
@@ -88,6 +89,12 @@ def main(argv):
   except NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt as e:  # Ctrl-C, after the checkpoint
+    print(f'{e}', file=sys.stderr)
+    # Die by SIGINT, not with a status: a shell loop (`for s in 0 1 2; do ...; done`) stops only
+    # when its child was killed by the signal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def parse_flags(argv):

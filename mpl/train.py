@@ -286,14 +286,17 @@ class Checkpoints:
 
 class PreemptionFlag:
   """Set by SIGTERM (a preempted TPU VM / a SLURM time limit) or SIGINT (Ctrl-C): the loop
-  saves a checkpoint at the end of the step and exits cleanly; the same command resumes. A second
-  signal exits at once. (Ctrl-C used to raise KeyboardInterrupt wherever the loop was, e.g. in
+  saves a checkpoint at the end of the step and exits cleanly; the same command resumes (a signal
+  while the run is still being built takes effect after its first step). After Ctrl-C,
+  `train_and_evaluate` then raises KeyboardInterrupt, so that callers stop too. A second signal
+  exits at once. (Ctrl-C used to raise KeyboardInterrupt wherever the loop was, e.g. in
   the middle of a checkpoint save, whose Orbax threads then kept the process from exiting.)"""
 
   SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'Ctrl-C (SIGINT)'}
 
   def __init__(self):
     self.requested = False
+    self.signal = None  # the first signal received
     self._previous = {}
 
   def __enter__(self):
@@ -312,6 +315,7 @@ class PreemptionFlag:
     logging.warning('%s received: saving a checkpoint and stopping after this step (a second '
                     'signal exits at once).', name)
     self.requested = True
+    self.signal = signum
 
   def __exit__(self, *exc):
     for s, previous in self._previous.items():
@@ -611,8 +615,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     if config.augment.cutout_size > side:
       raise ConfigError(
           f'config.augment.cutout_size={config.augment.cutout_size} exceeds the {side}-pixel '
-          f'images: Cutout would erase every strong view. Use at most {side} (the official '
-          f'16 is for 32x32 images; 0 turns Cutout off).')
+          f'images: a box larger than the image erases most of every strong view. Use at most '
+          f'{side} (the official 16 is for 32x32 images; 0 turns Cutout off).')
   if stream is None:
     for name, pool, batch in (('labeled', len(labeled_idx), config.batch_size),
                               ('unlabeled', len(unlabeled_idx), unlabeled_batch)):
@@ -894,6 +898,11 @@ def check_finetune_is_current(config: ml_collections.ConfigDict, workdir: str) -
     checkpoints.close()
     return step
   mpl_step, finetune_step = latest_step(workdir), latest_step(finetune_dir)
+  if finetune_step is not None and finetune_step > config.finetune.steps:
+    raise ConfigError(
+        f'{finetune_dir} holds a checkpoint at step {finetune_step}, past this config\'s '
+        f'finetune.steps={config.finetune.steps}: a run cannot go back. Set finetune.steps >= '
+        f'{finetune_step} to continue it, or use a new --workdir.')
   if finetune_step is not None and mpl_step is not None and mpl_step < config.total_steps:
     raise ConfigError(
         f'{finetune_dir} finetuned the student of step {mpl_step}, and this config trains it to '
@@ -971,6 +980,11 @@ def _train_and_evaluate(config, workdir, should_stop):
         if 'stopped_at' in ft_summary:
           summary['stopped_at'] = summary['before_finetune']['steps'] + ft_summary['stopped_at']
     if 'stopped_at' in summary:
+      if preemption.signal == signal.SIGINT:
+        # Ctrl-C means stop, also for whatever called this (a shell loop over seeds, a script):
+        # the checkpoint is saved, and the interrupt goes on up.
+        raise KeyboardInterrupt(f'stopped by Ctrl-C at step {summary["stopped_at"]}, after '
+                                f'saving a checkpoint; rerun the same command to resume.')
       return summary
     if jax.process_index() == 0:
       (workdir_path(workdir) / 'summary.json').write_text(

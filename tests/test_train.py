@@ -328,6 +328,12 @@ def test_bad_config_fails_before_training(tmp_path, overrides, message):
   assert set(os.listdir(tmp_path)) <= {'run', '.lock'}
 
 
+def test_optimizer_settings_left_none_are_off():
+  # mpl.optim reads a None momentum or clip_norm as off; validation agrees.
+  config = moons('labels=6', **{'optimizer.clip_norm': None, 'optimizer.momentum': None})
+  config_lib.validate(config, jax.device_count())
+
+
 def test_bad_image_settings_fail_before_training(tmp_path):
   config = load_config('digits.py', 'method=mpl,runlocal')
   config.augment.cutout_size = 9  # the digits are 8x8
@@ -336,9 +342,14 @@ def test_bad_image_settings_fail_before_training(tmp_path):
   assert not os.path.exists(tmp_path / 'run')
   config = load_config('fashion_mnist.py', 'runlocal')
   config.data.data_dir = str(tmp_path / 'typo')
-  with pytest.raises(ConfigError, match='typo is not a directory'):
+  with pytest.raises(DataError, match='typo is not a directory'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'typo') and not os.path.exists(tmp_path / 'run')
+  # With stand-in data allowed, a missing data_dir is missing data like any other.
+  config.data.standin = 'if_missing'
+  config.total_steps, config.num_labeled = 1, 100  # the stand-in set has 512 images
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['dataset'] == 'fashion_mnist' and summary['steps'] == 1
 
 
 def test_a_run_cannot_resume_into_fewer_steps(tmp_path):
@@ -358,7 +369,8 @@ def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--config.optimizer.lrr=0.1'], "unknown config key 'optimizer.lrr'. Did you mean \"lr\"?"),
+    (['--config.optimizer.lrr=0.1'], "unknown config key 'optimizer.lrr'. Did you mean "
+                                     "--config.optimizer.lr?"),
     (['--config.batch_size=1.5'], "config.batch_size is an integer, got '1.5'."),
     (['--config.optimizer.lr=fast'], "config.optimizer.lr is a number, got 'fast'."),
     (['--config.mpl.teacher_model.name=cnn'], 'set the whole block in a config file'),
@@ -373,6 +385,8 @@ def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
      '--config is given twice'),
     (['--config.data.dataset=digits'], "unknown config key 'data.dataset'. Did you mean "
                                        "--config.dataset?"),
+    (['--config.optimizer.lr=0.1', '--config.mpl.lr=0.2'], "unknown config key 'mpl.lr'."),
+    (['--config.mpl.uda_thresold=0.5'], "Did you mean --config.mpl.uda_threshold?"),
 ])
 def test_main_prints_a_clear_error_for_a_bad_command_line(tmp_path, args, message):
   (tmp_path / 'summary.json').write_text('{}')  # a file where a directory should be
@@ -455,9 +469,11 @@ def test_streaming_input_trains_and_evaluates(tmp_path):
   assert record['step_ms_median'] > 0
 
 
-@pytest.mark.parametrize('signal_name, logged', [('SIGTERM', 'SIGTERM received'),
-                                                  ('SIGINT', 'Ctrl-C (SIGINT) received')])
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signal_name, logged):
+# After Ctrl-C the process ends by SIGINT (-2), so that a shell loop over runs stops too.
+@pytest.mark.parametrize('signal_name, logged, status', [
+    ('SIGTERM', 'SIGTERM received', 0),
+    ('SIGINT', 'stopped by Ctrl-C at step', -2)])
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signal_name, logged, status):
   import signal
   import time
   workdir = str(tmp_path / 'run')
@@ -476,7 +492,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signal_name, log
     _, rest = process.communicate(timeout=120)
   finally:
     process.kill()
-  assert process.returncode == 0, rest[-2000:]
+  assert process.returncode == status, rest[-2000:]
   assert logged in rest and 'Traceback' not in rest
   steps = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 1_000_000
@@ -503,10 +519,16 @@ def test_second_sigterm_exits_at_once(signal_name, status):
 def test_finetune_stage_after_a_one_network_method(tmp_path):
   """Supervised without an EMA has no 'student' sub-tree: the finetune stage starts from its
   one network (it failed after the whole first stage had trained)."""
-  summary = train.train_and_evaluate(
-      moons('labels=6', total_steps=4, eval_every=4, checkpoint_every=4,
-            **{'finetune.steps': 2, 'finetune.batch_size': 8}), str(tmp_path))
+  def config(finetune_steps):
+    return moons('labels=6', total_steps=4, eval_every=4, checkpoint_every=4,
+                 **{'finetune.steps': finetune_steps, 'finetune.batch_size': 8})
+  summary = train.train_and_evaluate(config(2), str(tmp_path))
   assert summary['finetune_steps'] == 2 and summary['before_finetune']['steps'] == 4
+  # A finetune stage cannot go back either; refused before the run's record is touched.
+  recorded = (tmp_path / 'config.json').read_text()
+  with pytest.raises(ConfigError, match="step 2, past this config's finetune.steps=1"):
+    train.train_and_evaluate(config(1), str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == recorded
 
 
 def test_epoch_stream_is_int32_safe_at_large_steps():

@@ -93,13 +93,15 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
     raise ConfigError(f'Unknown dataset {name!r}; valid names: {", ".join(DATASETS)}.{hint}')
   if source not in SOURCES:
     raise ConfigError(f'Unknown data source {source!r}; valid: {", ".join(SOURCES)}.')
-  if data_dir and '://' not in data_dir and not os.path.isdir(data_dir):
-    raise ConfigError(
+  if data_dir and name in SKLEARN_DATASETS:
+    logging.warning('data_dir=%s is not used: %s comes with scikit-learn.', data_dir, name)
+  elif data_dir and '://' not in data_dir and not os.path.isdir(data_dir):
+    # A DataError: with data.standin='if_missing' the stand-in data replaces it, as for any
+    # missing data.
+    raise DataError(
         f'data_dir {data_dir} is not a directory. Point it at the directory that holds the '
         f'dataset (TFDS: the one holding {name}/; Fashion-MNIST IDX files: it or its '
         f'fashion-mnist/), or create it first for a new TFDS build of Fashion-MNIST there.')
-  if data_dir and name in SKLEARN_DATASETS:
-    logging.warning('data_dir=%s is not used: %s comes with scikit-learn.', data_dir, name)
   if name == 'two_moons':
     if image_size is not None:
       raise ConfigError('two_moons is not an image dataset; leave image_size unset (None).')
@@ -297,7 +299,8 @@ def _fashion_mnist(data_dir: str | None, source: str) -> dict[str, np.ndarray]:
     source = 'tfds' if tensorflow_available() and not explicit_files else 'idx'
   if source == 'idx':
     directory = fashion_mnist_dir(data_dir)
-    if data_dir and directory == FASHION_MNIST_DEFAULT_DIR:
+    if data_dir and directory == FASHION_MNIST_DEFAULT_DIR and os.path.realpath(data_dir) not in (
+        os.path.realpath(directory), os.path.realpath(os.path.dirname(directory))):
       logging.warning('data_dir=%s holds no Fashion-MNIST files: reading those in %s.',
                       data_dir, directory)
     return idx.read_fashion_mnist(directory)

@@ -57,7 +57,7 @@ def get_builder(name: str, data_dir: str | None):
   """The prepared TFDS builder of `name`; `DataError` saying how to provide it if missing."""
   tfds = datasets.import_tfds()
   builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
+  if not datasets.is_prepared(builder):
     if name == 'imagenet2012':
       where = str(builder.data_dir_root)
       dd = f', data_dir={data_dir!r}' if data_dir else ''
