@@ -407,7 +407,7 @@ def _input_info(config) -> tuple[tuple[int, ...], Any, int, bool]:
   return tuple(shape), data.train_images.dtype, int(data.num_classes), is_image
 
 
-def _resident_data_bytes(config, shape, dtype, replicas: int) -> int:
+def _resident_data_bytes(config, shape, dtype, replicas: int, eval_batch_size: int) -> int:
   """Per-device bytes of the data a real run keeps on the devices between steps.
 
   In-memory datasets: the whole training set with its labels and the labeled/unlabeled index
@@ -428,7 +428,7 @@ def _resident_data_bytes(config, shape, dtype, replicas: int) -> int:
   num_unlabeled = num_train - num_labeled if config.data.exclude_labeled else num_train
   train_bytes = num_train * (example + 4) + 4 * (num_labeled + num_unlabeled)
   num_eval = min(config.data.max_eval_examples or num_test, num_test)
-  padded = math.ceil(num_eval / config.eval_batch_size) * config.eval_batch_size
+  padded = math.ceil(num_eval / eval_batch_size) * eval_batch_size
   test_bytes = math.ceil(padded * (example + 4 + 4) / replicas)  # images, labels, padding mask
   return train_bytes + test_bytes
 
@@ -463,10 +463,7 @@ def dry_run(config, *, mesh_shape: tuple[int, int], data_replicas: int | None = 
   config_lib.validate(config, len(devices))
 
   shape, dtype, num_classes, is_image = _input_info(config)
-  with config.unlocked():
-    config.eval_batch_size = eval_batch_size
-    resident_bytes = _resident_data_bytes(config, shape, dtype, replicas)
-    config.eval_batch_size = data
+  resident_bytes = _resident_data_bytes(config, shape, dtype, replicas, eval_batch_size)
   mesh, rules = sharding.make_mesh(config, devices), sharding.logical_rules(config)
   method_class = methods.get_method(config.method)
   channels = shape[-1] if is_image else 1
