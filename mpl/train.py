@@ -64,8 +64,9 @@ def load_data(config, workdir):
   num_labeled = num_train if config.num_labeled == -1 else int(config.num_labeled)
   if num_labeled > num_train:
     raise ConfigError(
-        f'num_labeled={num_labeled} exceeds the {num_train} training examples of '
-        f'{config.dataset}; use at most {num_train} (or -1 for all).')
+        f'num_labeled={num_labeled} exceeds the {num_train} training examples of {data.name}; '
+        f'use at most {num_train} (or -1 for all)'
+        + (': the stand-in set is small, for smoke tests.' if 'stand-in' in data.name else '.'))
   meta = {'dataset': config.dataset, 'num_labeled': num_labeled, 'seed': config.data.seed}
   saved = split.load_split(workdir)
   if saved is not None:

@@ -347,7 +347,9 @@ def test_bad_image_settings_fail_before_training(tmp_path):
   assert not os.path.exists(tmp_path / 'typo') and not os.path.exists(tmp_path / 'run')
   # With stand-in data allowed, a missing data_dir is missing data like any other.
   config.data.standin = 'if_missing'
-  config.total_steps, config.num_labeled = 1, 100  # the stand-in set has 512 images
+  with pytest.raises(ConfigError, match=r'512 training examples of fashion_mnist \(stand-in\)'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))  # 1000 labels: the real set's
+  config.total_steps, config.num_labeled = 1, 100
   summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert summary['dataset'] == 'fashion_mnist' and summary['steps'] == 1
 
