@@ -132,6 +132,8 @@ def h_under_keys(config, workdir: str, h_pass: str, num_keys: int, step: int) ->
       metrics = jax.device_get(metrics)
       for name in RECORDED:
         values[name].append(float(metrics[name]))
+      if (k + 1) % max(num_keys // 10, 16) == 0:  # many keys take a while: show progress
+        print(f'  h_pass={h_pass}: {k + 1}/{num_keys} keys', file=sys.stderr, flush=True)
   # h = f_old - f_new whatever the run's feedback (official_release logs f_new - f_old).
   values['h'] = [old - new for old, new in zip(values['f_old'], values['f_new'])]
   return {'step': int(state.step), 'values': values}

@@ -64,6 +64,7 @@ def test_augment_grid_refuses_a_bad_size_or_out_before_drawing(tmp_path, capsys,
   monkeypatch.setattr(augment, 'make_grid', make_grid)
   for args, message in ((['--size', '0'], '--size 0: each sample image needs at least 8'),
                         (['--size', '-8'], '--size -8'),
+                        (['--size', '5000'], '--size 5000: at most 512'),
                         (['--out', str(tmp_path / 'no' / 'g.png')], 'does not exist'),
                         (['--out', str(tmp_path / 'g.xyz')], '.xyz is not an image format'),
                         (['--out', str(tmp_path)], 'is a directory'),

@@ -843,13 +843,15 @@ def make_grid(size: int = 64, seed: int = 0) -> tuple[np.ndarray, list[str], lis
 
 
 MIN_GRID_SIZE = 8  # below this the ops' strengths (shifts, cutouts, posterize) cannot be seen
+MAX_GRID_SIZE = 512  # the grid holds ~100 samples: larger ones make a picture of GBs
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', default='grid.png', help='picture file, e.g. grid.png')
   parser.add_argument('--size', type=int, default=64,
-                      help=f'side of each sample image in pixels (at least {MIN_GRID_SIZE})')
+                      help=f'side of each sample image in pixels ({MIN_GRID_SIZE} to '
+                           f'{MAX_GRID_SIZE})')
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
   import sys  # pylint: disable=g-import-not-at-top
@@ -859,6 +861,9 @@ def main(argv=None) -> int:
     if args.size < MIN_GRID_SIZE:
       raise ConfigError(f'--size {args.size}: each sample image needs at least {MIN_GRID_SIZE} '
                         f'x {MIN_GRID_SIZE} pixels for the ops to show; the default is 64.')
+    if args.size > MAX_GRID_SIZE:
+      raise ConfigError(f'--size {args.size}: at most {MAX_GRID_SIZE} pixels a sample (the grid '
+                        f'holds about a hundred of them); the default is 64.')
     reporting.check_out_path(args.out)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
