@@ -40,9 +40,9 @@ all-reduce). Prints per-device bytes of parameters, optimizer states, EMA, batch
 method state, the batch, the resident data (an in-memory dataset's training set, replicated on
 every device, and its share of the test set; 0 when streamed), and XLA's temporaries
 (activations kept for the backward pass and scratch), their sum, and which accelerators that
-fits (HBM per device, 10 % headroom). The state, batch and resident-data bytes are exact. The temporaries come from the CPU compiler's buffer assignment, which
-fuses less than the TPU/GPU compilers and may compute bfloat16 convolutions in float32: read
-them as an upper estimate (the GPU figure of the same step is `memory_analysis.temp_bytes` of
+fits (HBM per device, 10 % headroom). The state, batch and resident-data bytes are exact. The
+temporaries come from the CPU compiler's buffer assignment, which fuses less than the TPU/GPU
+compilers and may compute bfloat16 convolutions in float32: read them as an upper estimate (the GPU figure of the same step is `memory_analysis.temp_bytes` of
 the timed bench).
   python -m mpl.bench --config configs/efficientnet_l2_mpl.py:standin --dry_run --mesh 16
 --tpu v2|v3|v4|v5e|v5p|v6e: compile with libtpu's TPU compiler instead, for the devices of the

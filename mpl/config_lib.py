@@ -239,7 +239,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   check_range('ema_decay', config.ema_decay, at_least=0, below=1, why='(0 turns the EMA off)')
   check_range('label_smoothing', config.label_smoothing, at_least=0, below=1)
   check_range('data.noise', config.data.noise, at_least=0)
+  check_range('data.max_eval_examples', config.data.get('max_eval_examples', 0), at_least=0,
+              why='(0: the whole test set)')
   check_range('finetune.steps', config.finetune.steps, at_least=0, why='(0: no finetune stage)')
+  if config.finetune.steps > 0:
+    check_range('finetune.batch_size', config.finetune.batch_size, at_least=1)
+    check_range('finetune.lr', config.finetune.lr, at_least=0)
   _check_model('model', config.model)
   _check_optimizer('optimizer', config.optimizer)
 
@@ -349,16 +354,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.mu < 1 and methods.get_method(config.method).uses_unlabeled:
     raise ConfigError(f'config.mu = {config.mu}: {config.method} trains on mu * batch_size '
                       f'unlabeled images a step; set mu >= 1.')
-  if config.data.get('max_eval_examples', 0) < 0:
-    raise ConfigError(f'config.data.max_eval_examples must be >= 0 (0: the whole test set), '
-                      f'got {config.data.max_eval_examples}.')
   check_choice('augment.labeled', config.augment.labeled, ('weak', 'none'))
-  if config.finetune.steps > 0:
-    if config.finetune.batch_size <= 0:
-      raise ConfigError(f'config.finetune.batch_size must be positive, got '
-                        f'{config.finetune.batch_size}.')
-    if config.finetune.lr < 0:
-      raise ConfigError(f'config.finetune.lr must be >= 0, got {config.finetune.lr}.')
   check_choice('augment.strong', config.augment.strong, ('mpl', 'fixmatch', 'none'))
   if config.augment.strong == 'fixmatch' and not 2 <= config.augment.magnitude <= 10:
     # FixMatch draws levels 1..magnitude-1. Past 9 the formulas go out of range (level 13

@@ -4,6 +4,9 @@ clu's writers and `ReportProgress` import TensorFlow (for TensorBoard summaries)
 often have none, so when the import fails we fall back to log lines (steps/s, ETA) and the
 JSON-lines file that is always written: WORKDIR/metrics.jsonl, one {"step", name: value} per
 write, for tools and plots.
+
+Also for the commands' output: `check_out_path` (a figure or JSON path, checked before the work)
+and `without_log_message` (drops a library's notice about something done on purpose).
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ class Checkpoints:
     registry = _type_handlers()
     # Read-only, Orbax wants no saving options, and warns that the folder is read-only: the
     # purpose, not news (it printed three warnings at the start of every run with a finetune
-    # stage, from check_finetune_is_current).
+    # stage, from check_resumable).
     options = (ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                             save_interval_steps=0) if read_only else
                ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
@@ -759,13 +759,7 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
   advice = divergence_advice(config, stage)
   with experiment.activate():
     meta = {'evals': [], 'wall_s': 0.0}
-    resume_step = checkpoints.latest_step()
-    if resume_step is not None and resume_step > config.total_steps:
-      key = 'finetune.steps' if stage else 'total_steps'
-      raise ConfigError(
-          f'{workdir} holds a checkpoint at step {resume_step}, past this config\'s '
-          f'{key}={config.total_steps}: a run cannot go back. Set {key} >= {resume_step} to '
-          f'continue it, or use a new --workdir.')
+    resume_step = checkpoints.latest_step()  # never past total_steps: see check_resumable
     if resume_step is not None:
       state, meta = checkpoints.restore(experiment.abstract_state)
       logging.info('Resumed from the checkpoint at step %d.', int(state.step))
@@ -885,12 +879,10 @@ def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return ft
 
 
-def check_finetune_is_current(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A finetune stage starts from the MPL stage's last student; once it has a checkpoint, more
-  MPL steps (a resume with a larger total_steps) would leave it, and the final result, stale."""
-  if config.finetune.steps <= 0:
-    return
-  finetune_dir = os.path.join(workdir, 'finetune')
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Before anything runs or is written, the checkpoints already in `workdir` must fit this
+  config: a run cannot go back to fewer steps than a checkpoint holds, and a finetune stage,
+  which starts from the MPL stage's last student, would be left stale by more MPL steps."""
   def latest_step(directory):
     if not (workdir_path(directory) / 'checkpoints').exists():
       return None
@@ -898,12 +890,20 @@ def check_finetune_is_current(config: ml_collections.ConfigDict, workdir: str) -
     step = checkpoints.latest_step()
     checkpoints.close()
     return step
-  mpl_step, finetune_step = latest_step(workdir), latest_step(finetune_dir)
-  if finetune_step is not None and finetune_step > config.finetune.steps:
-    raise ConfigError(
-        f'{finetune_dir} holds a checkpoint at step {finetune_step}, past this config\'s '
-        f'finetune.steps={config.finetune.steps}: a run cannot go back. Set finetune.steps >= '
-        f'{finetune_step} to continue it, or use a new --workdir.')
+
+  def not_past(directory, step, key, total):
+    if step is not None and step > total:
+      raise ConfigError(
+          f'{directory} holds a checkpoint at step {step}, past this config\'s {key}={total}: '
+          f'a run cannot go back. Set {key} >= {step} to continue it, or use a new --workdir.')
+
+  mpl_step = latest_step(workdir)
+  not_past(workdir, mpl_step, 'total_steps', config.total_steps)
+  if config.finetune.steps <= 0:
+    return
+  finetune_dir = os.path.join(workdir, 'finetune')
+  finetune_step = latest_step(finetune_dir)
+  not_past(finetune_dir, finetune_step, 'finetune.steps', config.finetune.steps)
   if finetune_step is not None and mpl_step is not None and mpl_step < config.total_steps:
     raise ConfigError(
         f'{finetune_dir} finetuned the student of step {mpl_step}, and this config trains it to '
@@ -923,7 +923,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with removed_if_unused(workdir):  # nor does a mistake found while building the run
     if jax.process_index() == 0:
       check_workdir(workdir)
-    check_finetune_is_current(config, workdir)
+    check_resumable(config, workdir)
     return _train_and_evaluate(config, workdir, should_stop)
 
 

@@ -285,7 +285,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     ({'mesh.data': 0}, r'mesh.data must be >= 1, or -1'),
     ({'augment.labeled': 'strong'}, "unknown augment.labeled 'strong'"),
     ({'data.max_eval_examples': -1}, 'max_eval_examples must be >= 0'),
-    ({'finetune.steps': 2, 'finetune.batch_size': 0}, 'finetune.batch_size must be positive'),
+    ({'finetune.steps': 2, 'finetune.batch_size': 0}, 'finetune.batch_size must be >= 1'),
     # Values outside their meaning, which would otherwise train nonsense without an error.
     ({'optimizer.lr': -0.1}, r'config.optimizer.lr must be >= 0, got -0.1'),
     ({'optimizer.momentum': 1.5}, r'optimizer.momentum must be in \[0, 1\)'),
