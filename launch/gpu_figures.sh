@@ -19,8 +19,10 @@
 #   speed:   mpl.bench of configs/cifar10_4k_mpl.py (WRN-28-2, batch 128 + 7 x 128, 32x32x3,
 #            stand-in pixels) in float32 and bfloat16 (issue target: <= 32 ms/step in bf16),
 #            float32 with remat (its memory_analysis calibrates `mpl.bench --dry_run`), the
-#            strong augmentation alone (issue: images/s and share of the MPL step), and
-#            supervised WRN-28-2 on all 60,000 Fashion-MNIST labels (issue target: >= 92 %).
+#            strong augmentation alone (issue: images/s and share of the MPL step),
+#            supervised WRN-28-2 on all 60,000 Fashion-MNIST labels (issue target: >= 92 %),
+#            and bfloat16 with h measured in bfloat16 (`mpl.h_dtype=model`: the float32
+#            labeled passes' cost).
 #   compare: at 1000 labels and equal steps ($STEPS, default 2000): supervised, MPL with each
 #            feedback mode; the official_release run's teacher is plain UDA. Expected ordering:
 #            MPL > UDA > supervised. Ends with launch/compare_runs.py: $OUT/compare.md (table)
@@ -141,6 +143,11 @@ case "${1:-}" in
       --config.data.standin=always 2>"$OUT/augment.err" | tee -a "$OUT/results.jsonl" ||
       echo "augment bench failed" | tee -a "$OUT/errors.txt"
     fashion fashion_all_wrn 'labels=-1' --config.eval_every=2500
+    # Last, as the first to lose if time runs out: what measuring h in float32 costs a bfloat16
+    # step (mpl.h_dtype; the bfloat16 bench above has the default, 'float32').
+    "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $REMAT_STEPS --config.data.standin=always \
+      --config.model.dtype=bfloat16 --config.mpl.h_dtype=model 2>"$OUT/bench_h_model.err" |
+      tee -a "$OUT/results.jsonl" || echo "bench h_dtype=model failed" | tee -a "$OUT/errors.txt"
     ;;
   compare)
     check_fresh fm1000_supervised fm1000_mpl_{first_order,exact,official_release}

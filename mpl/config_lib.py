@@ -252,6 +252,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   check_choice('mpl.feedback', m.feedback, mpl_method.FEEDBACKS)
   check_choice('mpl.pseudo_label', m.pseudo_label, mpl_method.PSEUDO_LABELS)
   check_choice('mpl.h_pass', m.h_pass, mpl_method.H_PASSES)
+  check_choice('mpl.h_dtype', m.h_dtype, mpl_method.H_DTYPES)
   check_range('mpl.uda_threshold', m.uda_threshold, at_least=0, at_most=1)
   check_range('mpl.uda_temperature', m.uda_temperature, above=0)
   check_range('mpl.uda_weight', m.uda_weight, at_least=0)
@@ -268,6 +269,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   check_choice('reduced_mpl.teacher_source', r.teacher_source, reduced_mpl.TEACHER_SOURCES)
   check_choice('reduced_mpl.pseudo_label', r.pseudo_label, mpl_method.PSEUDO_LABELS)
   check_choice('reduced_mpl.h_pass', r.h_pass, mpl_method.H_PASSES)
+  check_choice('reduced_mpl.h_dtype', r.h_dtype, mpl_method.H_DTYPES)
   check_range('reduced_mpl.baseline_decay', r.baseline_decay, at_least=0, at_most=1)
   check_range('reduced_mpl.student_label_smoothing', r.student_label_smoothing, at_least=0,
               below=1)
@@ -451,6 +453,9 @@ def base_config() -> ml_collections.ConfigDict:
       # f_old from the student's pass on concat(x_l, s(x_u)), f_new from a fresh pass (released
       # code, PyTorch port): dropout and the batch composition add noise and an offset to h.
       h_pass='paired',
+      # 'paired' passes of a bfloat16 network in float32 ('float32'), or in its own dtype
+      # ('model'): in bfloat16, rounding hides much of the update h measures (see mpl.py).
+      h_dtype='float32',
       student_label_smoothing=0.0,
       teacher_labeled_weight=1.0,  # the teacher's own CE on x_l (0 with uda_weight 0: the
                                    # paper's section 2, a teacher taught by the feedback alone)
@@ -475,6 +480,7 @@ def base_config() -> ml_collections.ConfigDict:
       pseudo_label='sample',       # hard labels sampled from the reduced teacher | 'argmax'
       baseline_decay=0.99,         # moving baseline of h
       h_pass='paired',             # how f_old and f_new are measured: see mpl.h_pass
+      h_dtype='float32',           # and in which dtype: see mpl.h_dtype
       student_label_smoothing=0.0,
       teacher_optimizer=dict(name='sgd', lr=0.1, scale_lr_by_batch=True, momentum=0.9,
                              nesterov=True, weight_decay=5e-4, clip_norm=0.0, wait_steps=0,

@@ -18,7 +18,7 @@ from mpl import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TRAIN_FIELDS = ('config', 'method', 'dataset', 'model', 'dtype', 'phase',
+TRAIN_FIELDS = ('config', 'method', 'dataset', 'model', 'dtype', 'h_dtype', 'phase',
                 'global_batch_labeled', 'global_batch_unlabeled', 'devices', 'device_kind',
                 'platform', 'mesh', 'timing',
                 'step_ms_mean', 'step_ms_median', 'images_per_s', 'flops_per_step',
@@ -42,6 +42,7 @@ def _check_train_record(record, config, steps):
   for key in POSITIVE:
     assert isinstance(record[key], (int, float)) and record[key] > 0, (key, record[key])
   assert record['method'] == 'mpl'
+  assert record['h_dtype'] == config.mpl.h_dtype
   assert record['global_batch_unlabeled'] == config.batch_size * config.mu
   assert record['devices'] == jax.device_count()
   # Cost analysis is per device; the record scales it to the whole mesh.

@@ -133,3 +133,26 @@ def test_bad_outputs_and_a_corrupt_config_are_refused_before_any_work(tmp_path, 
   (workdir / 'config.json').write_text('{"method": "mpl",\n')
   assert h_noise.main([str(workdir)]) == 2
   assert f'{workdir}/config.json is not valid JSON' in capsys.readouterr().err
+
+
+def test_h_dtype_compares_bfloat16_and_float32_measurements_of_one_update(tmp_path, capsys):
+  # Digits MPL with a moving student, its networks run in bfloat16: per key both measurements
+  # see the same bfloat16 step; the float32 one follows the float32 network's h (the h_pass
+  # comparison's 'paired' measurement) more closely than the bfloat16 one does.
+  config = load_config('digits.py', 'method=mpl,runlocal')
+  config.mpl.student_optimizer.update(dict(wait_steps=0, warmup_steps=0))
+  run = str(tmp_path / 'run')
+  train.train_and_evaluate(config, run)
+  assert h_noise.main([run, '--compare', 'h_dtype']) == 2   # a float32 network: nothing to compare
+  assert 'Add --dtype bfloat16' in capsys.readouterr().err
+  out, out32 = tmp_path / 'h.json', tmp_path / 'h32.json'
+  assert h_noise.main([run, '--keys', '8', '--step', '5', '--compare', 'h_dtype', '--dtype',
+                       'bfloat16', '--out', str(out)]) == 0
+  assert h_noise.main([run, '--keys', '8', '--step', '5', '--out', str(out32)]) == 0
+  result, result32 = json.loads(out.read_text()), json.loads(out32.read_text())
+  assert result['compare'] == 'h_dtype' and result['dtype'] == 'bfloat16'
+  bf16, f32 = result['per_key']['model']['h'], result['per_key']['float32']['h']
+  np.testing.assert_allclose(result['stats']['model_minus_float32']['mean'],
+                             np.mean(np.subtract(bf16, f32)), rtol=1e-5)
+  reference = result32['per_key']['paired']['h']   # the float32 network
+  assert np.std(np.subtract(f32, reference)) < np.std(np.subtract(bf16, reference))

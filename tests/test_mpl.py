@@ -30,11 +30,13 @@ def plain_sgd(opt, lr):
 
 
 def make_method(feedback, *, student_lr=1e-3, teacher_lr=1.0, uda_weight=0.0, label_smoothing=0.0,
-                pseudo_label='argmax', h_pass='paired', dropout_rate=0.0):
+                pseudo_label='argmax', h_pass='paired', dropout_rate=0.0, dtype=jnp.float32,
+                h_dtype='float32'):
   config = moons_config()
   config.mpl.feedback = feedback
   config.mpl.pseudo_label = pseudo_label
   config.mpl.h_pass = h_pass
+  config.mpl.h_dtype = h_dtype
   config.mpl.uda_weight = uda_weight
   config.mpl.uda_ramp_steps = 1
   config.mpl.uda_threshold = 0.0
@@ -43,7 +45,7 @@ def make_method(feedback, *, student_lr=1e-3, teacher_lr=1.0, uda_weight=0.0, la
   plain_sgd(config.mpl.student_optimizer, student_lr)
   plain_sgd(config.mpl.teacher_optimizer, teacher_lr)
   model = models.get_model('mlp', 2, hidden_sizes=(8, 8), activation='tanh',
-                           initializer='lecun', dropout_rate=dropout_rate)
+                           initializer='lecun', dropout_rate=dropout_rate, dtype=dtype)
   info = base.DataInfo(num_classes=2, mean=(0.0,), std=(1.0,), is_image=False)
   return MPL(config, model, info)
 
@@ -138,6 +140,35 @@ def test_f_old_comes_from_the_pass_each_h_pass_names():
                        else (labeled_pass, concat_pass))
     np.testing.assert_allclose(float(metrics['f_old']), expected, rtol=1e-5)
     assert abs(float(metrics['f_old']) - other) > 1e-3   # the two passes do differ
+
+
+def test_a_bfloat16_student_is_measured_in_float32_for_h():
+  """With h_dtype 'float32', f_old and f_new of a bfloat16 student are its labeled losses before
+  and after its (bfloat16) step computed in float32, and h = 0 exactly when it does not move;
+  measured in bfloat16 ('model'), f is off by rounding errors as large as a small update's h."""
+  batch = moons_batch(n_l=64, n_u=64)
+
+  def run(h_dtype, eta):
+    method = make_method('first_order', student_lr=eta, dropout_rate=0.0, dtype=jnp.bfloat16,
+                         h_dtype=h_dtype)
+    state = init_state(method, batch)
+    new_state, metrics = method.update(state, batch)
+    float32_net = method.model.clone(dtype=jnp.float32)
+    loss = lambda params: float(jnp.mean(base.cross_entropy(
+        float32_net.apply({'params': params}, batch['labeled']['image'], train=True),
+        batch['labeled']['label'])))
+    return (metrics, loss(state.params['student']), loss(new_state.params['student']))
+
+  metrics, f_old, f_new = run('float32', 1e-2)
+  np.testing.assert_allclose(float(metrics['f_old']), f_old, rtol=1e-6)
+  np.testing.assert_allclose(float(metrics['f_new']), f_new, rtol=1e-6)
+  assert abs(f_old - f_new) > 1e-4   # the step moved the student
+  assert float(run('float32', 0.0)[0]['h']) == 0.0
+  metrics, f_old, f_new = run('model', 1e-2)
+  assert abs(float(metrics['f_old']) - f_old) > 1e-4   # bfloat16 rounding of the losses
+  assert abs(float(metrics['f_old']) - f_old) < 2e-2
+  with pytest.raises(ConfigError, match='mpl.h_dtype'):
+    make_method('first_order', h_dtype='bfloat16')
 
 
 def bilevel_objective(method, teacher, student, batch):

@@ -38,16 +38,18 @@ NUM_TRAIN = 32
 
 
 def make_method(*, student_lr=1e-3, teacher_lr=1.0, pseudo_label='argmax', h_pass='paired',
-                dropout_rate=0.0, label_smoothing=0.0, table=None):
+                dropout_rate=0.0, label_smoothing=0.0, table=None, dtype=jnp.float32,
+                h_dtype='float32'):
   config = load_config('two_moons.py', 'method=reduced_mpl,labels=6')
   config.reduced_mpl.pseudo_label = pseudo_label
   config.reduced_mpl.h_pass = h_pass
+  config.reduced_mpl.h_dtype = h_dtype
   config.label_smoothing = label_smoothing
   config.ema_decay = 0.0
   plain_sgd(config.reduced_mpl.student_optimizer, student_lr)
   plain_sgd(config.reduced_mpl.teacher_optimizer, teacher_lr)
   model = models.get_model('mlp', 2, hidden_sizes=(8, 8), activation='tanh', initializer='lecun',
-                           dropout_rate=dropout_rate)
+                           dropout_rate=dropout_rate, dtype=dtype)
   info = base.DataInfo(num_classes=2, mean=(0.0,), std=(1.0,), is_image=False)
   if table is None:
     table = np.random.default_rng(1).dirichlet(np.ones(2), NUM_TRAIN).astype(np.float32)
@@ -140,6 +142,23 @@ def test_paired_h_is_zero_for_a_student_that_does_not_move():
     h[h_pass] = float(metrics['h'])
   assert h['paired'] == 0.0
   assert abs(h['official']) > 1e-3
+
+
+def test_a_bfloat16_student_is_measured_in_float32_for_h():
+  """As in MPL (tests/test_mpl.py): f_old and f_new of a bfloat16 student in float32."""
+  batch = moons_batch(n_l=16, n_u=16)
+  for h_dtype in ('float32', 'model'):
+    method = make_method(student_lr=1e-2, dtype=jnp.bfloat16, h_dtype=h_dtype)
+    state = init_state(method, batch)
+    _, metrics = method.update(state, batch)
+    logits = method.model.clone(dtype=jnp.float32).apply(
+        {'params': state.params['student']}, batch['labeled']['image'], train=True)
+    f_old = float(jnp.mean(base.cross_entropy(logits, batch['labeled']['label'])))
+    error = abs(float(metrics['f_old']) - f_old)
+    # float32: its rounding alone; bfloat16: 1e-4 here, as large as a small step's h.
+    assert error < 1e-6 * f_old if h_dtype == 'float32' else 5e-6 < error < 2e-2, (h_dtype, error)
+  with pytest.raises(ConfigError, match='reduced_mpl.h_dtype'):
+    make_method(h_dtype='bfloat16')
 
 
 @pytest.mark.parametrize('previous_baseline, direction', [(-1000.0, 1), (1000.0, -1)])
