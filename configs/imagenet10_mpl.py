@@ -48,9 +48,9 @@ data_utils.py):
 
 Two deliberate differences from the released code: h, the teacher's feedback, is measured
 'paired' (`mpl.h_pass`), as configs/cifar10_4k_mpl.py explains (`--config.mpl.h_pass=official`
-for parity runs); and the two labeled passes that measure it run in float32 while the network
-trains in bfloat16 (`mpl.h_dtype`; bfloat16 rounding is as large as h, see mpl/methods/mpl.py;
-`--config.mpl.h_dtype=model` measures it in bfloat16).
+for parity runs); and the two labeled passes that measure it run at full float32 precision while
+the network trains in bfloat16 (`mpl.h_dtype`; bfloat16 rounding is as large as h, see
+mpl/methods/mpl.py; `--config.mpl.h_dtype=model` measures it in bfloat16).
 
 Finetune stage (paper; `config.finetune`): after MPL the EMA student is trained on the labeled
 split only (stream crop + flip, cross-entropy with label smoothing 0.1, no EMA) for 2,000 steps

@@ -16,9 +16,11 @@ h = f_old - f_new. `--compare h_pass` (default) compares the passes (`mpl.h_pass
 
 Under one key both make the same student step and the same f_new, so per key their difference
 is f_old(concat pass) - f_old(labeled pass): dropout and batch-norm noise, not the update.
-`--compare h_dtype` compares, under 'paired', the dtype of the two labeled passes of a bfloat16
-network (`mpl.h_dtype`): 'model' (bfloat16, as the network trains) and 'float32' (the default).
-Both make the same bfloat16 student step, so per key their difference is bfloat16 rounding.
+`--compare h_dtype` compares, under 'paired', the precision of the two labeled passes of a
+bfloat16 network (`mpl.h_dtype`): 'model' (bfloat16, as the network trains) and 'float32' (the
+default: float32 at full matmul precision). Both make the same bfloat16 student step, so per key
+their difference is rounding. (On a GPU or TPU a float32 run can be compared too: 'model' is then
+the default TF32 or bfloat16-pass precision of its float32 convolutions.)
 `--dtype bfloat16` runs the networks (`model.dtype`) in that compute dtype, e.g. a float32 run's
 checkpoint as a bfloat16 run would train from it (the parameters are float32 either way).
 In what follows, "official" and "paired" read "model" and "float32" under --compare h_dtype.
@@ -226,10 +228,12 @@ def main(argv=None) -> int:
     if args.dtype:
       config.model.dtype = args.dtype
     dtype = config.model.get('dtype') or 'float32'
-    if args.compare == 'h_dtype' and jnp.dtype(dtype) == jnp.float32:
-      raise ConfigError(f'{args.workdir} trains a float32 network: both measurements of '
-                        f'--compare h_dtype would be float32. Add --dtype bfloat16 to run it '
-                        f'as a bfloat16 network.')
+    if (args.compare == 'h_dtype' and jnp.dtype(dtype) == jnp.float32
+        and jax.default_backend() == 'cpu'):
+      raise ConfigError(f'{args.workdir} trains a float32 network, and a CPU computes float32 '
+                        f'matmuls at full precision: both measurements of --compare h_dtype '
+                        f'would be the same. Add --dtype bfloat16 to run it as a bfloat16 '
+                        f'network.')
     step = checkpoint_step(config, args.workdir, args.step)
     runs = {mode: h_under_keys(config, args.workdir, mode, settings, args.keys, step)
             for mode, settings in ((tested, tested_settings), (reference, reference_settings))}

@@ -453,8 +453,8 @@ def base_config() -> ml_collections.ConfigDict:
       # f_old from the student's pass on concat(x_l, s(x_u)), f_new from a fresh pass (released
       # code, PyTorch port): dropout and the batch composition add noise and an offset to h.
       h_pass='paired',
-      # 'paired' passes of a bfloat16 network in float32 ('float32'), or in its own dtype
-      # ('model'): in bfloat16, rounding hides much of the update h measures (see mpl.py).
+      # 'paired' passes in float32 at full matmul precision ('float32'; also for a bfloat16
+      # network), or as the network trains ('model'): rounding hides the update (see mpl.py).
       h_dtype='float32',
       student_label_smoothing=0.0,
       teacher_labeled_weight=1.0,  # the teacher's own CE on x_l (0 with uda_weight 0: the

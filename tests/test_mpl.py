@@ -171,6 +171,19 @@ def test_a_bfloat16_student_is_measured_in_float32_for_h():
     make_method('first_order', h_dtype='bfloat16')
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_the_h_passes_alone_ask_for_full_float32_matmul_precision(dtype):
+  """GPUs (TF32) and TPUs (one bfloat16 pass) round float32 matmul inputs by default: the two
+  labeled passes that measure h ask for 'highest', each of the MLP's 3 layers in each pass, and
+  nothing else in the step does; h_dtype 'model' leaves every precision at the default."""
+  batch = moons_batch()
+  for h_dtype, expected in (('float32', 2 * 3), ('model', 0)):
+    method = make_method('first_order', dtype=dtype, h_dtype=h_dtype)
+    jaxpr = str(jax.make_jaxpr(method.update)(init_state(method, batch), batch))
+    assert jaxpr.count('precision=(Precision.HIGHEST, Precision.HIGHEST)') == expected, h_dtype
+    assert jaxpr.count('dot_general[') > 2 * 3   # the other passes exist, at default precision
+
+
 def bilevel_objective(method, teacher, student, batch):
   """w CE_l(T) + f(theta_S - eta grad_S CE(softmax(T(x_u)), S(x_u))): what `exact` minimises
   (w = mpl.teacher_labeled_weight)."""

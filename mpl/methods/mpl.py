@@ -40,17 +40,20 @@ standard deviation 0.0018; their per-key difference, the noise alone, had standa
 key, so h = 0 exactly when the student does not move. 'official' keeps the released
 measurement, for parity runs.
 
-With a bfloat16 network (`model.dtype`), those two passes run in float32 all the same
-(`config.mpl.h_dtype`, 'float32' by default; 'model' = the network's own dtype). h is the
-difference of two losses that differ by 1e-3 or less, and bfloat16 keeps 8 bits of each weight
-and activation (0.4 %): most weights round to the same value before and after a small step, and
-the rounding of the activations adds noise of the size of h. Measured on a Fashion-MNIST MPL
-checkpoint with the network run in bfloat16 (cnn_small, 32 keys, the same update measured both
-ways; `launch/h_noise.py --compare h_dtype`): at step 600 of 800 the bfloat16 measurement's
-error had a standard deviation of 0.72 times h's own spread and a mean of +0.0002 against an h
-of -0.0011; at the last step, where the student's lr is 0, its h spread by 0.0004 where the
+Those two passes compute in float32, at full float32 matmul precision, whatever the network's
+own dtype (`config.mpl.h_dtype`: 'float32', the default; 'model' = as the network trains). h is
+the difference of two losses that differ by 1e-3 or less. A bfloat16 network keeps 8 bits of
+each weight and activation (0.4 %): most weights round to the same value before and after a
+small step, and the rounding of the activations adds noise of the size of h. (Float32
+convolutions are not exact by default either: GPUs round their inputs to TF32, TPUs to one
+bfloat16 pass; the h passes ask for 'highest'.) Measured on a Fashion-MNIST MPL checkpoint with
+the network run in bfloat16 (cnn_small, 32 keys, the same update measured both ways;
+`launch/h_noise.py --compare h_dtype`): at step 600 of 800 the bfloat16 measurement's error had
+a standard deviation of 0.72 times h's own spread and a mean of +0.0002 against an h of
+-0.0011; at the last step, where the student's lr is 0, its h spread by 0.0004 where the
 float32 h is 0 exactly. Measured in float32, the bfloat16 network's h follows the float32
-network's (correlation 0.997 over the keys). The cost: the two labeled forwards run in float32.
+network's (correlation 0.997 over the keys). The cost: two forwards of the labeled batch in
+full float32.
 """
 
 from __future__ import annotations
@@ -85,15 +88,20 @@ def smooth(targets, label_smoothing: float):
   return targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
 
 
-def network_for_h(model, h_pass: str, h_dtype: str):
-  """The student network as the labeled-only passes that measure h run it: `model` in float32
-  compute under h_pass 'paired' and h_dtype 'float32' (the same parameters), else `model`.
-  Under h_pass 'official', f_old comes from the training pass, so f_new keeps its dtype too."""
-  dtype = getattr(model, 'dtype', None)
-  if h_pass == 'paired' and h_dtype == 'float32' and dtype is not None and (
-      jnp.dtype(dtype) != jnp.float32):
-    return model.clone(dtype=jnp.float32)
-  return model
+def h_measurement(model, h_pass: str, h_dtype: str):
+  """(network, matmul precision) of the labeled-only passes that measure h.
+
+  Under h_pass 'paired' and h_dtype 'float32': `model` computing in float32 (the same
+  parameters), with every convolution and matmul at full float32 precision, 'highest' (for
+  float32 inputs GPUs use TF32 and TPUs one bfloat16 pass by default). Else `model` as it trains
+  (under 'official', f_old comes from the training pass, so f_new is measured as that pass is).
+  """
+  if h_pass == 'paired' and h_dtype == 'float32':
+    dtype = getattr(model, 'dtype', None)
+    if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+      model = model.clone(dtype=jnp.float32)
+    return model, 'highest'
+  return model, None
 
 
 class MPL(base.Method):
@@ -113,7 +121,7 @@ class MPL(base.Method):
       raise ConfigError(
           f'unknown mpl.pseudo_label {c.pseudo_label!r}; valid choices: {list(PSEUDO_LABELS)}')
     self.student = model
-    self.student_for_h = network_for_h(model, c.h_pass, c.h_dtype)
+    self.student_for_h, self.h_precision = h_measurement(model, c.h_pass, c.h_dtype)
     self.teacher = model
     if c.get('teacher_model'):
       self.teacher = models.from_config(c.teacher_model, info.num_classes)
@@ -198,7 +206,8 @@ class MPL(base.Method):
     # 3. The student step, and its labeled loss before (f_old) and after (f_new).
     def labeled_loss(params, stats):
       """f = CE(y_l, S(x_l)) in training mode; its batch statistics are discarded."""
-      logits, _ = base.apply_train(self.student_for_h, params, stats, x_l, student_new_rng)
+      with jax.default_matmul_precision(self.h_precision):
+        logits, _ = base.apply_train(self.student_for_h, params, stats, x_l, student_new_rng)
       return jnp.mean(base.cross_entropy(logits, y_l))
 
     if c.h_pass == 'paired':

@@ -89,7 +89,7 @@ from mpl import config_lib, models, optim, reporting, sharding
 from mpl.data import datasets, split
 from mpl.errors import ConfigError
 from mpl.methods import base
-from mpl.methods.mpl import H_DTYPES, H_PASSES, PSEUDO_LABELS, network_for_h, smooth
+from mpl.methods.mpl import H_DTYPES, H_PASSES, PSEUDO_LABELS, h_measurement, smooth
 
 TEACHER_SOURCES = ('auto', 'ema', 'raw', 'teacher')
 LOG_EPS = 1e-6                     # log p is clipped at log(LOG_EPS) = -13.8
@@ -344,7 +344,7 @@ class ReducedMPL(base.Method):
       raise ConfigError(f'unknown reduced_mpl.teacher_source {c.teacher_source!r}; valid '
                         f'choices: {list(TEACHER_SOURCES)}')
     self.student = model
-    self.student_for_h = network_for_h(model, c.h_pass, c.h_dtype)
+    self.student_for_h, self.h_precision = h_measurement(model, c.h_pass, c.h_dtype)
     self.teacher = ReducedTeacher(info.num_classes, tuple(c.hidden_sizes))
     steps, batch = config.total_steps, config.batch_size
     self.teacher_tx, self.teacher_lr = optim.make_optimizer(c.teacher_optimizer, steps, batch)
@@ -499,7 +499,8 @@ class ReducedMPL(base.Method):
       return loss_u, (f_old, new_stats)
 
     def labeled_loss(params, stats):   # in float32 under h_dtype 'float32' (see mpl.py)
-      logits, _ = base.apply_train(self.student_for_h, params, stats, x_l, student_new_rng)
+      with jax.default_matmul_precision(self.h_precision):
+        logits, _ = base.apply_train(self.student_for_h, params, stats, x_l, student_new_rng)
       return jnp.mean(base.cross_entropy(logits, y_l))
 
     (loss_u, (f_old, student_stats)), student_grads = jax.value_and_grad(
