@@ -175,6 +175,23 @@ def parse_flags_or_exit(argv, usage: str):
   sys.exit(2)
 
 
+# Config blocks that one method alone reads: the block's name is the method's.
+METHOD_BLOCKS = ('mpl', 'reduced_mpl', 'pseudo_label')
+
+
+def unread_flags(method: str, argv) -> list[str]:
+  """The --config.BLOCK.key flags of `argv` whose BLOCK is another method's: `method` never
+  reads them (e.g. --config.mpl.feedback=exact on a run whose config argument forgot
+  method=mpl). Warned about, not refused: a sweep may give every run the same flags."""
+  unread = []
+  for arg in argv:
+    if arg.startswith('--config.'):
+      parts = arg[len('--config.'):].split('=', 1)[0].split('.')
+      if len(parts) > 1 and parts[0] in METHOD_BLOCKS and parts[0] != method:
+        unread.append(arg)
+  return unread
+
+
 def check_choice(what: str, value: Any, choices) -> None:
   if value not in choices:
     raise ConfigError(f'unknown {what} {value!r}; valid choices: {sorted(choices)}')

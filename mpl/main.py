@@ -81,6 +81,14 @@ def main(argv):
     usage_error(f'--workdir {workdir!r} looks like a flag: --workdir needs a directory, e.g. '
                 f'--workdir runs/x.')
   workdir = os.path.expanduser(workdir)  # '~/runs/x' quoted in a script
+  from mpl import config_lib  # pylint: disable=g-import-not-at-top
+  for flag in config_lib.unread_flags(FLAGS.config.method, sys.argv):
+    block = flag[len('--config.'):].split('.')[0]
+    config_file = FLAGS['config'].config_filename.split(':')[0]
+    logging.warning('%s has no effect: method %r does not read the %r block. For a run of '
+                    'method %r, set the method: %s:method=%s (where the config takes it) or '
+                    '--config.method=%s.', flag, FLAGS.config.method, block, block, config_file,
+                    block, block)
   try:
     train.train_and_evaluate(FLAGS.config, workdir)
   except (ConfigError, DataError) as e:

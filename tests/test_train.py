@@ -404,6 +404,27 @@ def test_main_prints_a_clear_error_for_a_bad_command_line(tmp_path, args, messag
   assert len(result.stderr.strip().splitlines()) <= 8  # the error, not a page of help
 
 
+def test_flags_for_another_methods_block_are_named_as_unread(tmp_path):
+  from mpl import config_lib  # pylint: disable=g-import-not-at-top
+  argv = ['mpl.main', '--config.mpl.feedback=exact', '--config.pseudo_label.rounds', '2',
+          '--config.reduced_mpl.h_pass=official', '--config.optimizer.lr=0.1', '--config.mpl=x',
+          '--config', 'configs/two_moons.py']
+  assert config_lib.unread_flags('supervised', argv) == argv[1:3] + argv[4:5]
+  assert config_lib.unread_flags('mpl', argv) == [argv[2], argv[4]]
+  assert config_lib.unread_flags('pseudo_label', argv) == [argv[1], argv[4]]
+  # What the user sees: one warning per flag, naming the fix; the run goes on.
+  command = [sys.executable, '-m', 'mpl.main', '--config', 'configs/two_moons.py:runlocal',
+             '--workdir', str(tmp_path / 'run'), '--config.total_steps=2',
+             '--config.mpl.feedback=exact']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert ("--config.mpl.feedback=exact has no effect: method 'supervised' does not read the "
+          "'mpl' block. For a run of method 'mpl', set the method: "
+          "configs/two_moons.py:method=mpl (where the config takes it) or --config.method=mpl."
+          ) in result.stderr
+
+
 def test_trains_without_tensorflow(tmp_path):
   """GPU machines often have no TensorFlow: the loop, logs and fashion_mnist (IDX) still work."""
   script = f'''
