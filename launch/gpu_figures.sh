@@ -26,9 +26,10 @@
 #   compare: at 1000 labels and equal steps ($STEPS, default 2000): supervised, MPL with each
 #            feedback mode; the official_release run's teacher is plain UDA. Expected ordering:
 #            MPL > UDA > supervised. Ends with launch/compare_runs.py: $OUT/compare.md (table)
-#            and $OUT/compare.png (curves). $MODEL (wrn28_2 | cnn | cnn_small) and $EXTRA (more
-#            --config flags) scale it down; the settings of the CPU study in
-#            docs/fashion_mnist.md (there run with mpl.main directly) are
+#            and $OUT/compare.png (curves); then launch/h_noise.py --compare h_dtype on the
+#            first_order run: TF32 rounding in its h ($OUT/h_dtype.txt). $MODEL (wrn28_2 |
+#            cnn | cnn_small) and $EXTRA (more --config flags) scale it down; the settings of
+#            the CPU study in docs/fashion_mnist.md (there run with mpl.main directly) are
 #              MODEL=cnn_small EXTRA='--config.batch_size=32 --config.mu=4 --config.eval_every=250' \
 #              RUN_TIMEOUT=3600 bash launch/gpu_figures.sh compare   (after `prepare`)
 #            That study found the recipe's UDA weight 8 holds a small teacher below supervised
@@ -156,10 +157,11 @@ case "${1:-}" in
     model=${MODEL:-wrn28_2}
     # shellcheck disable=SC2086  # $EXTRA: extra --config.x=y flags for every run, word-split
     fashion fm1000_supervised "labels=1000,model=$model,steps=$steps" ${EXTRA:-}
+    h_step=$((steps / 2))   # a checkpoint mid-run, for h_noise below
     for feedback in first_order exact official_release; do
       # shellcheck disable=SC2086
       fashion "fm1000_mpl_$feedback" "method=mpl,labels=1000,model=$model,steps=$steps" \
-        --config.mpl.feedback=$feedback ${EXTRA:-}
+        --config.mpl.feedback=$feedback --config.checkpoint_every=$h_step ${EXTRA:-}
     done
     runs=()   # only the runs that got as far as logging (a failed one must not lose the table)
     for run in "$RUNS"/fm1000_supervised "$RUNS"/fm1000_mpl_*; do
@@ -170,5 +172,13 @@ case "${1:-}" in
         --title "Fashion-MNIST, 1000 labels, $model, $steps steps" | tee "$OUT/compare.md" ||
         echo "compare_runs failed" | tee -a "$OUT/errors.txt"
     fi
+    # Last: h of the float32 MPL run measured at the GPU's default float32 precision (TF32) and
+    # at full float32 (mpl.h_dtype), 16 keys at mid-run. (SMOKE: its last checkpoint, as a
+    # bfloat16 network: a CPU's float32 is exact.)
+    h_args=(--step "$h_step")
+    [[ -n "${SMOKE:-}" ]] && h_args=(--dtype bfloat16)
+    "$PY" -m launch.h_noise "$RUNS/fm1000_mpl_first_order" --keys 16 --compare h_dtype \
+      "${h_args[@]}" --out "$OUT/h_dtype.json" 2>"$OUT/h_dtype.err" | tee "$OUT/h_dtype.txt" ||
+      echo "h_noise failed" | tee -a "$OUT/errors.txt"
     ;;
 esac
