@@ -146,7 +146,7 @@ case "${1:-}" in
     fashion fashion_all_wrn 'labels=-1' --config.eval_every=2500
     # Last, as the first to lose if time runs out: what measuring h in float32 costs a bfloat16
     # step (mpl.h_dtype; the bfloat16 bench above has the default, 'float32').
-    "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $REMAT_STEPS --config.data.standin=always \
+    "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $BENCH_STEPS --config.data.standin=always \
       --config.model.dtype=bfloat16 --config.mpl.h_dtype=model 2>"$OUT/bench_h_model.err" |
       tee -a "$OUT/results.jsonl" || echo "bench h_dtype=model failed" | tee -a "$OUT/errors.txt"
     ;;

@@ -14,8 +14,9 @@ h = f_old - f_new. `--compare h_pass` (default) compares the passes (`mpl.h_pass
             pass on x_l alone with new dropout masks: the released code and the PyTorch port.
   paired    f_old and f_new each from one pass on x_l alone, with the same dropout key (default).
 
-Under one key both make the same student step and the same f_new, so per key their difference
-is f_old(concat pass) - f_old(labeled pass): dropout and batch-norm noise, not the update.
+Under one key both make the same student step and the same f_new (paired is measured here in the
+network's own precision, as official is: `mpl.h_dtype='model'`), so per key their difference is
+f_old(concat pass) - f_old(labeled pass): dropout and batch-norm noise, not the update.
 `--compare h_dtype` compares, under 'paired', the precision of the two labeled passes of a
 bfloat16 network (`mpl.h_dtype`): 'model' (bfloat16, as the network trains) and 'float32' (the
 default: float32 at full matmul precision). Both make the same bfloat16 student step, so per key
@@ -84,7 +85,9 @@ from mpl.errors import ConfigError, DataError
 # Each comparison: (name, the method settings of that measurement) for the measurement under
 # test, then the reference; per key both make the same student step.
 COMPARISONS = {
-    'h_pass': (('official', {'h_pass': 'official'}), ('paired', {'h_pass': 'paired'})),
+    # Both in the network's own precision, so that per key only the passes differ.
+    'h_pass': (('official', {'h_pass': 'official'}),
+               ('paired', {'h_pass': 'paired', 'h_dtype': 'model'})),
     'h_dtype': (('model', {'h_pass': 'paired', 'h_dtype': 'model'}),
                 ('float32', {'h_pass': 'paired', 'h_dtype': 'float32'})),
 }

@@ -197,9 +197,9 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       'dataset': config.dataset,
       'model': config.model.name,
       'dtype': str(config.model.get('dtype') or 'float32'),
-      # MPL's h passes (mpl.h_dtype): float32 passes in a bfloat16 step cost time
+      # MPL's h passes (mpl.h_dtype, used under h_pass 'paired'): full float32 passes cost time
       'h_dtype': config[config.method].get('h_dtype') if config.method in (
-          'mpl', 'reduced_mpl') else None,
+          'mpl', 'reduced_mpl') and config[config.method].h_pass == 'paired' else None,
       'image_shape': list(image_shape),
       'phase': phase,   # None: the method has one update; else the one of step 0 was timed
       'global_batch_labeled': int(config.batch_size),

@@ -84,11 +84,12 @@ def main(argv):
   from mpl import config_lib  # pylint: disable=g-import-not-at-top
   for flag in config_lib.unread_flags(FLAGS.config.method, sys.argv):
     block = flag[len('--config.'):].split('.')[0]
-    config_file = FLAGS['config'].config_filename.split(':')[0]
+    config_arg = FLAGS['config'].config_filename
+    config_arg += f',method={block}' if ':' in config_arg else f':method={block}'
     logging.warning('%s has no effect: method %r does not read the %r block. For a run of '
-                    'method %r, set the method: %s:method=%s (where the config takes it) or '
-                    '--config.method=%s.', flag, FLAGS.config.method, block, block, config_file,
-                    block, block)
+                    'method %r, set the method: --config %s (where the config takes it) or '
+                    '--config.method=%s.', flag, FLAGS.config.method, block, block, config_arg,
+                    block)
   try:
     train.train_and_evaluate(FLAGS.config, workdir)
   except (ConfigError, DataError) as e:

@@ -323,6 +323,29 @@ def test_depthwise_gradient_on_a_hybrid_mesh_equals_one_device(kernel, strides, 
     np.testing.assert_allclose(plain[1], 4 * expected[1], rtol=1e-4, atol=1e-4)
 
 
+def test_depthwise_tap_gradient_keeps_the_precision_its_forward_was_traced_with():
+  """The custom backward is traced after the forward's `jax.default_matmul_precision` block has
+  closed (MPL's h passes ask for 'highest'; exact feedback differentiates through them): the
+  input-gradient conv must ask for the same precision as the forward conv."""
+  from jaxpr_util import HIGHEST, matmul_precisions
+  from mpl.models.efficientnet import depthwise_conv2d
+  x = jax.random.normal(jax.random.key(0), (4, 9, 9, 16))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 1, 16))
+
+  def loss(x, k):
+    with jax.default_matmul_precision('highest'):
+      return jnp.sum(depthwise_conv2d(x, k, 1) ** 2)
+
+  mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    found = matmul_precisions(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, k))
+    untouched = matmul_precisions(jax.make_jaxpr(jax.grad(
+        lambda x, k: jnp.sum(depthwise_conv2d(x, k, 1) ** 2), (0, 1)))(x, k))
+  # The forward (also as the custom_vjp's primal body) and the input-gradient conv.
+  assert len(found) >= 2 and all(p == HIGHEST for p in found), found
+  assert len(untouched) == len(found) and not any(untouched), untouched
+
+
 def test_depthwise_tap_gradient_in_bfloat16_and_where_it_is_used():
     from mpl.models.efficientnet import (_depthwise_with_tap_gradient, _lax_depthwise,
                                          depthwise_conv2d)

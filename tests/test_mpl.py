@@ -13,6 +13,7 @@ from mpl import models, sharding, train
 from mpl.errors import ConfigError
 from mpl.methods import base
 from mpl.methods.mpl import MPL
+from jaxpr_util import HIGHEST, matmul_precisions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,9 +155,11 @@ def test_a_bfloat16_student_is_measured_in_float32_for_h():
     state = init_state(method, batch)
     new_state, metrics = method.update(state, batch)
     float32_net = method.model.clone(dtype=jnp.float32)
-    loss = lambda params: float(jnp.mean(base.cross_entropy(
-        float32_net.apply({'params': params}, batch['labeled']['image'], train=True),
-        batch['labeled']['label'])))
+
+    def loss(params):   # at full float32 precision also where the default is TF32 (GPUs)
+      with jax.default_matmul_precision('highest'):
+        logits = float32_net.apply({'params': params}, batch['labeled']['image'], train=True)
+      return float(jnp.mean(base.cross_entropy(logits, batch['labeled']['label'])))
     return (metrics, loss(state.params['student']), loss(new_state.params['student']))
 
   metrics, f_old, f_new = run('float32', 1e-2)
@@ -174,14 +177,21 @@ def test_a_bfloat16_student_is_measured_in_float32_for_h():
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_the_h_passes_alone_ask_for_full_float32_matmul_precision(dtype):
   """GPUs (TF32) and TPUs (one bfloat16 pass) round float32 matmul inputs by default: the two
-  labeled passes that measure h ask for 'highest', each of the MLP's 3 layers in each pass, and
-  nothing else in the step does; h_dtype 'model' leaves every precision at the default."""
+  labeled passes that measure h ask for 'highest' (each of the MLP's 3 layers in each pass, and
+  under 'exact' the 5 matmuls of f_new's backward), nothing else in the step does; h_dtype
+  'model' leaves every precision at the default, and so does a global setting (kept, not reset)."""
   batch = moons_batch()
-  for h_dtype, expected in (('float32', 2 * 3), ('model', 0)):
-    method = make_method('first_order', dtype=dtype, h_dtype=h_dtype)
-    jaxpr = str(jax.make_jaxpr(method.update)(init_state(method, batch), batch))
-    assert jaxpr.count('precision=(Precision.HIGHEST, Precision.HIGHEST)') == expected, h_dtype
-    assert jaxpr.count('dot_general[') > 2 * 3   # the other passes exist, at default precision
+  for feedback, h_dtype, expected in (('first_order', 'float32', 2 * 3), ('exact', 'float32', 11),
+                                      ('first_order', 'model', 0), ('exact', 'model', 0)):
+    method = make_method(feedback, dtype=dtype, h_dtype=h_dtype)
+    found = matmul_precisions(jax.make_jaxpr(method.update)(init_state(method, batch), batch))
+    assert len(found) > expected                  # the other passes exist ...
+    assert found.count(HIGHEST) == expected, (feedback, h_dtype)
+    assert found.count(None) == len(found) - expected   # ... at the default precision
+  method = make_method('first_order', dtype=dtype, h_dtype='model')
+  with jax.default_matmul_precision('highest'):   # a user's global setting reaches every pass
+    found = matmul_precisions(jax.make_jaxpr(method.update)(init_state(method, batch), batch))
+  assert found and all(p == HIGHEST for p in found)
 
 
 def bilevel_objective(method, teacher, student, batch):

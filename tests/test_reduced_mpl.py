@@ -14,6 +14,7 @@ from mpl import models, sharding, train
 from mpl.data import datasets
 from mpl.errors import ConfigError
 from mpl.methods import base
+from jaxpr_util import HIGHEST, matmul_precisions
 from mpl.methods.reduced_mpl import (ReducedMPL, ReducedTeacher, get_in, latest_state_path,
                                      restore_variables, select_teacher, teacher_distribution)
 
@@ -151,12 +152,16 @@ def test_a_bfloat16_student_is_measured_in_float32_for_h():
     method = make_method(student_lr=1e-2, dtype=jnp.bfloat16, h_dtype=h_dtype)
     state = init_state(method, batch)
     _, metrics = method.update(state, batch)
-    logits = method.model.clone(dtype=jnp.float32).apply(
-        {'params': state.params['student']}, batch['labeled']['image'], train=True)
+    with jax.default_matmul_precision('highest'):   # also where the default is TF32 (GPUs)
+      logits = method.model.clone(dtype=jnp.float32).apply(
+          {'params': state.params['student']}, batch['labeled']['image'], train=True)
     f_old = float(jnp.mean(base.cross_entropy(logits, batch['labeled']['label'])))
     error = abs(float(metrics['f_old']) - f_old)
     # float32: its rounding alone; bfloat16: 1e-4 here, as large as a small step's h.
     assert error < 1e-6 * f_old if h_dtype == 'float32' else 5e-6 < error < 2e-2, (h_dtype, error)
+    # Only the two labeled passes (3 layers each) ask for full float32 precision.
+    found = matmul_precisions(jax.make_jaxpr(method.update)(state, batch))
+    assert found.count(HIGHEST) == (6 if h_dtype == 'float32' else 0) < len(found), h_dtype
   with pytest.raises(ConfigError, match='reduced_mpl.h_dtype'):
     make_method(h_dtype='bfloat16')
 

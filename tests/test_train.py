@@ -420,9 +420,9 @@ def test_flags_for_another_methods_block_are_named_as_unread(tmp_path):
                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-2000:]
   assert ("--config.mpl.feedback=exact has no effect: method 'supervised' does not read the "
-          "'mpl' block. For a run of method 'mpl', set the method: "
-          "configs/two_moons.py:method=mpl (where the config takes it) or --config.method=mpl."
-          ) in result.stderr
+          "'mpl' block. For a run of method 'mpl', set the method: --config "
+          "configs/two_moons.py:runlocal,method=mpl (where the config takes it) or "
+          "--config.method=mpl.") in result.stderr
 
 
 def test_trains_without_tensorflow(tmp_path):

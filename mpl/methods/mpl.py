@@ -51,12 +51,14 @@ the network run in bfloat16 (cnn_small, 32 keys, the same update measured both w
 `launch/h_noise.py --compare h_dtype`): at step 600 of 800 the bfloat16 measurement's error had
 a standard deviation of 0.72 times h's own spread and a mean of +0.0002 against an h of
 -0.0011; at the last step, where the student's lr is 0, its h spread by 0.0004 where the
-float32 h is 0 exactly. Measured in float32, the bfloat16 network's h follows the float32
-network's (correlation 0.997 over the keys). The cost: two forwards of the labeled batch in
-full float32.
+float32 h is 0 exactly. The cost: two forwards of the labeled batch in full float32 (and, under
+'exact', f_new's backward); under spatial partitioning (`sharding.gather_for_compute`) those
+passes gather the student's kernels in float32, twice the bytes of its bfloat16 passes.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from absl import logging
 import jax
@@ -89,19 +91,20 @@ def smooth(targets, label_smoothing: float):
 
 
 def h_measurement(model, h_pass: str, h_dtype: str):
-  """(network, matmul precision) of the labeled-only passes that measure h.
+  """(network, context) in which the labeled-only passes that measure h run.
 
   Under h_pass 'paired' and h_dtype 'float32': `model` computing in float32 (the same
-  parameters), with every convolution and matmul at full float32 precision, 'highest' (for
-  float32 inputs GPUs use TF32 and TPUs one bfloat16 pass by default). Else `model` as it trains
-  (under 'official', f_old comes from the training pass, so f_new is measured as that pass is).
+  parameters; a float64 network stays float64), inside `jax.default_matmul_precision('highest')`
+  (for float32 inputs GPUs use TF32 and TPUs one bfloat16 pass by default). Else `model` as it
+  trains, in an empty context that keeps any precision the user set (under 'official', f_old
+  comes from the training pass, so f_new is measured as that pass is).
   """
   if h_pass == 'paired' and h_dtype == 'float32':
     dtype = getattr(model, 'dtype', None)
-    if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+    if dtype is not None and jnp.dtype(dtype).itemsize < 4:
       model = model.clone(dtype=jnp.float32)
-    return model, 'highest'
-  return model, None
+    return model, lambda: jax.default_matmul_precision('highest')
+  return model, contextlib.nullcontext
 
 
 class MPL(base.Method):
@@ -121,7 +124,7 @@ class MPL(base.Method):
       raise ConfigError(
           f'unknown mpl.pseudo_label {c.pseudo_label!r}; valid choices: {list(PSEUDO_LABELS)}')
     self.student = model
-    self.student_for_h, self.h_precision = h_measurement(model, c.h_pass, c.h_dtype)
+    self.student_for_h, self.h_context = h_measurement(model, c.h_pass, c.h_dtype)
     self.teacher = model
     if c.get('teacher_model'):
       self.teacher = models.from_config(c.teacher_model, info.num_classes)
@@ -206,7 +209,7 @@ class MPL(base.Method):
     # 3. The student step, and its labeled loss before (f_old) and after (f_new).
     def labeled_loss(params, stats):
       """f = CE(y_l, S(x_l)) in training mode; its batch statistics are discarded."""
-      with jax.default_matmul_precision(self.h_precision):
+      with self.h_context():
         logits, _ = base.apply_train(self.student_for_h, params, stats, x_l, student_new_rng)
       return jnp.mean(base.cross_entropy(logits, y_l))
 

@@ -344,7 +344,7 @@ class ReducedMPL(base.Method):
       raise ConfigError(f'unknown reduced_mpl.teacher_source {c.teacher_source!r}; valid '
                         f'choices: {list(TEACHER_SOURCES)}')
     self.student = model
-    self.student_for_h, self.h_precision = h_measurement(model, c.h_pass, c.h_dtype)
+    self.student_for_h, self.h_context = h_measurement(model, c.h_pass, c.h_dtype)
     self.teacher = ReducedTeacher(info.num_classes, tuple(c.hidden_sizes))
     steps, batch = config.total_steps, config.batch_size
     self.teacher_tx, self.teacher_lr = optim.make_optimizer(c.teacher_optimizer, steps, batch)
@@ -499,7 +499,7 @@ class ReducedMPL(base.Method):
       return loss_u, (f_old, new_stats)
 
     def labeled_loss(params, stats):   # in float32 under h_dtype 'float32' (see mpl.py)
-      with jax.default_matmul_precision(self.h_precision):
+      with self.h_context():
         logits, _ = base.apply_train(self.student_for_h, params, stats, x_l, student_new_rng)
       return jnp.mean(base.cross_entropy(logits, y_l))
 

@@ -170,27 +170,34 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array
     # Also with one data replica (where the plain conv would be right), so that `mpl.bench
     # --dry_run --mesh 16` compiles the program a 128 x 16 run executes.
     model_parallel = not mesh.empty and mesh.shape.get('model', 1) > 1
-    depthwise = _depthwise_with_tap_gradient if model_parallel else _lax_depthwise
-    return depthwise(x, kernel, strides)
+    if not model_parallel:
+        return _lax_depthwise(x, kernel, strides)
+    # The backward below is traced outside any `jax.default_matmul_precision` block the forward
+    # is in (MPL's h passes ask for 'highest'): it is carried along.
+    precision = jax.config.jax_default_matmul_precision
+    return _depthwise_with_tap_gradient(x, kernel, strides, precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_with_tap_gradient(x, kernel, strides):
-    return _lax_depthwise(x, kernel, strides)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_with_tap_gradient(x, kernel, strides, precision=None):
+    with jax.default_matmul_precision(precision):
+        return _lax_depthwise(x, kernel, strides)
 
 
-def _tap_forward(x, kernel, strides):
-    return _lax_depthwise(x, kernel, strides), (x, kernel)
+def _tap_forward(x, kernel, strides, precision=None):
+    with jax.default_matmul_precision(precision):
+        return _lax_depthwise(x, kernel, strides), (x, kernel)
 
 
-def _tap_backward(strides, residuals, dy):
+def _tap_backward(strides, precision, residuals, dy):
     """Input gradient: the conv's own transpose (partitioned correctly). Kernel gradient, one
     tap (i, j) at a time: dK[i, j, 0, c] = sum over n, h, w of
     x_padded[n, i + strides * h, j + strides * w, c] * dy[n, h, w, c], products and sums that
     the partitioner handles like any other reduction."""
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x: _lax_depthwise(x, kernel, strides), x)
-    (dx,) = input_vjp(dy)
+    with jax.default_matmul_precision(precision):
+        _, input_vjp = jax.vjp(lambda x: _lax_depthwise(x, kernel, strides), x)
+        (dx,) = input_vjp(dy)
     k = kernel.shape[0]
     (pad_h, pad_w) = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (strides, strides), 'SAME')
     x_padded = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))

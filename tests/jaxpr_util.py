@@ -1,0 +1,21 @@
+"""Reading traced programs in tests: the precision each matmul and convolution asks for."""
+
+import jax
+
+HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+
+
+def matmul_precisions(jaxpr) -> list:
+  """`precision` of every dot_general and conv_general_dilated in a (Closed)Jaxpr, sub-jaxprs
+  (jit, custom_vjp, remat, ...) included, in program order; None = the default."""
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
+      found.append(eqn.params['precision'])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          found += matmul_precisions(inner)
+  return found
