@@ -344,6 +344,23 @@ def test_tfds_dataset_not_prepared(tmp_path):
 
 
 @needs_tfds
+def test_a_missing_tfds_dataset_leaves_no_folder_in_tmp(tmp_path, monkeypatch):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  scratch = tmp_path / 'tmp'
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
+  for load in (lambda: datasets.load_dataset('cifar10', data_dir=str(tmp_path)),
+               lambda: streaming.get_builder('imagenet2012', str(tmp_path))):
+    with pytest.raises(DataError):
+      load()
+  assert os.listdir(scratch) == []
+  # Why datasets.tfds_builder exists: TFDS's own builder leaves an empty tmpXXXXtfds folder for
+  # a dataset that is not prepared. If this fails, TFDS no longer does, and the helper can go.
+  datasets.import_tfds().builder('cifar10', data_dir=str(tmp_path))
+  assert [name[-4:] for name in os.listdir(scratch)] == ['tfds']
+
+
+@needs_tfds
 def test_streaming_missing_imagenet(tmp_path):
   with pytest.raises(DataError, match='manual'):
     streaming.make_streaming_iterator(

@@ -309,16 +309,15 @@ def _fashion_mnist(data_dir: str | None, source: str) -> dict[str, np.ndarray]:
 
 def _fashion_mnist_tfds(data_dir: str | None) -> dict[str, np.ndarray]:
   """TFDS `fashion_mnist` from `data_dir`, built from the local IDX files when missing."""
-  tfds = import_tfds()
-  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+  builder = tfds_builder('fashion_mnist', data_dir)
   if not is_prepared(builder):
     # Runs started together on a fresh machine would otherwise all build it, and all but the
     # first fail when TFDS renames its finished folder into place.
     run_once_across_processes(
         os.path.join(builder.data_dir_root, '.fashion_mnist.lock'),
-        done=lambda: is_prepared(tfds.builder('fashion_mnist', data_dir=data_dir)),
+        done=lambda: is_prepared(tfds_builder('fashion_mnist', data_dir)),
         make=lambda: prepare_fashion_mnist_tfds(data_dir))
-    builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+    builder = tfds_builder('fashion_mnist', data_dir)
   out = {}
   for split in ('train', 'test'):
     images, labels = _tfds_split(builder, split)
@@ -447,6 +446,19 @@ def not_prepared_message(name: str, builder) -> str:
           f'holds {name}/>.')
 
 
+def tfds_builder(name: str, data_dir: str | None):
+  """tfds.builder(name, data_dir=data_dir), without the empty folder TFDS leaves in /tmp for
+  every dataset that is not prepared (its DatasetInfo.initialize_from_bucket calls mkdtemp and
+  never removes it: one per stand-in run, thousands over a few test runs)."""
+  tfds = import_tfds()
+  with tempfile.TemporaryDirectory(prefix='mpl_tfds_') as scratch:
+    saved, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      return tfds.builder(name, data_dir=data_dir)
+    finally:
+      tempfile.tempdir = saved
+
+
 def is_prepared(builder) -> bool:
   """builder.is_prepared(), without TFDS's warning about the folder it did not find (our
   DataError says it, with the fix; a Fashion-MNIST build then makes it)."""
@@ -455,8 +467,7 @@ def is_prepared(builder) -> bool:
 
 
 def _tfds_arrays(name: str, data_dir: str | None) -> tuple[dict[str, np.ndarray], int]:
-  tfds = import_tfds()
-  builder = tfds.builder(name, data_dir=data_dir)
+  builder = tfds_builder(name, data_dir)
   if not is_prepared(builder):
     raise DataError(not_prepared_message(name, builder))
   out = {}

@@ -55,8 +55,7 @@ def data_shard(process_index: int, process_count: int,
 
 def get_builder(name: str, data_dir: str | None):
   """The prepared TFDS builder of `name`; `DataError` saying how to provide it if missing."""
-  tfds = datasets.import_tfds()
-  builder = tfds.builder(name, data_dir=data_dir)
+  builder = datasets.tfds_builder(name, data_dir)
   if not datasets.is_prepared(builder):
     if name == 'imagenet2012':
       where = str(builder.data_dir_root)
