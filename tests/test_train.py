@@ -412,13 +412,14 @@ def test_flags_for_another_methods_block_are_named_as_unread(tmp_path):
   assert config_lib.unread_flags('supervised', argv) == argv[1:3] + argv[4:5]
   assert config_lib.unread_flags('mpl', argv) == [argv[2], argv[4]]
   assert config_lib.unread_flags('pseudo_label', argv) == [argv[1], argv[4]]
-  # What the user sees: one warning per flag, naming the fix; the run goes on.
+  # What the user sees: one warning per flag, naming the fix, before anything else is checked
+  # (here a bad total_steps then stops the run, before it compiles anything).
   command = [sys.executable, '-m', 'mpl.main', '--config', 'configs/two_moons.py:runlocal',
-             '--workdir', str(tmp_path / 'run'), '--config.total_steps=2',
+             '--workdir', str(tmp_path / 'run'), '--config.total_steps=0',
              '--config.mpl.feedback=exact']
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 2 and 'total_steps' in result.stderr, result.stderr[-2000:]
   assert ("--config.mpl.feedback=exact has no effect: method 'supervised' does not read the "
           "'mpl' block. For a run of method 'mpl', set the method: --config "
           "configs/two_moons.py:runlocal,method=mpl (where the config takes it) or "
