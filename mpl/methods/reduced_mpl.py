@@ -44,8 +44,10 @@ Two stages.
          (`base.unlabeled_views`) of the images whose clean-image distributions T_r labelled.
          f_old = CE(y_l, S(x_l)) before it, f_new = CE(y_l, S'(x_l)) after it, exactly as mpl.py
          (student in training mode both times, `reduced_mpl.h_pass` as `mpl.h_pass`: by default
-         one labeled-only pass with the same dropout masks before and after; batch statistics
-         of these passes are discarded). The student never trains on the labels directly.
+         one labeled-only pass with the same dropout masks before and after, at full float32
+         precision for any network dtype, `reduced_mpl.h_dtype` as `mpl.h_dtype`; batch
+         statistics of these passes are discarded). The student never trains on the labels
+         directly.
       3. Feedback h = f_old - f_new, moving baseline b <- d b + (1 - d) h (updated with the
          current h before it is subtracted, decay `reduced_mpl.baseline_decay`), and the
          reduced teacher's loss
