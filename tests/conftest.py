@@ -36,6 +36,22 @@ os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _temp_files_under_pytests_tmp(tmp_path_factory):
+  """Temporary files the libraries leave behind (a TFDS builder made directly, as the tests'
+  tiny datasets are, leaves an empty folder) go to pytest's own temporary tree, which pytest
+  prunes, not to /tmp; so do those of the subprocesses the tests start."""
+  scratch = str(tmp_path_factory.mktemp('tempfile'))
+  saved, saved_env = tempfile.tempdir, os.environ.get('TMPDIR')
+  tempfile.tempdir, os.environ['TMPDIR'] = scratch, scratch
+  yield
+  tempfile.tempdir = saved
+  if saved_env is None:
+    os.environ.pop('TMPDIR', None)
+  else:
+    os.environ['TMPDIR'] = saved_env
+
+
 def pytest_unconfigure(config):
   if _CACHE_OWNER:
     shutil.rmtree(os.environ['MPL_TEST_JAX_CACHE'], ignore_errors=True)

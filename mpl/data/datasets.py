@@ -29,6 +29,7 @@ TensorFlow is imported only inside the TFDS code paths; the rest works without i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import importlib.util
@@ -391,7 +392,8 @@ def prepare_fashion_mnist_tfds(data_dir: str | None = None,
     info = checksums.compute_url_info(os.path.join(manual_dir, fname))
     url = stock.URL + fname
     url_infos[url] = checksums.UrlInfo(size=info.size, checksum=info.checksum, filename=fname)
-  builder = _local_fashion_mnist_cls(stock, url_infos)(data_dir=data_dir)
+  with without_tfds_tmp_folders():
+    builder = _local_fashion_mnist_cls(stock, url_infos)(data_dir=data_dir)
   with tempfile.TemporaryDirectory(prefix='mpl_fashion_mnist_') as tmp:
     builder.download_and_prepare(
         download_dir=tmp,
@@ -446,17 +448,25 @@ def not_prepared_message(name: str, builder) -> str:
           f'holds {name}/>.')
 
 
-def tfds_builder(name: str, data_dir: str | None):
-  """tfds.builder(name, data_dir=data_dir), without the empty folder TFDS leaves in /tmp for
-  every dataset that is not prepared (its DatasetInfo.initialize_from_bucket calls mkdtemp and
-  never removes it: one per stand-in run, thousands over a few test runs)."""
-  tfds = import_tfds()
+@contextlib.contextmanager
+def without_tfds_tmp_folders():
+  """Runs TFDS code with `tempfile` pointed at a scratch folder, removed afterwards: a TFDS
+  builder of a dataset that is not prepared (its DatasetInfo.initialize_from_bucket) makes an
+  empty tmpXXXXtfds folder in /tmp and never removes it (one per stand-in run, thousands over a
+  few test runs)."""
   with tempfile.TemporaryDirectory(prefix='mpl_tfds_') as scratch:
     saved, tempfile.tempdir = tempfile.tempdir, scratch
     try:
-      return tfds.builder(name, data_dir=data_dir)
+      yield
     finally:
       tempfile.tempdir = saved
+
+
+def tfds_builder(name: str, data_dir: str | None):
+  """tfds.builder(name, data_dir=data_dir), leaving nothing in /tmp."""
+  tfds = import_tfds()
+  with without_tfds_tmp_folders():
+    return tfds.builder(name, data_dir=data_dir)
 
 
 def is_prepared(builder) -> bool:
