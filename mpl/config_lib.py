@@ -248,6 +248,20 @@ def _check_optimizer(key: str, opt: Any) -> None:
     check_range(f'{key}.{steps}', value(steps), at_least=0)
 
 
+def _check_student_feedback(key: str, block: Any) -> None:
+  """The settings MPL and Reduced MPL share: pseudo labels, how h is measured, its baseline,
+  the student's label smoothing, and both optimizers."""
+  from mpl.methods import mpl as mpl_method  # pylint: disable=g-import-not-at-top
+  check_choice(f'{key}.pseudo_label', block.pseudo_label, mpl_method.PSEUDO_LABELS)
+  check_choice(f'{key}.h_pass', block.h_pass, mpl_method.H_PASSES)
+  check_choice(f'{key}.h_dtype', block.h_dtype, mpl_method.H_DTYPES)
+  check_range(f'{key}.baseline_decay', block.baseline_decay, at_least=0, at_most=1)
+  check_range(f'{key}.student_label_smoothing', block.student_label_smoothing, at_least=0,
+              below=1)
+  for name in ('teacher_optimizer', 'student_optimizer'):
+    _check_optimizer(f'{key}.{name}', block[name])
+
+
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Every method's settings within their meaning, whichever method runs: a value outside
   (a negative lr, a threshold of 1.5, dropout 1) would train nonsense without an error."""
@@ -267,33 +281,20 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
   m = config.mpl
   check_choice('mpl.feedback', m.feedback, mpl_method.FEEDBACKS)
-  check_choice('mpl.pseudo_label', m.pseudo_label, mpl_method.PSEUDO_LABELS)
-  check_choice('mpl.h_pass', m.h_pass, mpl_method.H_PASSES)
-  check_choice('mpl.h_dtype', m.h_dtype, mpl_method.H_DTYPES)
+  _check_student_feedback('mpl', m)
   check_range('mpl.uda_threshold', m.uda_threshold, at_least=0, at_most=1)
   check_range('mpl.uda_temperature', m.uda_temperature, above=0)
   check_range('mpl.uda_weight', m.uda_weight, at_least=0)
   check_range('mpl.uda_ramp_steps', m.uda_ramp_steps, at_least=0)
-  check_range('mpl.baseline_decay', m.baseline_decay, at_least=0, at_most=1)
   check_range('mpl.teacher_labeled_weight', m.teacher_labeled_weight, at_least=0)
-  check_range('mpl.student_label_smoothing', m.student_label_smoothing, at_least=0, below=1)
   if m.get('teacher_model'):
     _check_model('mpl.teacher_model', m.teacher_model)
-  for name in ('teacher_optimizer', 'student_optimizer'):
-    _check_optimizer(f'mpl.{name}', m[name])
 
   r = config.reduced_mpl
   check_choice('reduced_mpl.teacher_source', r.teacher_source, reduced_mpl.TEACHER_SOURCES)
-  check_choice('reduced_mpl.pseudo_label', r.pseudo_label, mpl_method.PSEUDO_LABELS)
-  check_choice('reduced_mpl.h_pass', r.h_pass, mpl_method.H_PASSES)
-  check_choice('reduced_mpl.h_dtype', r.h_dtype, mpl_method.H_DTYPES)
-  check_range('reduced_mpl.baseline_decay', r.baseline_decay, at_least=0, at_most=1)
-  check_range('reduced_mpl.student_label_smoothing', r.student_label_smoothing, at_least=0,
-              below=1)
+  _check_student_feedback('reduced_mpl', r)
   for size in r.hidden_sizes:
     check_range('reduced_mpl.hidden_sizes entries', size, at_least=1)
-  for name in ('teacher_optimizer', 'student_optimizer'):
-    _check_optimizer(f'reduced_mpl.{name}', r[name])
 
   p = config.pseudo_label
   check_range('pseudo_label.rounds', p.rounds, at_least=0, why='(0: online)')
