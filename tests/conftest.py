@@ -42,14 +42,10 @@ def _temp_files_under_pytests_tmp(tmp_path_factory):
   tiny datasets are, leaves an empty folder) go to pytest's own temporary tree, which pytest
   prunes, not to /tmp; so do those of the subprocesses the tests start."""
   scratch = str(tmp_path_factory.mktemp('tempfile'))
-  saved, saved_env = tempfile.tempdir, os.environ.get('TMPDIR')
-  tempfile.tempdir, os.environ['TMPDIR'] = scratch, scratch
-  yield
-  tempfile.tempdir = saved
-  if saved_env is None:
-    os.environ.pop('TMPDIR', None)
-  else:
-    os.environ['TMPDIR'] = saved_env
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tempfile, 'tempdir', scratch)
+    patch.setenv('TMPDIR', scratch)
+    yield
 
 
 def pytest_unconfigure(config):

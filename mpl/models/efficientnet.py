@@ -184,7 +184,7 @@ def _depthwise_with_tap_gradient(x, kernel, strides, precision=None):
         return _lax_depthwise(x, kernel, strides)
 
 
-def _tap_forward(x, kernel, strides, precision=None):
+def _tap_forward(x, kernel, strides, precision):
     with jax.default_matmul_precision(precision):
         return _lax_depthwise(x, kernel, strides), (x, kernel)
 
