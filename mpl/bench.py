@@ -26,6 +26,14 @@ Memory: `memory_analysis` (per device: temporaries, arguments, outputs, aliased 
 first local device's `memory_stats()['peak_bytes_in_use']` (null where the backend has no
 allocator statistics, e.g. CPU).
 
+--profile DIR: then runs --profile_steps (3) more steps under the profiler, keeps the trace in
+DIR, and reports where the step's time goes (record key 'profile'; tables on stderr and in
+DIR/profile.txt): per kind of op (convolution, elementwise, ...), per stage of the update (MPL's
+named scopes: views, teacher_forward, student_step, ...), the heaviest ops. mpl/step_profile.py
+says how to read it.
+  python -m mpl.bench --config configs/cifar10_4k_mpl.py --config.data.standin=if_missing \
+      --config.model.dtype=bfloat16 --profile /tmp/profile_bf16
+
 --augment_only: times just the MPL strong view (`mpl.methods.base.strong_view`, called as the MPL
 method calls it, with the config's augment settings) on batch_size * mu random uint8 images of
 the config's image shape, sharded over the mesh's 'data' axis like a training batch.
@@ -82,7 +90,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from mpl import config_lib, methods, models, sharding, train
+from mpl import config_lib, methods, models, sharding, step_profile, train
 from mpl.data import datasets
 from mpl.methods import base
 from mpl.errors import ConfigError, DataError
@@ -144,9 +152,16 @@ def _check_counts(steps: int, warmup: int) -> None:
 
 
 def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = '',
-                     workdir: str | None = None) -> dict[str, Any]:
-  """Compiles and times `config`'s train step; returns the JSON-able record (module doc)."""
+                     workdir: str | None = None, profile_dir: str | None = None,
+                     profile_steps: int = 3) -> dict[str, Any]:
+  """Compiles and times `config`'s train step; returns the JSON-able record (module doc).
+
+  With `profile_dir`, `profile_steps` more steps then run under the profiler
+  (`mpl.step_profile`): the record's 'profile' says where the step's time goes.
+  """
   _check_counts(steps, warmup)
+  if profile_dir is not None and profile_steps < 1:
+    raise ConfigError(f'--profile_steps must be >= 1, got {profile_steps}.')
   with contextlib.ExitStack() as cleanup:
     if workdir is None:
       workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix='mpl_bench_'))
@@ -184,6 +199,14 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
+      profile = None
+      if profile_dir is not None:   # after the timing: tracing slows the steps it records
+        def run_step():
+          nonlocal state
+          state, step_metrics = compiled(state, jax.block_until_ready(next_input()))
+          jax.block_until_ready((state, step_metrics))
+        profile = step_profile.profile_steps(run_step, steps=profile_steps,
+                                             trace_dir=profile_dir, hlo_text=compiled.as_text())
       step = int(jax.device_get(state.step))
 
   step_ms = _summary(times)
@@ -221,6 +244,7 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       'memory_analysis': memory,
       'lower_s': lower_s,
       'compile_s': compile_s,
+      'profile': profile,
   }
 
 
@@ -574,6 +598,8 @@ def main(argv):
     if len(argv) > 1:
       raise ConfigError(f'unexpected arguments {argv[1:]}: every setting is a flag.')
     if FLAGS.dry_run:
+      if FLAGS.profile:
+        raise ConfigError('--profile times real steps; it does not go with --dry_run.')
       if not FLAGS.mesh:
         raise ConfigError('--dry_run needs --mesh MODEL or DATAxMODEL, e.g. --mesh 16.')
       data, model = parse_mesh(FLAGS.mesh)
@@ -584,12 +610,17 @@ def main(argv):
     elif FLAGS.mesh or FLAGS.data_replicas is not None:
       raise ConfigError('--mesh and --data_replicas go with --dry_run; a timed bench runs on '
                         'the mesh of the config (--config.mesh.data / --config.mesh.model).')
+    elif FLAGS.profile and FLAGS.augment_only:
+      raise ConfigError('--profile profiles the train step; it does not go with --augment_only.')
     elif FLAGS.augment_only:
       result = bench_augment(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                              name=_config_name())
     else:
       result = bench_train_step(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,
-                                name=_config_name(), workdir=FLAGS.workdir)
+                                name=_config_name(), workdir=FLAGS.workdir,
+                                profile_dir=FLAGS.profile, profile_steps=FLAGS.profile_steps)
+      if result['profile']:
+        print(step_profile.format_summary(result['profile']), file=sys.stderr)
   except (ConfigError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -614,6 +645,10 @@ def define_flags() -> None:
                        "real run (default: the config's mesh.data).")
   flags.DEFINE_bool('compile', True, 'With --dry_run: compile the step (for the temporaries); '
                     '--nocompile reports the exact state and batch bytes in seconds.')
+  flags.DEFINE_string('profile', None, 'Train step only: after the timed steps, profile '
+                      '--profile_steps more into this folder and report where the time goes '
+                      '(mpl/step_profile.py; tables on stderr and in DIR/profile.txt).')
+  flags.DEFINE_integer('profile_steps', 3, 'Steps traced by --profile.')
   flags.DEFINE_string('workdir', None, 'Where train.build writes the labeled split; default: a '
                       'temporary directory, removed afterwards.')
   flags.mark_flags_as_required(['config'])
@@ -623,7 +658,8 @@ def parse_flags(argv):
   """absl flag parsing; a config mistake is reported as one line (as mpl.main does)."""
   return config_lib.parse_flags_or_exit(
       argv, 'python -m mpl.bench --config configs/<file>.py[:args] [--steps N] [--warmup N] '
-      '[--augment_only | --dry_run --mesh [DATAx]MODEL [--tpu v3|v4|...] [--nocompile]] '
+      '[--profile DIR [--profile_steps N] | --augment_only | '
+      '--dry_run --mesh [DATAx]MODEL [--tpu v3|v4|...] [--nocompile]] '
       '[--config.key=value ...]')
 
 

@@ -657,8 +657,9 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
 
       def jit_update(update):
         def train_step(state, arrays):
-          batch = sample_batch(arrays, state.step, data_key, config.batch_size,
-                               unlabeled_batch)
+          with jax.named_scope('batch'):   # a stage of its own in a profile
+            batch = sample_batch(arrays, state.step, data_key, config.batch_size,
+                                 unlabeled_batch)
           batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
           return update(state, batch)
         return jax.jit(train_step, in_shardings=(state_sharding, replicated),

@@ -192,24 +192,26 @@ class MPL(base.Method):
       # Keep only the teacher's inputs for its backward and run its forward again there, so its
       # activations are not held through the student's step: memory for one more forward.
       teacher_forward = jax.checkpoint(teacher_forward)
-    teacher_logits, teacher_vjp, teacher_batch_stats = jax.vjp(
-        teacher_forward, teacher_params, has_aux=True)
+    with jax.named_scope('teacher_forward'):   # the scopes name the stages in a profile
+      teacher_logits, teacher_vjp, teacher_batch_stats = jax.vjp(
+          teacher_forward, teacher_params, has_aux=True)
     t_on_s = teacher_logits[n_l + n_u:]
 
     # 2. Pseudo labels on the strong view: hard (first_order) or soft (exact, official_release).
-    if c.feedback == 'first_order':
-      if c.pseudo_label == 'sample':
-        pseudo = jax.random.categorical(label_rng, jax.lax.stop_gradient(t_on_s))
+    with jax.named_scope('pseudo_labels'):
+      if c.feedback == 'first_order':
+        if c.pseudo_label == 'sample':
+          pseudo = jax.random.categorical(label_rng, jax.lax.stop_gradient(t_on_s))
+        else:
+          pseudo = jnp.argmax(t_on_s, axis=-1)
+        targets = jax.nn.one_hot(pseudo, t_on_s.shape[-1])
       else:
-        pseudo = jnp.argmax(t_on_s, axis=-1)
-      targets = jax.nn.one_hot(pseudo, t_on_s.shape[-1])
-    else:
-      targets = jax.nn.softmax(jax.lax.stop_gradient(t_on_s))
+        targets = jax.nn.softmax(jax.lax.stop_gradient(t_on_s))
 
     # 3. The student step, and its labeled loss before (f_old) and after (f_new).
     def labeled_loss(params, stats):
       """f = CE(y_l, S(x_l)) in training mode; its batch statistics are discarded."""
-      with self.h_context():
+      with jax.named_scope('h_pass'), self.h_context():
         logits, _ = base.apply_train(self.student_for_h, params, stats, x_l, student_new_rng)
       return jnp.mean(base.cross_entropy(logits, y_l))
 
@@ -236,12 +238,13 @@ class MPL(base.Method):
       f_new = labeled_loss(new_params, new_stats)
       return f_new, (new_params, new_stats, opt_state, f_old_in_pass, loss_u, grads)
 
-    if c.feedback == 'exact':
-      # d f_new / d targets, through the student's optimiser step (a second-order gradient).
-      (f_new, student_out), f_new_grad_targets = jax.value_and_grad(student_step, has_aux=True)(
-          targets)
-    else:
-      f_new, student_out = student_step(targets)
+    with jax.named_scope('student_step'):
+      if c.feedback == 'exact':
+        # d f_new / d targets, through the student's optimiser step (a second-order gradient).
+        (f_new, student_out), f_new_grad_targets = jax.value_and_grad(
+            student_step, has_aux=True)(targets)
+      else:
+        f_new, student_out = student_step(targets)
     student_params, student_stats, student_opt, f_old_in_pass, loss_u, student_grads = student_out
     f_old = f_old_paired if c.h_pass == 'paired' else f_old_in_pass
 
@@ -272,14 +275,16 @@ class MPL(base.Method):
       return total, {'loss_teacher': total, 'loss_teacher_labeled': labeled, 'loss_uda': uda,
                      'loss_mpl': feedback, 'uda_mask_rate': mask_rate}
 
-    logit_grads, teacher_metrics = jax.grad(teacher_objective, has_aux=True)(teacher_logits)
-    (teacher_grads,) = teacher_vjp(logit_grads)
-    updates, teacher_opt = self.teacher_tx.update(teacher_grads, state.opt_state['teacher'],
-                                                  teacher_params)
-    teacher_params = optax.apply_updates(teacher_params, updates)
+    with jax.named_scope('teacher_step'):
+      logit_grads, teacher_metrics = jax.grad(teacher_objective, has_aux=True)(teacher_logits)
+      (teacher_grads,) = teacher_vjp(logit_grads)
+      updates, teacher_opt = self.teacher_tx.update(teacher_grads, state.opt_state['teacher'],
+                                                    teacher_params)
+      teacher_params = optax.apply_updates(teacher_params, updates)
 
-    ema_params, ema_batch_stats = base.updated_ema(state, student_params, student_stats,
-                                                   self.ema_decay)
+    with jax.named_scope('ema'):
+      ema_params, ema_batch_stats = base.updated_ema(state, student_params, student_stats,
+                                                     self.ema_decay)
 
     metrics = {
         **teacher_metrics,

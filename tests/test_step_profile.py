@@ -1,0 +1,146 @@
+"""mpl.step_profile: where a train step's time goes (`mpl.bench --profile`).
+
+The kinds and stages are read from real compiled programs and real traces; the bookkeeping
+(time counted once, the union of overlapping ops) on events made up to the nanosecond.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mpl import bench, step_profile
+from mpl.step_profile import BACKWARD, UNSCOPED, OpEvent
+
+from test_bench import ROOT, load_config
+
+
+def _compiled_text(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_kinds_and_stages_of_a_compiled_gradient():
+  def loss(w, v, x):
+    with jax.named_scope('features'):
+      y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO',
+                                                                                  'NHWC'))
+      y = jnp.mean(jax.nn.relu(y), axis=(1, 2))
+    with jax.named_scope('head'):
+      return jnp.sum(jnp.tanh(y @ v))
+
+  x = jnp.ones((4, 16, 16, 3))
+  w = jnp.ones((3, 3, 3, 32)) * 0.01
+  v = jnp.ones((32, 64)) * 0.01
+  table = step_profile.op_table(_compiled_text(jax.grad(loss, argnums=(0, 1)), w, v, x))
+  pairs = set(table.values())
+  # The forward convolution, and the backward's (the weight gradient), each in its own stage.
+  assert ('convolution', 'features') in pairs, pairs
+  assert ('convolution', 'features' + BACKWARD) in pairs, pairs
+  assert ('matmul', 'head') in pairs, pairs
+  assert any(kind == 'reduction' and stage.startswith('features') for kind, stage in pairs), pairs
+  kinds = {kind for kind, _ in pairs}
+  assert kinds <= set(step_profile.KINDS), kinds
+
+
+@pytest.mark.parametrize('op_name, stage', [
+    ('jit(train_step)/teacher_forward/jvp(WideResNet)/block_1/conv/conv_general_dilated',
+     'teacher_forward'),
+    ('jit(train_step)/student_step/transpose(jvp(h_pass))/jvp(WideResNet)/mul',
+     'student_step/h_pass' + BACKWARD),
+    ('jit(train_step)/teacher_step/transpose(jvp())/add_any', 'teacher_step' + BACKWARD),
+    ('jit(train_step)/views/while/body/closed_call/vmap()/add', 'views'),
+    ('jit(train_step)/jvp(WideResNet)/Dropout_0/mul', UNSCOPED),   # a module is not a scope
+    ('jit(train_step)/jit(_uniform)/shift_right_logical', UNSCOPED),   # nor a nested jit
+    ('jit(train_step)/vmap()/cond/branch_1/mul', UNSCOPED),
+    ('jit(train_step)/mul', UNSCOPED),
+    ('', UNSCOPED),
+])
+def test_stage_of_reads_the_named_scopes(op_name, stage):
+  assert step_profile.stage_of(op_name) == stage
+
+
+def test_opcode_after_a_tuple_type():
+  assert step_profile._opcode('(f32[2]{0}, (s32[], u8[0]{0})) tuple(%a, %b)') == 'tuple'
+  assert step_profile._opcode('f32[8,4]{1,0} fusion(%p.1), kind=kLoop, calls=%fc.2') == 'fusion'
+  assert step_profile._opcode('f32[] constant(0)') == 'constant'
+
+
+def _event(op, start, duration, line='cpu|thread 1'):
+  return OpEvent(op=op, start_ns=start, duration_ns=duration, line=line)
+
+
+def test_time_is_counted_once():
+  events = [
+      _event('while.1', 0, 100),          # a loop around its body, on its own thread...
+      _event('body_a', 10, 30),           # ...whose body runs on the same thread
+      _event('body_b', 50, 40),
+      _event('nested', 55, 10),           # a grandchild: body_b is then a parent too
+      _event('while.2', 200, 50),         # a loop whose body ran on another thread
+      _event('body_c', 210, 30, line='cpu|thread 2'),
+      _event('loop_free', 300, 20),       # a plain op: kept
+      _event('marker', 400, 0),           # zero-length: no time
+  ]
+  leaves = step_profile.leaf_events(events, is_loop=lambda op: op.startswith('while'))
+  assert sorted(e.op for e in leaves) == ['body_a', 'body_c', 'loop_free', 'nested']
+  # busy = union of intervals: two threads overlapping count once.
+  overlapping = [_event('a', 0, 10), _event('b', 5, 10, line='cpu|thread 2'), _event('c', 30, 5)]
+  assert step_profile.busy_ns(overlapping) == 20
+
+
+def test_summary_sums_per_step():
+  table = {'conv.1': ('convolution', 'student_step'), 'fusion.2': ('elementwise', 'views')}
+  events = [_event('conv.1', 0, 3e6), _event('fusion.2', 3e6, 1e6),
+            _event('conv.1', 10e6, 3e6), _event('fusion.2', 13e6, 1e6),
+            _event('cublas-kernel', 14e6, 2e6)]   # not an op of this program
+  summary = step_profile.summarize(events, table, steps=2, wall_s=20e-3)
+  assert summary['wall_ms'] == pytest.approx(10)
+  assert summary['op_ms'] == pytest.approx(5)
+  assert summary['busy_ms'] == pytest.approx(5)
+  assert summary['by_kind']['convolution']['ms'] == pytest.approx(3)
+  assert summary['by_kind']['unattributed']['ms'] == pytest.approx(1)
+  assert summary['by_stage']['views']['share'] == pytest.approx(0.2)
+  top = summary['top_ops'][0]
+  assert (top['op'], top['kind'], top['runs_per_step']) == ('conv.1', 'convolution', 1)
+  assert 'student_step' in step_profile.format_summary(summary)
+
+
+def test_bench_profiles_the_mpl_step(tmp_path):
+  config = load_config('cifar10_4k_mpl.py', 'runlocal')
+  config.data.standin = 'always'
+  record = bench.bench_train_step(config, steps=1, warmup=1, workdir=str(tmp_path / 'w'),
+                                  profile_dir=str(tmp_path / 'profile'), profile_steps=2)
+  profile = record['profile']
+  assert os.path.isfile(profile['trace'])
+  assert (tmp_path / 'profile' / 'profile.txt').read_text().startswith('per step (2 profiled)')
+  assert record['final_step'] == 1 + 1 + 2   # the profiled steps run after the timed ones
+  # Every op the device ran is one of this program's, and the tables add up.
+  assert 'unattributed' not in profile['by_kind'], profile['by_kind']
+  assert profile['by_kind']['convolution']['ms'] > 0
+  if record['devices'] > 1:   # data parallel: the gradients' all-reduce
+    assert profile['by_kind']['collective']['ms'] > 0
+  for table in ('by_kind', 'by_stage'):
+    assert sum(row['ms'] for row in profile[table].values()) == pytest.approx(profile['op_ms'])
+  assert 0 < profile['busy_ms'] <= profile['op_ms'] * (1 + 1e-9)
+  assert profile['busy_ms'] <= profile['wall_ms'] * 1.01
+  # The MPL update's stages, each found in the trace.
+  stages = set(profile['by_stage'])
+  for stage in ('views', 'teacher_forward', 'h_pass', 'student_step', 'student_step/h_pass',
+                'student_step' + BACKWARD, 'teacher_step', 'teacher_step' + BACKWARD):
+    assert stage in stages, (stage, sorted(stages))
+  # One device's ops (the mesh has jax.device_count() of them): each op once per step.
+  assert record['devices'] == jax.device_count()
+  assert all(row['runs_per_step'] == 1 for row in profile['top_ops']), profile['top_ops']
+
+
+def test_bench_cli_refuses_profile_with_augment_only():
+  result = subprocess.run(
+      [sys.executable, '-m', 'mpl.bench', '--config', 'configs/two_moons.py:method=mpl,runlocal',
+       '--augment_only', '--profile', '/tmp/never_written'],
+      cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert '--profile profiles the train step' in result.stderr
+  assert not os.path.exists('/tmp/never_written')
