@@ -18,6 +18,7 @@
 #
 #   speed:   mpl.bench of configs/cifar10_4k_mpl.py (WRN-28-2, batch 128 + 7 x 128, 32x32x3,
 #            stand-in pixels) in float32 and bfloat16 (issue target: <= 32 ms/step in bf16),
+#            each with --profile (what limits the step: $OUT/profile_float32.txt, ..._bfloat16.txt),
 #            float32 with remat (its memory_analysis calibrates `mpl.bench --dry_run`), the
 #            strong augmentation alone (issue: images/s and share of the MPL step),
 #            supervised WRN-28-2 on all 60,000 Fashion-MNIST labels (issue target: >= 92 %),
@@ -132,9 +133,14 @@ case "${1:-}" in
     check_fresh fashion_all_wrn
     setup_device
     for dtype in float32 bfloat16; do
+      # --profile: 3 more steps traced after the timed ones; where the time goes, per kind of
+      # op and per stage of the MPL update, in $OUT/profile_$dtype.txt (the trace stays in /tmp).
       "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $BENCH_STEPS \
-        --config.data.standin=always --config.model.dtype=$dtype 2>"$OUT/bench_$dtype.err" |
+        --config.data.standin=always --config.model.dtype=$dtype \
+        --profile "/tmp/profile_$dtype" 2>"$OUT/bench_$dtype.err" |
         tee -a "$OUT/results.jsonl" || echo "bench $dtype failed" | tee -a "$OUT/errors.txt"
+      cp "/tmp/profile_$dtype/profile.txt" "$OUT/profile_$dtype.txt" 2>/dev/null ||
+        echo "no profile for $dtype" | tee -a "$OUT/errors.txt"
     done
     # Calibrates the CPU dry run: GPU memory_analysis with and without remat, fp32.
     "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $REMAT_STEPS --config.data.standin=always \

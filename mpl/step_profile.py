@@ -42,6 +42,7 @@ import glob
 import os
 import re
 import time
+import warnings
 from typing import Any, Callable, Iterable
 
 import jax
@@ -269,10 +270,14 @@ class OpEvent:
 
 
 def _stats(event) -> dict[str, Any]:
-  try:
-    return dict(event.stats)
-  except (TypeError, ValueError):
-    return {}
+  with warnings.catch_warnings():
+    # jaxlib on Python 3.12 builds the type of `stats` lazily, with a DeprecationWarning ("no
+    # __module__ attribute") that a warnings-as-errors setting turns into an abort.
+    warnings.simplefilter('ignore', DeprecationWarning)
+    try:
+      return dict(event.stats)
+    except (TypeError, ValueError):
+      return {}
 
 
 def read_events(xplane_path: str, module: str) -> list[OpEvent]:

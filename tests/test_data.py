@@ -165,6 +165,18 @@ def test_two_moons_and_digits():
   np.testing.assert_allclose(native.std, [x.std()], rtol=1e-9)
 
 
+def test_standin_data_holds_the_configs_labeled_split():
+  # The paper configs' benchmarks run on stand-in pixels: CIFAR-10-4K's split must fit.
+  config = config_lib.base_config()
+  config.dataset, config.num_labeled, config.data.standin = 'cifar10', 4000, 'always'
+  data = datasets.load_from_config(config)
+  assert data.train_images.shape == (8000, 32, 32, 3) and 'stand-in' in data.name
+  labeled = split.labeled_indices(data.train_labels, 4000, data.num_classes, seed=0)
+  assert np.all(np.bincount(data.train_labels[labeled]) == 400)
+  config.num_labeled = -1   # all: the small default
+  assert len(datasets.load_from_config(config).train_labels) == datasets.STANDIN_TRAIN_SIZE
+
+
 # --------------------------------------------------------------------------------------------
 # Labeled split.
 

@@ -144,8 +144,11 @@ def load_from_config(config) -> InMemoryDataset:
                       f'memory (set data.standin for a smoke test on random data).')
   logging.warning('Using random STAND-IN data with the shapes of %s (data.standin=%s): a smoke '
                   'test, not a result.', config.dataset, standin)
+  # Small, unless the config labels more (a paper config's full split, e.g. its benchmark):
+  # then its labeled split and as many unlabeled images again.
+  num_train = max(STANDIN_TRAIN_SIZE, 2 * int(config.num_labeled))
   return standin_dataset(config.dataset, image_size=config.data.image_size or None,
-                         seed=config.data.seed)
+                         num_train=num_train, seed=config.data.seed)
 
 
 # Examples in (train, test) of the datasets with stand-in shapes, for memory planning
@@ -168,7 +171,11 @@ STANDIN_SHAPES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-def standin_dataset(name: str, *, image_size: int | None = None, num_train: int = 512,
+STANDIN_TRAIN_SIZE = 512
+
+
+def standin_dataset(name: str, *, image_size: int | None = None,
+                    num_train: int = STANDIN_TRAIN_SIZE,
                     num_test: int = 256, seed: int = 0) -> InMemoryDataset:
   """Random uint8 images and balanced labels with the shapes of dataset `name`.
 
