@@ -12,7 +12,11 @@ and a student forward on 128; measure yours with
   python -m mpl.bench --config configs/cifar10_4k_mpl.py --steps 20 \
       --config.data.standin=if_missing
 (stand-in pixels where the dataset is not prepared: the speed does not depend on them) and
-multiply step_ms_median by 300,000 (the 1,000 finetune steps are cheap next to that).
+multiply step_ms_median by 300,000 (the 1,000 finetune steps are cheap next to that). Add
+`--profile DIR` to see where a step's time goes (mpl/step_profile.py). On a 2-core CPU
+(float32, --steps 1 --profile_steps 1): about 110 s a step, 3.66 TFLOP by XLA's count; 87 % of
+the op time in convolutions; by stage, the teacher's forward 18 %, its backward and update 47 %,
+the student's step 34 %, the two labeled passes that measure h 1 %, the views 0.1 %.
 
 Data: TFDS `cifar10`, prepared by the user (`python -c "import tensorflow_datasets as tfds;
 tfds.builder('cifar10').download_and_prepare()"` on a machine with network access, then

@@ -14,7 +14,11 @@
 # already finished there (summary.json), unless OVERWRITE=1.
 # Rehearsed on a CPU in a venv like the GPU image (Python 3.12, jax 0.11.2, numpy 2.5.2, no
 # TensorFlow / clu / ml_collections): `SMOKE=1 bash launch/gpu_figures.sh speed|compare` runs
-# every command on the runlocal configs in ~3 min each; both passed there.
+# every command on the runlocal configs in ~3 min each; both passed there. The full-size
+# commands, cut short ($BENCH_ARGS: more mpl.bench flags; $EXTRA: more --config flags for every
+# training run), e.g. for speed:
+#   BENCH_ARGS='--steps 1 --warmup 0 --profile_steps 1' EXTRA='--config.total_steps=4' \
+#     RUNS=/tmp/full_runs OUT=/tmp/full_out bash launch/gpu_figures.sh speed
 #
 #   speed:   mpl.bench of configs/cifar10_4k_mpl.py (WRN-28-2, batch 128 + 7 x 128, 32x32x3,
 #            stand-in pixels) in float32 and bfloat16 (issue target: <= 32 ms/step in bf16),
@@ -52,7 +56,7 @@ case "${1:-}" in
 esac
 if (( $# > 1 )); then
   refuse "unexpected arguments after '$1': ${*:2}; settings go in environment variables \
-(OUT, RUNS, STEPS, MODEL, EXTRA, RUN_TIMEOUT, SMOKE, PY, OVERWRITE), \
+(OUT, RUNS, STEPS, MODEL, EXTRA, BENCH_ARGS, RUN_TIMEOUT, SMOKE, PY, OVERWRITE), \
 e.g. STEPS=500 bash launch/gpu_figures.sh compare"
 fi
 RUNS=$(realpath -m "${RUNS:-/tmp/runs}")  # before the cd: a relative RUNS is the caller's
@@ -100,6 +104,14 @@ OVERWRITE=1 to replace it." >&2
   fi
 }
 
+bench() {  # bench NAME FLAGS...: one mpl.bench JSON line to results.jsonl, stderr to NAME.err
+  local name=$1
+  shift
+  # shellcheck disable=SC2086  # $BENCH_ARGS: more mpl.bench flags for every bench, word-split
+  "$PY" -m mpl.bench "$@" ${BENCH_ARGS:-} 2>"$OUT/$name.err" | tee -a "$OUT/results.jsonl" ||
+    echo "$name failed" | tee -a "$OUT/errors.txt"
+}
+
 fashion() {  # fashion NAME CONFIG_ARGS [--config.x=y ...]
   local name=$1 args=$2
   shift 2
@@ -135,26 +147,23 @@ case "${1:-}" in
     for dtype in float32 bfloat16; do
       # --profile: 3 more steps traced after the timed ones; where the time goes, per kind of
       # op and per stage of the MPL update, in $OUT/profile_$dtype.txt (the trace stays in /tmp).
-      "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $BENCH_STEPS \
-        --config.data.standin=always --config.model.dtype=$dtype \
-        --profile "/tmp/profile_$dtype" 2>"$OUT/bench_$dtype.err" |
-        tee -a "$OUT/results.jsonl" || echo "bench $dtype failed" | tee -a "$OUT/errors.txt"
+      rm -rf "/tmp/profile_$dtype"
+      bench "bench_$dtype" --config $BENCH_CONFIG --steps $BENCH_STEPS \
+        --config.data.standin=always --config.model.dtype=$dtype --profile "/tmp/profile_$dtype"
       cp "/tmp/profile_$dtype/profile.txt" "$OUT/profile_$dtype.txt" 2>/dev/null ||
         echo "no profile for $dtype" | tee -a "$OUT/errors.txt"
     done
     # Calibrates the CPU dry run: GPU memory_analysis with and without remat, fp32.
-    "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $REMAT_STEPS --config.data.standin=always \
-      --config.model.remat=True 2>"$OUT/bench_remat.err" | tee -a "$OUT/results.jsonl" ||
-      echo "bench remat failed" | tee -a "$OUT/errors.txt"
-    "$PY" -m mpl.bench --config $BENCH_CONFIG --augment_only --steps $BENCH_STEPS \
-      --config.data.standin=always 2>"$OUT/augment.err" | tee -a "$OUT/results.jsonl" ||
-      echo "augment bench failed" | tee -a "$OUT/errors.txt"
-    fashion fashion_all_wrn 'labels=-1' --config.eval_every=2500
+    bench bench_remat --config $BENCH_CONFIG --steps $REMAT_STEPS --config.data.standin=always \
+      --config.model.remat=True
+    bench augment --config $BENCH_CONFIG --augment_only --steps $BENCH_STEPS \
+      --config.data.standin=always
+    # shellcheck disable=SC2086
+    fashion fashion_all_wrn 'labels=-1' --config.eval_every=2500 ${EXTRA:-}
     # Last, as the first to lose if time runs out: what measuring h in float32 costs a bfloat16
     # step (mpl.h_dtype; the bfloat16 bench above has the default, 'float32').
-    "$PY" -m mpl.bench --config $BENCH_CONFIG --steps $BENCH_STEPS --config.data.standin=always \
-      --config.model.dtype=bfloat16 --config.mpl.h_dtype=model 2>"$OUT/bench_h_model.err" |
-      tee -a "$OUT/results.jsonl" || echo "bench h_dtype=model failed" | tee -a "$OUT/errors.txt"
+    bench bench_h_model --config $BENCH_CONFIG --steps $BENCH_STEPS --config.data.standin=always \
+      --config.model.dtype=bfloat16 --config.mpl.h_dtype=model
     ;;
   compare)
     check_fresh fm1000_supervised fm1000_mpl_{first_order,exact,official_release}
