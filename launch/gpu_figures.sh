@@ -16,13 +16,16 @@
 # TensorFlow / clu / ml_collections): `SMOKE=1 bash launch/gpu_figures.sh speed|compare` runs
 # every command on the runlocal configs in ~3 min each; both passed there. The full-size
 # commands, cut short ($BENCH_ARGS: more mpl.bench flags; $EXTRA: more --config flags for every
-# training run), e.g. for speed:
+# training run):
 #   BENCH_ARGS='--steps 1 --warmup 0 --profile_steps 1' EXTRA='--config.total_steps=4' \
-#     RUNS=/tmp/full_runs OUT=/tmp/full_out bash launch/gpu_figures.sh speed
+#     RUNS=/tmp/full_runs OUT=/tmp/full_out bash launch/gpu_figures.sh speed     (~35 min)
+#   STEPS=4 EXTRA='--config.batch_size=16 --config.mu=2 --config.eval_every=2' \
+#     RUNS=/tmp/full_runs OUT=/tmp/full_out bash launch/gpu_figures.sh compare   (~10 min)
+# also passed there.
 #
 #   speed:   mpl.bench of configs/cifar10_4k_mpl.py (WRN-28-2, batch 128 + 7 x 128, 32x32x3,
 #            stand-in pixels) in float32 and bfloat16 (issue target: <= 32 ms/step in bf16),
-#            each with --profile (what limits the step: $OUT/profile_float32.txt, ..._bfloat16.txt),
+#            the bfloat16 one with --profile (what limits the step: $OUT/profile_bfloat16.txt),
 #            float32 with remat (its memory_analysis calibrates `mpl.bench --dry_run`), the
 #            strong augmentation alone (issue: images/s and share of the MPL step),
 #            supervised WRN-28-2 on all 60,000 Fashion-MNIST labels (issue target: >= 92 %),
@@ -144,15 +147,17 @@ case "${1:-}" in
   speed)
     check_fresh fashion_all_wrn
     setup_device
-    for dtype in float32 bfloat16; do
-      # --profile: 3 more steps traced after the timed ones; where the time goes, per kind of
-      # op and per stage of the MPL update, in $OUT/profile_$dtype.txt (the trace stays in /tmp).
-      rm -rf "/tmp/profile_$dtype"
-      bench "bench_$dtype" --config $BENCH_CONFIG --steps $BENCH_STEPS \
-        --config.data.standin=always --config.model.dtype=$dtype --profile "/tmp/profile_$dtype"
-      cp "/tmp/profile_$dtype/profile.txt" "$OUT/profile_$dtype.txt" 2>/dev/null ||
-        echo "no profile for $dtype" | tee -a "$OUT/errors.txt"
-    done
+    bench bench_float32 --config $BENCH_CONFIG --steps $BENCH_STEPS --config.data.standin=always \
+      --config.model.dtype=float32
+    # --profile: 3 more steps traced after the timed ones (on a GPU, of the step compiled again
+    # with command buffers off); where the time goes, per kind of op and per stage of the MPL
+    # update, in $OUT/profile_bfloat16.txt (the trace stays in /tmp). bfloat16 only: the
+    # second compile costs device time.
+    rm -rf /tmp/profile_bfloat16
+    bench bench_bfloat16 --config $BENCH_CONFIG --steps $BENCH_STEPS --config.data.standin=always \
+      --config.model.dtype=bfloat16 --profile /tmp/profile_bfloat16
+    cp /tmp/profile_bfloat16/profile.txt "$OUT/profile_bfloat16.txt" 2>/dev/null ||
+      echo "no profile for bfloat16" | tee -a "$OUT/errors.txt"
     # Calibrates the CPU dry run: GPU memory_analysis with and without remat, fp32.
     bench bench_remat --config $BENCH_CONFIG --steps $REMAT_STEPS --config.data.standin=always \
       --config.model.remat=True
@@ -188,10 +193,11 @@ case "${1:-}" in
         echo "compare_runs failed" | tee -a "$OUT/errors.txt"
     fi
     # Last: h of the float32 MPL run measured at the GPU's default float32 precision (TF32) and
-    # at full float32 (mpl.h_dtype), 16 keys at mid-run. (SMOKE: its last checkpoint, as a
-    # bfloat16 network: a CPU's float32 is exact.)
+    # at full float32 (mpl.h_dtype), 16 keys at mid-run. (SMOKE: its last checkpoint. A CPU
+    # rehearsal measures it as a bfloat16 network: a CPU's float32 is exact, h_noise refuses.)
     h_args=(--step "$h_step")
-    [[ -n "${SMOKE:-}" ]] && h_args=(--dtype bfloat16)
+    [[ -n "${SMOKE:-}" ]] && h_args=()
+    [[ $(cat "$OUT/gpu.txt") == 'no GPU' ]] && h_args+=(--dtype bfloat16)
     "$PY" -m launch.h_noise "$RUNS/fm1000_mpl_first_order" --keys 16 --compare h_dtype \
       "${h_args[@]}" --out "$OUT/h_dtype.json" 2>"$OUT/h_dtype.err" | tee "$OUT/h_dtype.txt" ||
       echo "h_noise failed" | tee -a "$OUT/errors.txt"

@@ -30,7 +30,9 @@ allocator statistics, e.g. CPU).
 DIR, and reports where the step's time goes (record key 'profile'; tables on stderr and in
 DIR/profile.txt): per kind of op (convolution, elementwise, ...), per stage of the update (MPL's
 named scopes: views, teacher_forward, student_step, ...), the heaviest ops. mpl/step_profile.py
-says how to read it.
+says how to read it. On a GPU the traced program is the same step compiled with XLA's command
+buffers off (record key profile.compiler_options): inside a CUDA graph the profiler cannot tell
+the ops apart.
   python -m mpl.bench --config configs/cifar10_4k_mpl.py --config.data.standin=if_missing \
       --config.model.dtype=bfloat16 --profile /tmp/profile_bf16
 
@@ -83,7 +85,7 @@ import tempfile
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -146,6 +148,24 @@ def _device_info(mesh) -> dict[str, Any]:
           'platform': device.platform, 'mesh': {k: int(v) for k, v in mesh.shape.items()}}
 
 
+def _program_to_profile(lowered, compiled, mesh) -> tuple[Any, dict[str, str]]:
+  """The step a profile traces, and the XLA options it was compiled with.
+
+  On a GPU, the same lowered step compiled with command buffers off (the profiler cannot see
+  the ops inside one: mpl/step_profile.py); elsewhere the timed program itself. Should this
+  XLA refuse the options, the timed program is traced (with a warning), not nothing.
+  """
+  platform = mesh.devices.flat[0].platform
+  options = step_profile.PROFILE_COMPILER_OPTIONS.get(platform, {})
+  if not options:
+    return compiled, {}
+  try:
+    return lowered.compile(compiler_options=options), options
+  except Exception as e:  # pylint: disable=broad-except  # XLA's error types vary by version
+    logging.warning('profiling the timed program: compiling with %s failed (%s)', options, e)
+    return compiled, {}
+
+
 def _check_counts(steps: int, warmup: int) -> None:
   if steps < 1 or warmup < 0:
     raise ConfigError(f'--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}.')
@@ -201,12 +221,17 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
         times.append(time.perf_counter() - t0)
       profile = None
       if profile_dir is not None:   # after the timing: tracing slows the steps it records
+        profiled, options = _program_to_profile(lowered, compiled, experiment.mesh)
+
         def run_step():
           nonlocal state
-          state, step_metrics = compiled(state, jax.block_until_ready(next_input()))
+          state, step_metrics = profiled(state, jax.block_until_ready(next_input()))
           jax.block_until_ready((state, step_metrics))
+        if profiled is not compiled:
+          run_step()   # its first run is a warm-up, not traced
         profile = step_profile.profile_steps(run_step, steps=profile_steps,
-                                             trace_dir=profile_dir, hlo_text=compiled.as_text())
+                                             trace_dir=profile_dir, hlo_text=profiled.as_text(),
+                                             compiler_options=options)
       step = int(jax.device_get(state.step))
 
   step_ms = _summary(times)

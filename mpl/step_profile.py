@@ -28,10 +28,17 @@ Per step:
   - `busy_ms`: the time during which at least one op ran. `wall_ms - busy_ms` is time the
     device (or the CPU's XLA threads) had nothing to run: dispatch, launch gaps, the host.
 Time is counted once: an event that encloses others of its thread (a loop around its body) is
-left out. On a GPU, kernels come from the device's stream lines and are attributed by their
-`hlo_op` statistic; a kernel without one, or with a name not in the program (e.g. a CUDA graph
-that XLA replays as one command buffer), is 'unattributed' (listed by name in `top_ops`). If that
-share is large, profile again with XLA_FLAGS=--xla_gpu_enable_command_buffer= to see its ops.
+left out. On a GPU, kernels come from the device's stream lines and are attributed by the op
+their `hlo_op` statistic, or XLA's annotation of their launch, names; a kernel without one, or with a name not in the program, is 'unattributed'
+(listed by name in `top_ops`).
+
+GPU command buffers: by default XLA:GPU records runs of ops into CUDA graphs and replays each
+as one command buffer, and the profiler then names the command buffer, not the ops in it (the
+kernels lose their attribution). `mpl.bench --profile` therefore traces, on a GPU, the same
+lowered step compiled once more with command buffers off (`PROFILE_COMPILER_OPTIONS`; the
+timed figures are the default program's). The profile's wall time is then that program's: the
+launches the command buffers save show there, as `wall_ms - busy_ms`. An op that is still a
+command buffer (a profile of a program compiled with them) is kind 'command buffer'.
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ from typing import Any, Callable, Iterable
 import jax
 
 KINDS = ('convolution', 'matmul', 'elementwise', 'reduction', 'gather/scatter', 'copy/transpose',
-         'collective', 'control flow', 'other', 'unattributed')
+         'collective', 'control flow', 'command buffer', 'other', 'unattributed')
+# XLA options of the program a profile traces, per platform (module docstring).
+PROFILE_COMPILER_OPTIONS = {'gpu': {'xla_gpu_enable_command_buffer': ''}}
 UNSCOPED = '(unscoped)'
 BACKWARD = ' (backward)'
 
@@ -183,8 +192,12 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str]]:
   table, named = {}, {}
   for name, inst in instructions.items():
     opcodes, targets, op_name = computed(name, set())
-    kind = 'control flow' if inst.opcode in ('while', 'conditional') else _kind_of_opcodes(
-        opcodes, targets)
+    if inst.opcode in ('while', 'conditional'):
+      kind = 'control flow'
+    elif inst.opcode == 'call' and any(c.startswith('command_buffer') for c in inst.called):
+      kind = 'command buffer'   # its ops ran as one CUDA graph, unseen by the profiler
+    else:
+      kind = _kind_of_opcodes(opcodes, targets)
     table[name] = kind
     if op_name:
       named[name] = stage_of(op_name)
@@ -283,8 +296,8 @@ def _stats(event) -> dict[str, Any]:
 def read_events(xplane_path: str, module: str) -> list[OpEvent]:
   """The op events of `module` on the first device, from an .xplane.pb file.
 
-  Device planes (GPU, TPU): every event of the first device's kernel lines, with its 'hlo_op'
-  statistic when it has one. Otherwise (the CPU backend) the host plane's events that have an
+  Device planes (GPU, TPU): every event of the first device's kernel lines, with the op its
+  'hlo_op' statistic or its launch annotation names, when it has one. Otherwise (the CPU backend) the host plane's events that have an
   'hlo_op', of the lowest 'device_ordinal'. Events of other modules (other jitted programs)
   are left out, unless none has the module's name.
   """
@@ -304,13 +317,13 @@ def read_events(xplane_path: str, module: str) -> list[OpEvent]:
         continue
       for event in line.events:
         stats = _stats(event)
-        op = stats.get('hlo_op')
+        op, module_of_event = _op_and_module(stats)
         if op is None and device_plane is None:
           continue   # host bookkeeping, Python frames
         found.append((OpEvent(op=str(op or ''), start_ns=float(event.start_ns),
                               duration_ns=float(event.duration_ns),
                               line=f'{plane.name}|{line.name}'),
-                      stats.get('hlo_module'), stats.get('device_ordinal')))
+                      module_of_event, stats.get('device_ordinal')))
   if device_plane is None:
     ordinals = [o for _, _, o in found if o is not None]
     if ordinals:
@@ -319,6 +332,32 @@ def read_events(xplane_path: str, module: str) -> list[OpEvent]:
   if any(str(m) == module for _, m, _ in found):
     found = [f for f in found if f[1] is None or str(f[1]) == module]
   return [event for event, _, _ in found]
+
+
+_ANNOTATED = re.compile(r'\b(hlo_op|hlo_module)=([^,#:\s]+)')
+
+
+def _op_and_module(stats: dict[str, Any]) -> tuple[str | None, str | None]:
+  """The HLO op and module an event ran, from its 'hlo_op' / 'hlo_module' statistics.
+
+  A raw GPU trace has neither on its kernels: they carry the annotation XLA wrapped the
+  kernel's launch in (statistic 'annotation' or 'kernel_annotation'), an annotation stack such
+  as 'XlaModule:#hlo_module=jit_step,program_id=5#::Thunk:#hlo_op=loop_add_fusion.3#'. Its
+  innermost hlo_op and outermost hlo_module are taken.
+  """
+  op, module = stats.get('hlo_op'), stats.get('hlo_module')
+  if op is None:
+    annotation = stats.get('annotation', stats.get('kernel_annotation'))
+    if isinstance(annotation, bytes):
+      annotation = annotation.decode(errors='replace')
+    if isinstance(annotation, str):
+      found = collections.defaultdict(list)
+      for key, value in _ANNOTATED.findall(annotation):
+        found[key].append(value)
+      op = found['hlo_op'][-1] if found['hlo_op'] else None
+      if module is None and found['hlo_module']:
+        module = found['hlo_module'][0]
+  return op, module
 
 
 def _device_number(plane_name: str) -> int:
@@ -404,6 +443,9 @@ def format_summary(summary: dict[str, Any]) -> str:
   lines = [f"per step ({summary['steps']} profiled): wall {summary['wall_ms']:.2f} ms, "
            f"ops busy {summary['busy_ms']:.2f} ms, op time {summary['op_ms']:.2f} ms "
            f"({summary['events']} op runs)"]
+  if summary.get('compiler_options'):
+    lines.append('traced program compiled with ' + ', '.join(
+        f'{k}={v!r}' for k, v in summary['compiler_options'].items()))
   for title, table in (('kind', summary['by_kind']), ('stage', summary['by_stage'])):
     lines.append(f'\n{"by " + title:<34} {"ms/step":>9} {"share":>7}')
     lines += [f'{name:<34} {row["ms"]:>9.3f} {100 * row["share"]:>6.1f}%'
@@ -415,11 +457,13 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def profile_steps(run_step: Callable[[], Any], *, steps: int, trace_dir: str,
-                  hlo_text: str) -> dict[str, Any]:
+                  hlo_text: str, compiler_options: dict[str, str] | None = None
+                  ) -> dict[str, Any]:
   """Runs `run_step` (one blocking step) `steps` times under the profiler; the summary.
 
   The trace is kept in `trace_dir` (its .xplane.pb path is the summary's 'trace'), and the
-  tables are written next to it as profile.txt.
+  tables are written next to it as profile.txt. `compiler_options`: the XLA options the
+  program was compiled with, for the record.
   """
   if steps < 1:
     raise ValueError(f'profile steps must be >= 1, got {steps}')
@@ -437,6 +481,7 @@ def profile_steps(run_step: Callable[[], Any], *, steps: int, trace_dir: str,
   events = read_events(new[-1], module_name(hlo_text))
   summary = summarize(events, op_table(hlo_text), steps=steps, wall_s=wall_s)
   summary['trace'] = new[-1]
+  summary['compiler_options'] = dict(compiler_options or {})
   with open(os.path.join(trace_dir, 'profile.txt'), 'w') as f:
     f.write(format_summary(summary) + '\n')
   return summary

@@ -90,6 +90,48 @@ def test_time_is_counted_once():
   assert step_profile.busy_ns(overlapping) == 20
 
 
+# How XLA:GPU writes a run of ops it replays as one CUDA graph (command buffer).
+_COMMAND_BUFFER_HLO = """HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
+
+%fused_sine (param_0: f32[8]) -> f32[8] {
+  %param_0 = f32[8]{0} parameter(0)
+  ROOT %sine.1 = f32[8]{0} sine(f32[8]{0} %param_0), metadata={op_name="jit(step)/views/sin"}
+}
+
+%command_buffer (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %loop_sine_fusion = f32[8]{0} fusion(f32[8]{0} %p), kind=kLoop, calls=%fused_sine
+}
+
+ENTRY %main.7 (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  ROOT %call.4 = f32[8]{0} call(f32[8]{0} %x), to_apply=%command_buffer
+}
+"""
+
+
+def test_a_command_buffer_is_its_own_kind():
+  table = step_profile.op_table(_COMMAND_BUFFER_HLO)
+  assert table['call.4'] == ('command buffer', 'views')   # not the kind of what it holds
+  assert table['loop_sine_fusion'] == ('elementwise', 'views')
+  assert step_profile.module_name(_COMMAND_BUFFER_HLO) == 'jit_step'
+
+
+@pytest.mark.parametrize('stats, op_and_module', [
+    ({'hlo_op': 'fusion.3', 'hlo_module': 'jit_step', 'device_ordinal': 0},
+     ('fusion.3', 'jit_step')),
+    # A raw GPU trace: the annotation stack XLA wrapped the kernel's launch in.
+    ({'annotation': 'XlaModule:#hlo_module=jit_step,program_id=5#::'
+                    'Thunk:#hlo_op=loop_add_fusion.3#'}, ('loop_add_fusion.3', 'jit_step')),
+    ({'kernel_annotation': b'Thunk:#hlo_op=cudnn-conv.12,hlo_module=jit_step,program_id=2#'},
+     ('cudnn-conv.12', 'jit_step')),
+    ({'annotation': 'some_user_range'}, (None, None)),
+    ({'correlation_id': 7}, (None, None)),
+])
+def test_the_op_an_event_ran(stats, op_and_module):
+  assert step_profile._op_and_module(stats) == op_and_module
+
+
 def test_summary_sums_per_step():
   table = {'conv.1': ('convolution', 'student_step'), 'fusion.2': ('elementwise', 'views')}
   events = [_event('conv.1', 0, 3e6), _event('fusion.2', 3e6, 1e6),
@@ -116,6 +158,7 @@ def test_bench_profiles_the_mpl_step(tmp_path):
   assert os.path.isfile(profile['trace'])
   assert (tmp_path / 'profile' / 'profile.txt').read_text().startswith('per step (2 profiled)')
   assert record['final_step'] == 1 + 1 + 2   # the profiled steps run after the timed ones
+  assert profile['compiler_options'] == {}    # on a CPU: the timed program itself
   # Every op the device ran is one of this program's, and the tables add up.
   assert 'unattributed' not in profile['by_kind'], profile['by_kind']
   assert profile['by_kind']['convolution']['ms'] > 0
@@ -133,6 +176,26 @@ def test_bench_profiles_the_mpl_step(tmp_path):
   # One device's ops (the mesh has jax.device_count() of them): each op once per step.
   assert record['devices'] == jax.device_count()
   assert all(row['runs_per_step'] == 1 for row in profile['top_ops']), profile['top_ops']
+
+
+@pytest.mark.parametrize('option, applied', [('xla_gpu_enable_command_buffer', True),
+                                              ('xla_no_such_option', False)])
+def test_bench_profiles_a_program_compiled_with_the_profile_options(option, applied, tmp_path,
+                                                                    monkeypatch, caplog):
+  # What a GPU gets (command buffers off), here on the CPU; an option this XLA refuses must
+  # still leave a profile, of the timed program.
+  monkeypatch.setitem(step_profile.PROFILE_COMPILER_OPTIONS, 'cpu', {option: ''})
+  config = load_config('two_moons.py', 'method=mpl,runlocal')
+  record = bench.bench_train_step(config, steps=1, warmup=1, workdir=str(tmp_path / 'w'),
+                                  profile_dir=str(tmp_path / 'profile'), profile_steps=2)
+  profile = record['profile']
+  assert profile['compiler_options'] == ({option: ''} if applied else {})
+  warmup_of_the_new_program = 1 if applied else 0
+  assert record['final_step'] == 1 + 1 + warmup_of_the_new_program + 2
+  assert 'student_step' in profile['by_stage'], profile['by_stage']
+  assert ('compiling with' in caplog.text) != applied, caplog.text
+  text = (tmp_path / 'profile' / 'profile.txt').read_text()
+  assert (f"traced program compiled with {option}=''" in text) == applied, text
 
 
 def test_bench_cli_refuses_profile_with_augment_only():
