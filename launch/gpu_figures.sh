@@ -131,7 +131,17 @@ try:
   print(json.dumps({'run': name, 'steps': s['steps'], 'wall_s': s['wall_s'], 'final': s['final'],
                     'best': s['best'], 'median_last_20': s['median_last_20']}))
 except (OSError, ValueError, KeyError) as e:   # one failed run must not stop the rest
-  print(json.dumps({'run': name, 'error': f'no usable summary.json: {e!r}'}))
+  # A run cut by $RUN_TIMEOUT (SIGTERM: a checkpoint, no summary) still logged its evaluations.
+  evals = []
+  try:
+    for line in open(f'{workdir}/metrics.jsonl'):
+      record = json.loads(line)
+      if any(k.startswith('eval/') for k in record):
+        evals.append(record)
+  except (OSError, ValueError):
+    pass
+  print(json.dumps({'run': name, 'error': f'no usable summary.json: {e!r}',
+                    'last_eval': evals[-1] if evals else None}))
 EOF
 }
 
