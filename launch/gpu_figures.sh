@@ -7,7 +7,7 @@
 #     -> .gpu_carry/wheels (ml_collections: the GPU image lacks it; it has absl-py and PyYAML) and
 #        .gpu_carry/fashion-mnist (the Debian package's 4 files; the GPU machine has no network)
 # On the GPU (the `device` tool: run with carry [".gpu_carry"], timeout_s 580):
-#   bash launch/gpu_figures.sh speed     # ~5 min (estimate): MPL step fp32/bf16, augmentation, Fashion all labels
+#   bash launch/gpu_figures.sh speed     # ~8 min (estimate): MPL step fp32/bf16 + profile, augmentation, Fashion all labels
 #   bash launch/gpu_figures.sh compare   # ~7 min (estimate): Fashion-MNIST 1000 labels, supervised vs MPL x 3
 # Each training run is cut at $RUN_TIMEOUT s (default 240). Every result is one JSON line in $OUT (the device tool returns that folder) and in the log.
 # Runs go to $RUNS/NAME (default /tmp/runs); a mode refuses to start where one of its runs
@@ -90,6 +90,7 @@ setup_device() {
   fi
   { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo 'no GPU'; } |
     tee "$OUT/gpu.txt"
+  "$PY" -c 'import jax; print(jax.default_backend())' > "$OUT/backend.txt"   # gpu | cpu
 }
 
 # Each run starts afresh in $RUNS/NAME (always empty on the device machine). Elsewhere a
@@ -207,7 +208,7 @@ case "${1:-}" in
     # rehearsal measures it as a bfloat16 network: a CPU's float32 is exact, h_noise refuses.)
     h_args=(--step "$h_step")
     [[ -n "${SMOKE:-}" ]] && h_args=()
-    [[ $(cat "$OUT/gpu.txt") == 'no GPU' ]] && h_args+=(--dtype bfloat16)
+    [[ $(cat "$OUT/backend.txt") == cpu ]] && h_args+=(--dtype bfloat16)
     "$PY" -m launch.h_noise "$RUNS/fm1000_mpl_first_order" --keys 16 --compare h_dtype \
       "${h_args[@]}" --out "$OUT/h_dtype.json" 2>"$OUT/h_dtype.err" | tee "$OUT/h_dtype.txt" ||
       echo "h_noise failed" | tee -a "$OUT/errors.txt"

@@ -166,6 +166,30 @@ def _program_to_profile(lowered, compiled, mesh) -> tuple[Any, dict[str, str]]:
     return compiled, {}
 
 
+def _profile(lowered, compiled, mesh, state, next_input, *, profile_dir: str,
+             profile_steps: int) -> dict[str, Any]:
+  """`step_profile.profile_steps` of the step; the summary, with the state after it ('state').
+
+  A profile that fails (a tracer or trace format this code does not know) must not cost the
+  timed figures: its summary is then {'error': ...}.
+  """
+  try:
+    profiled, options = _program_to_profile(lowered, compiled, mesh)
+
+    def run_step():
+      nonlocal state
+      state, step_metrics = profiled(state, jax.block_until_ready(next_input()))
+      jax.block_until_ready((state, step_metrics))
+    if profiled is not compiled:
+      run_step()   # its first run is a warm-up, not traced
+    summary = step_profile.profile_steps(run_step, steps=profile_steps, trace_dir=profile_dir,
+                                         hlo_text=profiled.as_text(), compiler_options=options)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.exception('the profile failed; the timed figures stand')
+    summary = {'error': f'{type(e).__name__}: {e}'}
+  return {**summary, 'state': state}
+
+
 def _check_counts(steps: int, warmup: int) -> None:
   if steps < 1 or warmup < 0:
     raise ConfigError(f'--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}.')
@@ -221,17 +245,9 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
         times.append(time.perf_counter() - t0)
       profile = None
       if profile_dir is not None:   # after the timing: tracing slows the steps it records
-        profiled, options = _program_to_profile(lowered, compiled, experiment.mesh)
-
-        def run_step():
-          nonlocal state
-          state, step_metrics = profiled(state, jax.block_until_ready(next_input()))
-          jax.block_until_ready((state, step_metrics))
-        if profiled is not compiled:
-          run_step()   # its first run is a warm-up, not traced
-        profile = step_profile.profile_steps(run_step, steps=profile_steps,
-                                             trace_dir=profile_dir, hlo_text=profiled.as_text(),
-                                             compiler_options=options)
+        profile = _profile(lowered, compiled, experiment.mesh, state, next_input,
+                           profile_dir=profile_dir, profile_steps=profile_steps)
+        state = profile.pop('state')
       step = int(jax.device_get(state.step))
 
   step_ms = _summary(times)
@@ -644,7 +660,7 @@ def main(argv):
       result = bench_train_step(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                                 name=_config_name(), workdir=FLAGS.workdir,
                                 profile_dir=FLAGS.profile, profile_steps=FLAGS.profile_steps)
-      if result['profile']:
+      if result['profile'] and 'error' not in result['profile']:
         print(step_profile.format_summary(result['profile']), file=sys.stderr)
   except (ConfigError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -4,22 +4,24 @@ r"""Where a compiled train step spends its time: a profiler trace of a few steps
       --profile /tmp/profile
 
 After its timed steps, `mpl.bench --profile DIR` runs --profile_steps more steps of the same
-compiled step under `jax.profiler.trace(DIR)` (the trace stays there: TensorBoard's profile
+step (on a GPU compiled once more: see 'GPU command buffers' below) under `jax.profiler.trace(DIR)` (the trace stays there: TensorBoard's profile
 plugin, xprof or Perfetto open it) and reads it back with `jax.profiler.ProfileData`. Each XLA
 op the first device ran for the step is charged its time, per step, to
 
   - a kind, from the optimised HLO of the compiled step (`compiled.as_text()`): convolution,
     matmul, elementwise (loop fusions, lone elementwise ops), reduction, gather/scatter
     (gathers, scatters, dynamic slices, sorts), copy/transpose (layout changes and other data
-    movement), collective (all-reduce, all-gather, ...), control flow, other. A fusion takes
-    the kind of the heaviest thing it computes: a convolution with its batch norm fused in is a
+    movement), collective (all-reduce, all-gather, ...; their time includes waiting for the
+    other devices to get there), control flow, command buffer, other. A fusion takes the kind
+    of the heaviest thing it computes: a convolution with its batch norm fused in is a
     convolution.
   - a stage: the `jax.named_scope`s the update wraps its stages in, read from the op's metadata
     (MPL: views, teacher_forward, pseudo_labels, h_pass (f_old), student_step,
     student_step/h_pass (f_new), teacher_step, ema; the loop: batch), with ' (backward)' for ops
     of a gradient. Ops with no metadata (layout copies the compiler added; on a CPU, the weight
     gradients it rewrites) take the stage of the nearest op they feed, else of one they read.
-    '(unscoped)': outside every scope (the metrics).
+    '(unscoped)': outside every scope (the metrics); '(several stages)': ops XLA merged
+    across stages (a combined all-reduce of several stages' gradients).
 
 Per step:
   - `wall_ms`: host wall time (each step ended by block_until_ready), with the tracer running.
@@ -28,9 +30,11 @@ Per step:
   - `busy_ms`: the time during which at least one op ran. `wall_ms - busy_ms` is time the
     device (or the CPU's XLA threads) had nothing to run: dispatch, launch gaps, the host.
 Time is counted once: an event that encloses others of its thread (a loop around its body) is
-left out. On a GPU, kernels come from the device's stream lines and are attributed by the op
-their `hlo_op` statistic, or XLA's annotation of their launch, names; a kernel without one, or with a name not in the program, is 'unattributed'
-(listed by name in `top_ops`).
+left out. On a GPU, kernels (and copies) come from the device's stream lines and are
+attributed by the op their `hlo_op` statistic, or XLA's annotation of their launch, names; one
+without either, or with a name not in the program, is 'unattributed' (listed by name in
+`top_ops`). On a TPU, the ops are the events of the device's 'XLA Ops' line. `events` counts
+what ran: on a GPU kernels, and one op may launch several.
 
 GPU command buffers: by default XLA:GPU records runs of ops into CUDA graphs and replays each
 as one command buffer, and the profiler then names the command buffer, not the ops in it (the
@@ -60,15 +64,17 @@ KINDS = ('convolution', 'matmul', 'elementwise', 'reduction', 'gather/scatter', 
 PROFILE_COMPILER_OPTIONS = {'gpu': {'xla_gpu_enable_command_buffer': ''}}
 UNSCOPED = '(unscoped)'
 BACKWARD = ' (backward)'
+SEVERAL = '(several stages)'   # ops XLA merged across stages (a combined all-reduce)
 
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute',
                 'collective-broadcast', 'send', 'recv')
 _GATHER_SCATTER = ('gather', 'scatter', 'dynamic-slice', 'dynamic-update-slice', 'sort')
-_REDUCTIONS = ('reduce', 'reduce-window', 'select-and-scatter', 'reduce-precision')
+_REDUCTIONS = ('reduce', 'reduce-window', 'select-and-scatter')
 _LAYOUT = ('copy', 'transpose', 'bitcast', 'reshape', 'broadcast', 'parameter', 'constant',
            'tuple', 'get-tuple-element', 'slice', 'concatenate', 'pad', 'copy-start', 'copy-done',
            'bitcast-convert', 'iota')
 _CONTROL = ('while', 'conditional', 'call', 'async-start', 'async-done')
+_DEVICE_PLANES = ('/device:GPU:', '/device:TPU:')
 # Lines an XLA/xprof profile may derive from the kernel lines (they would count each op twice).
 _DERIVED_LINES = ('XLA Ops', 'XLA Modules', 'Steps', 'Framework Ops', 'Framework Name Scope',
                   'Source code', 'XLA TraceMe', 'Async XLA Ops', 'TensorFlow Ops',
@@ -93,19 +99,34 @@ _CALLED = re.compile(r'\b(?:calls|to_apply|body|condition|branch_computations)='
                      r'(\{[^}]*\}|%?[\w.\-]+)')
 
 
-def _opcode(rest: str) -> str:
-  """The opcode of an HLO instruction's right-hand side: after the result type, before '('."""
+def _after_result_type(rest: str) -> str:
+  """An HLO instruction's right-hand side without its result type: 'opcode(operands), ...'."""
   if rest.startswith('('):  # a tuple type, possibly nested and with spaces
     depth = 0
     for i, ch in enumerate(rest):
       depth += ch == '('
       depth -= ch == ')'
       if depth == 0:
-        rest = rest[i + 1:]
-        break
-  else:
-    rest = rest.split(' ', 1)[1] if ' ' in rest else ''
-  match = re.match(r'\s*([a-z][a-z0-9\-]*)\(', rest)
+        return rest[i + 1:].lstrip()
+    return ''
+  return rest.split(' ', 1)[1].lstrip() if ' ' in rest else ''
+
+
+def _operand_list(rest: str) -> str:
+  """The text between an HLO instruction's opcode and its attributes: its operands' list."""
+  text = _after_result_type(rest)
+  depth = 0
+  for i, ch in enumerate(text):
+    depth += ch == '('
+    depth -= ch == ')'
+    if ch == ')' and depth == 0:
+      return text[:i + 1]
+  return text
+
+
+def _opcode(rest: str) -> str:
+  """The opcode of an HLO instruction's right-hand side: after the result type, before '('."""
+  match = re.match(r'([a-z][a-z0-9\-]*)\(', _after_result_type(rest))
   return match.group(1) if match else ''
 
 
@@ -129,7 +150,7 @@ def parse_hlo(hlo_text: str) -> tuple[dict[str, Instruction], dict[str, list[str
       called += [c.strip().lstrip('%') for c in group.strip('{}').split(',') if c.strip()]
     target = re.search(r'custom_call_target="([^"]*)"', rest)
     op_name = re.search(r'op_name="([^"]*)"', rest)
-    operands = tuple(n for n in re.findall(r'%([\w.\-]+)', rest.split('), ', 1)[0])
+    operands = tuple(n for n in re.findall(r'%([\w.\-]+)', _operand_list(rest))
                      if n not in called)
     instructions[name] = Instruction(
         opcode=_opcode(rest), called=tuple(called), target=target.group(1) if target else '',
@@ -185,8 +206,7 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str]]:
           opcodes |= sub_ops
           targets |= sub_targets
           op_name = op_name or sub_name
-      opcodes.discard('fusion')
-      opcodes.discard('call')
+      opcodes -= {'fusion', 'call', 'async-start'}   # wrappers: the kind of what they wrap
     return opcodes, targets, op_name
 
   table, named = {}, {}
@@ -255,6 +275,11 @@ def stage_of(op_name: str) -> str:
   """
   if not op_name:
     return UNSCOPED
+  jitted, _, rest = op_name.partition('/')
+  if jitted.startswith('jit(') and rest.startswith('(') and rest.endswith(')'):
+    # Ops XLA merged (a combined all-reduce): 'jit(f)/(name_1:name_2:...)'.
+    stages = {stage_of(f'{jitted}/{name}') for name in rest[1:-1].split(':')}
+    return stages.pop() if len(stages) == 1 else SEVERAL
   parts = op_name.split('/')
   if parts[0].startswith('jit('):
     parts = parts[1:]
@@ -294,37 +319,50 @@ def _stats(event) -> dict[str, Any]:
 
 
 def read_events(xplane_path: str, module: str) -> list[OpEvent]:
-  """The op events of `module` on the first device, from an .xplane.pb file.
-
-  Device planes (GPU, TPU): every event of the first device's kernel lines, with the op its
-  'hlo_op' statistic or its launch annotation names, when it has one. Otherwise (the CPU backend) the host plane's events that have an
-  'hlo_op', of the lowest 'device_ordinal'. Events of other modules (other jitted programs)
-  are left out, unless none has the module's name.
-  """
+  """The op events of `module` on the first device, from an .xplane.pb file (`events_of`)."""
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
-  data = ProfileData.from_file(xplane_path)
-  planes = sorted((p for p in data.planes if p.name.startswith('/device:')),
-                  key=lambda p: _device_number(p.name))
-  device_plane = planes[0] if planes else None
-  if device_plane is None:
-    planes = [p for p in data.planes if p.name.startswith('/host:')]
-  else:
-    planes = [device_plane]
+  return events_of(ProfileData.from_file(xplane_path), module)
+
+
+def events_of(profile, module: str) -> list[OpEvent]:
+  """The op events of `module` on the first device of a profile (jax.profiler.ProfileData).
+
+  - GPU: every event of the first GPU's plane (its stream lines), with the op its 'hlo_op'
+    statistic or its launch annotation names (`_op_and_module`), '' where none does (time
+    still spent on the device: 'unattributed'). Lines derived from others (_DERIVED_LINES)
+    and the profiler's own overhead are left out.
+  - TPU: the events of the first TPU's 'XLA Ops' line, each named by its op.
+  - Otherwise (the CPU backend): the host plane's events that have an 'hlo_op', of the
+    lowest 'device_ordinal'.
+  Events of other modules (other jitted programs) are left out, unless none has the module's
+  name.
+  """
+  devices = sorted((p for p in profile.planes if p.name.startswith(_DEVICE_PLANES)),
+                   key=lambda p: _device_number(p.name))
   found = []   # (event, its module or None, its device ordinal or None)
-  for plane in planes:
+  if devices:
+    plane = devices[0]
+    on_tpu = plane.name.startswith('/device:TPU:')
     for line in plane.lines:
-      if line.name in _DERIVED_LINES:
+      if on_tpu != (line.name == 'XLA Ops'):   # a TPU's ops; else every line but those
+        continue
+      if not on_tpu and (line.name in _DERIVED_LINES or 'overhead' in line.name.lower()):
         continue
       for event in line.events:
         stats = _stats(event)
         op, module_of_event = _op_and_module(stats)
-        if op is None and device_plane is None:
-          continue   # host bookkeeping, Python frames
-        found.append((OpEvent(op=str(op or ''), start_ns=float(event.start_ns),
-                              duration_ns=float(event.duration_ns),
-                              line=f'{plane.name}|{line.name}'),
-                      module_of_event, stats.get('device_ordinal')))
-  if device_plane is None:
+        if op is None and on_tpu:
+          op = event.name
+        found.append((_op_event(event, op, plane, line), module_of_event, None))
+  else:
+    for plane in (p for p in profile.planes if p.name.startswith('/host:')):
+      for line in plane.lines:
+        for event in line.events:
+          stats = _stats(event)
+          op, module_of_event = _op_and_module(stats)
+          if op is not None:   # else host bookkeeping, Python frames
+            found.append((_op_event(event, op, plane, line), module_of_event,
+                          stats.get('device_ordinal')))
     ordinals = [o for _, _, o in found if o is not None]
     if ordinals:
       first = min(ordinals)
@@ -332,6 +370,11 @@ def read_events(xplane_path: str, module: str) -> list[OpEvent]:
   if any(str(m) == module for _, m, _ in found):
     found = [f for f in found if f[1] is None or str(f[1]) == module]
   return [event for event, _, _ in found]
+
+
+def _op_event(event, op: str | None, plane, line) -> OpEvent:
+  return OpEvent(op=str(op or ''), start_ns=float(event.start_ns),
+                 duration_ns=float(event.duration_ns), line=f'{plane.name}|{line.name}')
 
 
 _ANNOTATED = re.compile(r'\b(hlo_op|hlo_module)=([^,#:\s]+)')

@@ -7,13 +7,14 @@ The kinds and stages are read from real compiled programs and real traces; the b
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from mpl import bench, step_profile
-from mpl.step_profile import BACKWARD, UNSCOPED, OpEvent
+from mpl.step_profile import BACKWARD, SEVERAL, UNSCOPED, OpEvent
 
 from test_bench import ROOT, load_config
 
@@ -57,6 +58,11 @@ def test_kinds_and_stages_of_a_compiled_gradient():
     ('jit(train_step)/vmap()/cond/branch_1/mul', UNSCOPED),
     ('jit(train_step)/mul', UNSCOPED),
     ('', UNSCOPED),
+    # Ops XLA merged (a combined all-reduce): one stage if they share it, else several.
+    ('jit(train_step)/(student_step/jvp(WideResNet)/head_bn/reduce_sum:'
+     'student_step/jvp()/reduce_sum)', 'student_step'),
+    ('jit(train_step)/(teacher_step/transpose(jvp(WideResNet))/stem/conv_general_dilated:'
+     'teacher_step/jvp()/reduce_sum:reduce_sum)', SEVERAL),
 ])
 def test_stage_of_reads_the_named_scopes(op_name, stage):
   assert step_profile.stage_of(op_name) == stage
@@ -66,6 +72,38 @@ def test_opcode_after_a_tuple_type():
   assert step_profile._opcode('(f32[2]{0}, (s32[], u8[0]{0})) tuple(%a, %b)') == 'tuple'
   assert step_profile._opcode('f32[8,4]{1,0} fusion(%p.1), kind=kLoop, calls=%fc.2') == 'fusion'
   assert step_profile._opcode('f32[] constant(0)') == 'constant'
+
+
+_ASYNC_HLO = """HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
+
+%fused_exp (param_0: f32[8]) -> f32[8] {
+  %param_0 = f32[8]{0} parameter(0)
+  ROOT %exponential.1 = f32[8]{0} exponential(f32[8]{0} %param_0)
+}
+
+%wrapped (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %loop_exp_fusion = f32[8]{0} fusion(f32[8]{0} %p), kind=kLoop, calls=%fused_exp
+}
+
+ENTRY %main.9 (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %start = ((f32[8]{0}), f32[8]{0}, s32[]) async-start(f32[8]{0} %x), calls=%wrapped
+  %done = f32[8]{0} async-done(((f32[8]{0}), f32[8]{0}, s32[]) %start)
+  %conv = f32[8]{0} reduce-precision(f32[8]{0} %done), exponent_bits=8, mantissa_bits=7, metadata={op_name="jit(step)/ema/reduce_precision"}
+  ROOT %neg = f32[8]{0} negate(f32[8]{0} %conv), metadata={op_name="jit(step)/ema/neg"}
+}
+"""
+
+
+def test_kinds_of_wrapped_and_rounding_ops_and_operands_after_a_tuple_type():
+  table = step_profile.op_table(_ASYNC_HLO)
+  assert table['start'][0] == 'elementwise'        # the kind of what it runs, not a wrapper's
+  assert table['conv'] == ('elementwise', 'ema')   # rounding is elementwise, not a reduction
+  # Nameless ops inherit the stage of the op they feed, through a tuple-typed result too.
+  assert table['done'][1] == 'ema' and table['start'][1] == 'ema', table
+  instructions, _ = step_profile.parse_hlo(_ASYNC_HLO)
+  assert instructions['done'].operands == ('start',)
 
 
 def _event(op, start, duration, line='cpu|thread 1'):
@@ -125,11 +163,69 @@ def test_a_command_buffer_is_its_own_kind():
                     'Thunk:#hlo_op=loop_add_fusion.3#'}, ('loop_add_fusion.3', 'jit_step')),
     ({'kernel_annotation': b'Thunk:#hlo_op=cudnn-conv.12,hlo_module=jit_step,program_id=2#'},
      ('cudnn-conv.12', 'jit_step')),
+    ({'annotation': 'Thunk:#name=%fusion.4,hlo_op=fusion.4,unique_hlo_op_id=17#'},
+     ('fusion.4', None)),
     ({'annotation': 'some_user_range'}, (None, None)),
     ({'correlation_id': 7}, (None, None)),
 ])
 def test_the_op_an_event_ran(stats, op_and_module):
   assert step_profile._op_and_module(stats) == op_and_module
+
+
+def _plane(name, *lines):
+  return types.SimpleNamespace(name=name, lines=[
+      types.SimpleNamespace(name=line_name, events=[
+          types.SimpleNamespace(name=event_name, start_ns=start, duration_ns=duration,
+                                stats=stats)
+          for event_name, start, duration, stats in events])
+      for line_name, events in lines])
+
+
+def test_events_of_a_gpu_trace():
+  kernel = lambda op: {'hlo_op': op, 'hlo_module': 'jit_step', 'correlation_id': 1}
+  profile = types.SimpleNamespace(planes=[
+      _plane('/host:CPU', ('python', [('train_step', 0, 100, {})])),
+      _plane('/device:GPU:1', ('Stream #7(Kernel)', [('k', 0, 10, kernel('fusion.2'))])),
+      _plane('/device:GPU:0',
+             ('Stream #7(Kernel)', [
+                 ('loop_add_fusion', 0, 10, kernel('fusion.1')),
+                 ('sm90_xmma_fprop', 10, 30, {'annotation':
+                                              'Thunk:#name=conv,hlo_op=cudnn-conv.3,'
+                                              'hlo_module=jit_step,unique_hlo_op_id=4#'}),
+                 ('other_program', 40, 5, {'hlo_op': 'fusion.9', 'hlo_module': 'jit_init'}),
+                 ('memcpy', 45, 2, {})]),
+             ('CUPTI overhead', [('overhead', 0, 50, {})]),
+             ('XLA Ops', [('fusion.1', 0, 10, kernel('fusion.1'))])),   # derived: not twice
+  ])
+  events = step_profile.events_of(profile, 'jit_step')
+  assert [(e.op, e.duration_ns) for e in events] == [('fusion.1', 10), ('cudnn-conv.3', 30),
+                                                    ('', 2)]
+  assert {e.line for e in events} == {'/device:GPU:0|Stream #7(Kernel)'}
+
+
+def test_events_of_a_tpu_trace():
+  profile = types.SimpleNamespace(planes=[
+      _plane('/device:TPU:0', ('Steps', [('1', 0, 100, {})]),
+             ('XLA Modules', [('jit_step(5)', 0, 100, {})]),
+             ('XLA Ops', [('fusion.1', 0, 40, {}), ('convolution.2', 40, 50, {})])),
+      _plane('/device:TPU:1', ('XLA Ops', [('fusion.1', 0, 40, {})])),
+  ])
+  events = step_profile.events_of(profile, 'jit_step')
+  assert [(e.op, e.duration_ns) for e in events] == [('fusion.1', 40), ('convolution.2', 50)]
+
+
+def test_events_of_a_cpu_trace_ignore_other_planes():
+  profile = types.SimpleNamespace(planes=[
+      _plane('/device:CUSTOM:0', ('x', [('y', 0, 1, {'hlo_op': 'fusion.7'})])),
+      _plane('/host:CPU', ('tf_XLAPjRtCpuClient', [
+          ('fusion.1', 0, 10, {'hlo_op': 'fusion.1', 'hlo_module': 'jit_step',
+                               'device_ordinal': 1}),
+          ('fusion.1', 0, 12, {'hlo_op': 'fusion.1', 'hlo_module': 'jit_step',
+                               'device_ordinal': 0}),
+          ('PjitFunction', 0, 50, {})])),   # host bookkeeping
+  ])
+  events = step_profile.events_of(profile, 'jit_step')
+  assert [(e.op, e.duration_ns) for e in events] == [('fusion.1', 12)]
 
 
 def test_summary_sums_per_step():
@@ -196,6 +292,17 @@ def test_bench_profiles_a_program_compiled_with_the_profile_options(option, appl
   assert ('compiling with' in caplog.text) != applied, caplog.text
   text = (tmp_path / 'profile' / 'profile.txt').read_text()
   assert (f"traced program compiled with {option}=''" in text) == applied, text
+
+
+def test_a_failed_profile_keeps_the_timed_figures(tmp_path, monkeypatch):
+  def trace_format_unknown(*args, **kwargs):
+    raise ValueError('a trace this code does not know')
+  monkeypatch.setattr(step_profile, 'profile_steps', trace_format_unknown)
+  config = load_config('two_moons.py', 'method=mpl,runlocal')
+  record = bench.bench_train_step(config, steps=2, warmup=1, workdir=str(tmp_path / 'w'),
+                                  profile_dir=str(tmp_path / 'profile'))
+  assert record['profile'] == {'error': 'ValueError: a trace this code does not know'}
+  assert record['step_ms_median'] > 0 and record['final_step'] == 3
 
 
 def test_bench_cli_refuses_profile_with_augment_only():
