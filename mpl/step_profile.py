@@ -318,12 +318,6 @@ def _stats(event) -> dict[str, Any]:
       return {}
 
 
-def read_events(xplane_path: str, module: str) -> list[OpEvent]:
-  """The op events of `module` on the first device, from an .xplane.pb file (`events_of`)."""
-  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
-  return events_of(ProfileData.from_file(xplane_path), module)
-
-
 def events_of(profile, module: str) -> list[OpEvent]:
   """The op events of `module` on the first device of a profile (jax.profiler.ProfileData).
 
@@ -486,6 +480,7 @@ def format_summary(summary: dict[str, Any]) -> str:
   lines = [f"per step ({summary['steps']} profiled): wall {summary['wall_ms']:.2f} ms, "
            f"ops busy {summary['busy_ms']:.2f} ms, op time {summary['op_ms']:.2f} ms "
            f"({summary['events']} op runs)"]
+  lines += [f'NOTE: {note}' for note in summary.get('notes', ())]
   if summary.get('compiler_options'):
     lines.append('traced program compiled with ' + ', '.join(
         f'{k}={v!r}' for k, v in summary['compiler_options'].items()))
@@ -497,6 +492,18 @@ def format_summary(summary: dict[str, Any]) -> str:
   lines += [f'{row["op"][:34]:<34} {row["ms"]:>9.3f} {100 * row["share"]:>6.1f}%  '
             f'{row["kind"]}, {row["stage"]}' for row in summary['top_ops']]
   return '\n'.join(lines)
+
+
+def _trace_notes(profile, events: list[OpEvent], backend: str) -> list[str]:
+  """What the reader of a profile must know about the trace it came from."""
+  notes = []
+  if backend != 'cpu' and not any(p.name.startswith(_DEVICE_PLANES) for p in profile.planes):
+    notes.append(f'the trace has no {backend.upper()} plane: these are the host\'s launch '
+                 'times, not the device\'s (on a GPU the profiler needs CUPTI, from the '
+                 'nvidia-cuda-cupti package)')
+  if not events:
+    notes.append('no op of this program is in the trace')
+  return notes
 
 
 def profile_steps(run_step: Callable[[], Any], *, steps: int, trace_dir: str,
@@ -521,10 +528,13 @@ def profile_steps(run_step: Callable[[], Any], *, steps: int, trace_dir: str,
                - before, key=os.path.getmtime)
   if not new:
     raise RuntimeError(f'the profiler wrote no .xplane.pb under {trace_dir}')
-  events = read_events(new[-1], module_name(hlo_text))
+  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+  profile = ProfileData.from_file(new[-1])
+  events = events_of(profile, module_name(hlo_text))
   summary = summarize(events, op_table(hlo_text), steps=steps, wall_s=wall_s)
   summary['trace'] = new[-1]
   summary['compiler_options'] = dict(compiler_options or {})
+  summary['notes'] = _trace_notes(profile, events, jax.default_backend())
   with open(os.path.join(trace_dir, 'profile.txt'), 'w') as f:
     f.write(format_summary(summary) + '\n')
   return summary

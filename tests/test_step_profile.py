@@ -228,6 +228,17 @@ def test_events_of_a_cpu_trace_ignore_other_planes():
   assert [(e.op, e.duration_ns) for e in events] == [('fusion.1', 12)]
 
 
+def test_a_trace_without_the_device_says_so():
+  host_only = types.SimpleNamespace(planes=[_plane('/host:CPU', ('python', []))])
+  some_op = [_event('fusion.1', 0, 1)]
+  assert step_profile._trace_notes(host_only, some_op, 'cpu') == []
+  (note,) = step_profile._trace_notes(host_only, some_op, 'gpu')
+  assert note.startswith('the trace has no GPU plane') and 'CUPTI' in note
+  with_gpu = types.SimpleNamespace(planes=[_plane('/device:GPU:0', ('Stream #7', []))])
+  assert step_profile._trace_notes(with_gpu, [], 'gpu') == [
+      'no op of this program is in the trace']
+
+
 def test_summary_sums_per_step():
   table = {'conv.1': ('convolution', 'student_step'), 'fusion.2': ('elementwise', 'views')}
   events = [_event('conv.1', 0, 3e6), _event('fusion.2', 3e6, 1e6),
@@ -255,6 +266,7 @@ def test_bench_profiles_the_mpl_step(tmp_path):
   assert (tmp_path / 'profile' / 'profile.txt').read_text().startswith('per step (2 profiled)')
   assert record['final_step'] == 1 + 1 + 2   # the profiled steps run after the timed ones
   assert profile['compiler_options'] == {}    # on a CPU: the timed program itself
+  assert profile['notes'] == []
   # Every op the device ran is one of this program's, and the tables add up.
   assert 'unattributed' not in profile['by_kind'], profile['by_kind']
   assert profile['by_kind']['convolution']['ms'] > 0
@@ -269,9 +281,12 @@ def test_bench_profiles_the_mpl_step(tmp_path):
   for stage in ('views', 'teacher_forward', 'h_pass', 'student_step', 'student_step/h_pass',
                 'student_step' + BACKWARD, 'teacher_step', 'teacher_step' + BACKWARD):
     assert stage in stages, (stage, sorted(stages))
-  # One device's ops (the mesh has jax.device_count() of them): each op once per step.
-  assert record['devices'] == jax.device_count()
-  assert all(row['runs_per_step'] == 1 for row in profile['top_ops']), profile['top_ops']
+  # One device's ops (the mesh has jax.device_count() of them): each op as often in every
+  # step (once, or a whole number of times in a loop), not once per device.
+  assert record['devices'] == jax.device_count() == 8
+  runs = [row['runs_per_step'] for row in profile['top_ops']]
+  assert all(r == int(r) and 1 <= r < 8 for r in runs), profile['top_ops']
+  assert runs.count(1) > len(runs) / 2, profile['top_ops']
 
 
 @pytest.mark.parametrize('option, applied', [('xla_gpu_enable_command_buffer', True),
