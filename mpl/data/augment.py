@@ -663,7 +663,25 @@ def _batched(fn, rng, images, num_uniforms, **kw):
   """
   u = jax.random.uniform(rng, (images.shape[0], num_uniforms))
   fn = functools.partial(fn, q=_is_int(images.dtype), **kw)
-  return _from_work(jax.vmap(fn)(u, _to_work(images)), images.dtype)
+  per_image = lambda u, x: _from_work(jax.vmap(fn)(u, _to_work(x)), images.dtype)
+  return _on_each_data_shard(per_image, u, images)
+
+
+def _on_each_data_shard(f, u, images):
+  """f(u, images), each device augmenting the images of its own 'data' shard.
+
+  Under a mesh that splits the batch over 'data', XLA's SPMD partitioner does not see that the
+  vmapped ops are independent per image: Equalize's one flat histogram for the batch (a
+  scatter-add) and its lookup (a gather) came out as an all-reduce and an all-gather of the
+  whole batch's histograms, in every RandAugment layer. A shard_map over 'data' keeps the
+  work per device; the images and the result are the same (tests/test_augment.py).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = 1 if mesh.empty else dict(mesh.shape).get('data', 1)
+  if shards == 1 or images.shape[0] % shards:
+    return f(u, images)
+  spec = jax.sharding.PartitionSpec('data')
+  return jax.shard_map(f, in_specs=(spec, spec), out_specs=spec, check_vma=False)(u, images)
 
 
 def weak_view(rng, images, *, pad: int = 4, pad_mode: str = 'reflect', flip: bool = True,
