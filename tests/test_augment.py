@@ -417,11 +417,13 @@ def test_methods_take_their_views_from_the_config(method):
   np.testing.assert_array_equal(x_s, x)
 
 
-@pytest.mark.parametrize('view', ['strong_mpl', 'strong_fixmatch', 'weak'])
-def test_views_of_a_batch_split_over_data_are_computed_per_device(view):
-  # Under a mesh that splits the batch over 'data', each device augments its own images: no
-  # collective in the program (Equalize's batch-wide histogram used to be all-reduced), and
-  # the same images as without the mesh.
+@pytest.mark.parametrize('view, mesh_shape', [('strong_mpl', (8, 1)), ('strong_fixmatch', (8, 1)),
+                                              ('weak', (8, 1)), ('strong_mpl', (4, 2)),
+                                              ('strong_mpl', (1, 8))])
+def test_views_of_a_batch_on_a_mesh_are_computed_per_device(view, mesh_shape):
+  # Each device augments whole images of its own: no collective in the program (Equalize's
+  # batch-wide histogram used to be all-reduced over 'data'; with 'model' > 1 every device of
+  # a replica augmented all its images), and the same images as without the mesh.
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   from mpl import step_profile
   fn = {'strong_mpl': functools.partial(augment.strong_view, variant='mpl', magnitude=16.),
@@ -429,14 +431,16 @@ def test_views_of_a_batch_split_over_data_are_computed_per_device(view):
         'weak': augment.weak_view}[view]
   key = jax.random.PRNGKey(3)
   images = jnp.asarray(_image(0, (16, 32, 32, 3)), jnp.uint8)
-  odd_batch = images[:12]   # not divisible by the 8 devices: computed as without the mesh
+  odd_batch = images[:12]   # not divisible by the 8 devices: split less, or not at all
   expected = [np.asarray(jax.jit(fn)(key, x)) for x in (images, odd_batch)]
-  mesh = jax.make_mesh((8, 1), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+  mesh = jax.make_mesh(mesh_shape, ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
-    split = jax.device_put(images, NamedSharding(mesh, P('data')))
+    batch = jax.device_put(images, NamedSharding(mesh, P('data')))   # as the loop places it
     step = jax.jit(fn)
-    np.testing.assert_array_equal(np.asarray(step(key, split)), expected[0])
+    out = step(key, batch)
+    np.testing.assert_array_equal(np.asarray(out), expected[0])
     np.testing.assert_array_equal(np.asarray(step(key, odd_batch)), expected[1])
     kinds = {kind for kind, _ in step_profile.op_table(
-        step.lower(key, split).compile().as_text()).values()}
+        step.lower(key, batch).compile().as_text()).values()}
   assert 'collective' not in kinds, kinds
+  assert out.sharding.shard_shape(out.shape)[0] == 16 // 8   # whole images, 2 per device

@@ -668,19 +668,27 @@ def _batched(fn, rng, images, num_uniforms, **kw):
 
 
 def _on_each_data_shard(f, u, images):
-  """f(u, images), each device augmenting the images of its own 'data' shard.
+  """f(u, images), each device augmenting whole images of its own: the batch split over the
+  mesh ('data', and 'model' too where the batch divides both).
 
   Under a mesh that splits the batch over 'data', XLA's SPMD partitioner does not see that the
   vmapped ops are independent per image: Equalize's one flat histogram for the batch (a
   scatter-add) and its lookup (a gather) came out as an all-reduce and an all-gather of the
-  whole batch's histograms, in every RandAugment layer. A shard_map over 'data' keeps the
-  work per device; the images and the result are the same (tests/test_augment.py).
+  whole batch's histograms, in every RandAugment layer. And with 'model' > 1 every device of a
+  replica held (and augmented) all of the replica's images. A shard_map keeps the work per
+  device; the images are the same (tests/test_augment.py). The model then lays them out as it
+  needs (e.g. width strips over 'model').
   """
   mesh = jax.sharding.get_abstract_mesh()
-  shards = 1 if mesh.empty else dict(mesh.shape).get('data', 1)
-  if shards == 1 or images.shape[0] % shards:
+  if mesh.empty:
     return f(u, images)
-  spec = jax.sharding.PartitionSpec('data')
+  sizes = dict(mesh.shape)
+  axes = tuple(a for a in ('data', 'model') if sizes.get(a, 1) > 1)
+  if axes and images.shape[0] % math.prod(sizes[a] for a in axes):
+    axes = ('data',) if sizes.get('data', 1) > 1 and images.shape[0] % sizes['data'] == 0 else ()
+  if not axes:
+    return f(u, images)
+  spec = jax.sharding.PartitionSpec(axes)
   return jax.shard_map(f, in_specs=(spec, spec), out_specs=spec, check_vma=False)(u, images)
 
 
