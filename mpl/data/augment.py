@@ -664,10 +664,10 @@ def _batched(fn, rng, images, num_uniforms, **kw):
   u = jax.random.uniform(rng, (images.shape[0], num_uniforms))
   fn = functools.partial(fn, q=_is_int(images.dtype), **kw)
   per_image = lambda u, x: _from_work(jax.vmap(fn)(u, _to_work(x)), images.dtype)
-  return _on_each_data_shard(per_image, u, images)
+  return _per_device(per_image, u, images)
 
 
-def _on_each_data_shard(f, u, images):
+def _per_device(f, u, images):
   """f(u, images), each device augmenting whole images of its own: the batch split over the
   mesh ('data', and 'model' too where the batch divides both).
 
