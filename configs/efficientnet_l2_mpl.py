@@ -22,13 +22,16 @@ prints per-device bytes of parameters, optimizer states, EMA, batch statistics a
 step's temporaries, and whether they fit (see mpl/bench.py; `--tpu` needs libtpu, without it the
 step is compiled for fake CPU devices, a rough upper estimate). Measured with the TPU v3
 compiler: parameters 241 MB, optimizer state 241 MB, EMA 121 MB per device (960.6M parameters,
-teacher + student, split 16 ways), batch 113 MB; temporaries 20.8 GiB as configured, with
+teacher + student, split 16 ways), batch 113 MB; temporaries 17.2 GiB as configured, with
 `model.remat=True` (each MBConv block recomputed in the backward pass; same gradients, tested;
-11 min compile), 118.7 GiB without it. So one v3 core (15.5 GiB) is 5.3 GiB short. 1.0 GiB of
-that is MPL's h measured at full float32 (`mpl.h_dtype`: its two labeled passes gather the
-student's kernels in float32): 19.8 GiB with `--config.mpl.h_dtype=model`, with which a v4 chip
-(30.75 GiB usable) needs 31.1 GiB, 0.3 GiB short. `--config.mpl.recompute_teacher=True` does
-not change the v3 figure. What is still to try is in the README (Scaling up).
+15 min compile), 118.7 GiB without it (measured before the change below). So one v3 core
+(15.5 GiB) is 1.7 GiB short. The augmentation runs per core on 1/16 of the replica's images
+(`augment._per_device`): before, every core augmented all of them, and the figure was 20.8 GiB.
+About 1.0 GiB is MPL's h measured at full float32 (`mpl.h_dtype`: its two labeled passes
+gather the student's kernels in float32; 20.8 -> 19.8 GiB with `--config.mpl.h_dtype=model`,
+measured before the change). A v4 chip (30.75 GiB usable) needs 31.4 GiB with h in bf16,
+0.7 GiB short (32.0 before the change). `--config.mpl.recompute_teacher=True` did not change
+the v3 figure. What is still to try is in the README (Scaling up).
 
 Data the user must bring (streamed, one shard per host; hosts of one model-parallel replica read
 the same shard): TFDS `imagenet2012` (labeled, all of 'train'; evaluated on 'validation') and an
