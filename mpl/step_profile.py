@@ -4,9 +4,10 @@ r"""Where a compiled train step spends its time: a profiler trace of a few steps
       --profile /tmp/profile
 
 After its timed steps, `mpl.bench --profile DIR` runs --profile_steps more steps of the same
-step (on a GPU compiled once more: see 'GPU command buffers' below) under `jax.profiler.trace(DIR)` (the trace stays there: TensorBoard's profile
-plugin, xprof or Perfetto open it) and reads it back with `jax.profiler.ProfileData`. Each XLA
-op the first device ran for the step is charged its time, per step, to
+step (on a GPU compiled once more: see 'GPU command buffers' below) under
+`jax.profiler.trace(DIR)` (the trace stays there: TensorBoard's profile plugin, xprof or
+Perfetto open it) and reads it back with `jax.profiler.ProfileData`. Each XLA op the first
+device ran for the step is charged its time, per step, to
 
   - a kind, from the optimised HLO of the compiled step (`compiled.as_text()`): convolution,
     matmul, elementwise (loop fusions, lone elementwise ops), reduction, gather/scatter
@@ -73,7 +74,7 @@ _REDUCTIONS = ('reduce', 'reduce-window', 'select-and-scatter')
 _LAYOUT = ('copy', 'transpose', 'bitcast', 'reshape', 'broadcast', 'parameter', 'constant',
            'tuple', 'get-tuple-element', 'slice', 'concatenate', 'pad', 'copy-start', 'copy-done',
            'bitcast-convert', 'iota')
-_CONTROL = ('while', 'conditional', 'call', 'async-start', 'async-done')
+_CONTROL = ('while', 'conditional', 'async-done')   # call, async-start: see op_table
 _DEVICE_PLANES = ('/device:GPU:', '/device:TPU:')
 # Lines an XLA/xprof profile may derive from the kernel lines (they would count each op twice).
 _DERIVED_LINES = ('XLA Ops', 'XLA Modules', 'Steps', 'Framework Ops', 'Framework Name Scope',
@@ -377,9 +378,10 @@ _ANNOTATED = re.compile(r'\b(hlo_op|hlo_module)=([^,#:\s]+)')
 def _op_and_module(stats: dict[str, Any]) -> tuple[str | None, str | None]:
   """The HLO op and module an event ran, from its 'hlo_op' / 'hlo_module' statistics.
 
-  A raw GPU trace has neither on its kernels: they carry the annotation XLA wrapped the
-  kernel's launch in (statistic 'annotation' or 'kernel_annotation'), an annotation stack such
-  as 'XlaModule:#hlo_module=jit_step,program_id=5#::Thunk:#hlo_op=loop_add_fusion.3#'. Its
+  Where a GPU trace's kernels lack them (they are derived when the trace is processed, by
+  some versions only), the annotation XLA wrapped the kernel's launch in (statistic
+  'annotation' or 'kernel_annotation') names them: an annotation stack such as
+  'XlaModule:#hlo_module=jit_step,program_id=5#::Thunk:#hlo_op=loop_add_fusion.3#'. Its
   innermost hlo_op and outermost hlo_module are taken.
   """
   op, module = stats.get('hlo_op'), stats.get('hlo_module')

@@ -680,16 +680,13 @@ def _per_device(f, u, images):
   needs (e.g. width strips over 'model').
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return f(u, images)
-  sizes = dict(mesh.shape)
-  axes = tuple(a for a in ('data', 'model') if sizes.get(a, 1) > 1)
-  if axes and images.shape[0] % math.prod(sizes[a] for a in axes):
-    axes = ('data',) if sizes.get('data', 1) > 1 and images.shape[0] % sizes['data'] == 0 else ()
-  if not axes:
-    return f(u, images)
-  spec = jax.sharding.PartitionSpec(axes)
-  return jax.shard_map(f, in_specs=(spec, spec), out_specs=spec, check_vma=False)(u, images)
+  sizes = {} if mesh.empty else dict(mesh.shape)
+  for wanted in (('data', 'model'), ('data',)):
+    axes = tuple(a for a in wanted if sizes.get(a, 1) > 1)
+    if axes and images.shape[0] % math.prod(sizes[a] for a in axes) == 0:
+      spec = jax.sharding.PartitionSpec(axes)
+      return jax.shard_map(f, in_specs=(spec, spec), out_specs=spec, check_vma=False)(u, images)
+  return f(u, images)   # one device, or a batch the mesh does not divide
 
 
 def weak_view(rng, images, *, pad: int = 4, pad_mode: str = 'reflect', flip: bool = True,
