@@ -146,18 +146,66 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
   Models call this on their activations. Deep in a network the feature maps get small (a 4x4
   map cannot be cut into 8 strips); such a dimension is not split, and neither is a spatial one
-  that would leave strips one pixel wide. The freed mesh axis goes to the next name that asks
-  for it (under width strips: the channels of those small maps). One-pixel strips are avoided
-  because XLA's SPMD partitioner computes a wrong kernel gradient for a stride-2 conv whose
-  input is split into 1-pixel strips and whose output is not split (measured with jax 0.10 on
-  CPU: 16x16 and 8x8 images in 8 strips; 2-pixel strips and larger match the unsharded
-  gradients, tests/test_model_parallel.py).
+  that would leave strips one pixel wide. One-pixel strips are avoided because XLA's SPMD
+  partitioner computes a wrong kernel gradient for a stride-2 conv whose input is split into
+  1-pixel strips and whose output is not split (measured with jax 0.10 on CPU: 16x16 and 8x8
+  images in 8 strips; 2-pixel strips and larger match the unsharded gradients,
+  tests/test_model_parallel.py).
+
+  The mesh axis freed by a map too small for strips goes to the images instead
+  (`_images_over_model`): each device of a model-parallel group takes whole small maps of
+  1/model of the replica's images. Splitting their channels (the next name in the rules) would
+  leave every device holding the whole batch's maps: the kernels are gathered whole for
+  compute (`gather_for_compute`), so XLA computes the convs of channel-split maps on full-size
+  buffers. On EfficientNet-L2 (16 x 16 maps in the last two stages, 8,256 expanded channels,
+  272 teacher images per replica) each such buffer took 1.1 GB per core.
+  When 'model' does not divide the images, their channels are split as before.
   """
+  spec = activation_spec(x.shape, names)
+  if spec is None:
+    return nn.with_logical_constraint(x, names)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def activation_spec(shape, names) -> P | None:
+  """The PartitionSpec `constrain` gives an activation of `shape` and logical `names`; None
+  outside a mesh with logical-axis rules."""
   mesh = jax.sharding.get_abstract_mesh()
   rules = nn.get_logical_axis_rules()
   if mesh.empty or not rules:
-    return nn.with_logical_constraint(x, names)
-  return nn.with_logical_constraint(x, fitted_names(names, x.shape, mesh, rules))
+    return None
+  fitted = fitted_names(names, shape, mesh, rules)
+  if any(name in ('height', 'width') and kept is None and dict(rules).get(name) is not None
+         for name, kept in zip(names, fitted)):
+    images_split = _images_over_model(names, shape, mesh, rules)
+    if images_split is not None:
+      return images_split
+  return P(*nn.logical_to_mesh_axes(fitted, rules))
+
+
+def splits_over_every_axis(spec: P) -> bool:
+  """Whether an array laid out as `spec` is split over every mesh axis larger than 1 (no
+  axis holds copies of it)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  used = set()
+  for entry in spec:
+    used.update(entry if isinstance(entry, tuple) else (entry,))
+  return all(size == 1 or name in used for name, size in mesh.shape.items())
+
+
+def _images_over_model(names, shape, mesh, rules) -> P | None:
+  """P((<the batch's mesh axes>, <the spatial name's mesh axis>)): whole images over both, or
+  None when that does not divide the batch."""
+  rules = dict(rules)
+  if not names or names[0] != 'batch':
+    return None
+  batch_axes = rules.get('batch') or ()
+  batch_axes = tuple(batch_axes) if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
+  spatial_axes = {rules[n] for n in names if n in ('height', 'width') and rules.get(n)}
+  axes = batch_axes + tuple(a for a in sorted(spatial_axes) if a not in batch_axes)
+  if shape[0] % _mesh_axis_size(mesh, axes) != 0:
+    return None
+  return P(axes)
 
 
 def spatially_partitioned() -> bool:
@@ -171,9 +219,9 @@ def gather_for_compute(variables, compute_dtype=None):
 
   Weights are *stored* split over 'model' (parameters, optimizer states and EMA take 1/model of
   the memory, as in the MPL paper), but every image strip needs the whole kernel, so each step
-  all-gathers them, and XLA reduce-scatters their gradients back. The constraint covers the
-  whole tree at once, and XLA's scheduler decides how many gathered weights are alive together
-  (not layer by layer as ZeRO-3): `mpl.bench --dry_run` measures the result.
+  all-gathers them, and XLA reduce-scatters their gradients back. Called on a whole network's
+  variables, XLA's scheduler decides how many gathered weights are alive together; a model can
+  gather block by block instead (`gathered_when_called`).
   Convolving width-split activations with channel-split kernels directly is also what trips
   an XLA SPMD bug (wrong kernel gradients on a (4, 2) mesh, tests/test_model_parallel.py).
   Without spatial partitioning the variables are returned as they are.
@@ -192,6 +240,22 @@ def gather_for_compute(variables, compute_dtype=None):
     return jax.lax.with_sharding_constraint(v, P())
 
   return jax.tree_util.tree_map_with_path(gather, variables)
+
+
+def gathered_when_called(module_class, compute_dtype, initializing: bool):
+  """`module_class` whose parameters are gathered (`gather_for_compute`) each time it runs.
+
+  The whole-network gather of `gather_for_compute` keeps every gathered weight alive from the
+  forward pass to the end of the backward pass (they are its residuals). A model that wraps
+  each rematerialised block in this instead keeps only the block's stored 1/model shard: the
+  block gathers its weights in the forward pass and again when its backward pass recomputes
+  it, so about one block's gathered weights are alive at a time (as ZeRO-3 / FSDP do), for a
+  second all-gather per weight and step. Such a model sets `gathers_own_weights = True`, and
+  the methods then pass it its variables as stored (`methods.base.for_compute`).
+  """
+  def gather(params):
+    return params if initializing else gather_for_compute(params, compute_dtype)
+  return nn.map_variables(module_class, 'params', gather, init=initializing)
 
 
 def state_shardings(abstract_boxed_state, mesh, rules):

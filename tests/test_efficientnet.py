@@ -323,6 +323,39 @@ def test_depthwise_gradient_on_a_hybrid_mesh_equals_one_device(kernel, strides, 
     np.testing.assert_allclose(plain[1], 4 * expected[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('images,size,channels,taps', [
+    (8, 16, 8, False),   # 4-px strips over 'model', images over 'data'
+    (8, 4, 8, False),    # maps too small for strips: whole images over both axes
+    (4, 4, 8, False),    # ... and too few images for that: channels over 'model'
+    (4, 4, 6, True),     # ... and channels 'model' does not divide: copies over 'model'
+])
+def test_depthwise_gradient_in_the_activation_layouts_equals_one_device(images, size, channels,
+                                                                         taps):
+    """Under the width-strip rules (mesh 2 x 4), `depthwise_conv2d` lays its input out as the
+    model's activations; the plain conv (its kernel gradient is right when no mesh axis copies
+    the images) is used where the layout splits the images over both axes, the taps elsewhere.
+    Gradients equal one device's either way."""
+    from mpl import config_lib, sharding
+    from mpl.models.efficientnet import _lax_depthwise, depthwise_conv2d
+    x = jax.random.normal(jax.random.key(0), (images, size, size, channels))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 1, channels))
+
+    def grads(conv, x, k):
+        return jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, 2))), (0, 1))(x, k)
+
+    expected = jax.jit(functools.partial(grads, _lax_depthwise))(x, k)
+    config = config_lib.ml_collections.ConfigDict(dict(mesh=dict(data=2, model=4),
+                                            spatial_partition='width'))
+    mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        program = str(jax.make_jaxpr(functools.partial(grads, depthwise_conv2d))(x, k))
+        got = jax.jit(functools.partial(grads, depthwise_conv2d))(x, k)
+    # JAX's own kernel gradient is a conv with one batch group per channel; the taps are not.
+    assert (f'batch_group_count={channels}' not in program) == taps
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_depthwise_tap_gradient_keeps_the_precision_its_forward_was_traced_with():
   """The custom backward is traced after the forward's `jax.default_matmul_precision` block has
   closed (MPL's h passes ask for 'highest'; exact feedback differentiates through them): the

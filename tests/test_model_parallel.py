@@ -129,32 +129,100 @@ def test_efficientnet_step_in_width_strips_equals_one_device(data, model, tmp_pa
                     rtol=1e-4, atol=1e-5)
 
 
+def test_efficientnet_keeps_no_gathered_weight_for_its_backward_pass(monkeypatch):
+  """Under width strips with remat, each block gathers its own weights when it runs and again
+  when its backward pass recomputes it (sharding.gathered_when_called): what the backward pass
+  keeps of the blocks' weights is their stored 1/model shards (only the head's and the
+  classifier's, outside the blocks, stay gathered). The whole-network gather that the other
+  models get (sharding.gather_for_compute at the method) keeps every gathered kernel."""
+  import contextlib
+  import io
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from jax.ad_checkpoint import print_saved_residuals
+  from mpl import models
+  from mpl.methods import base
+  from mpl.models.efficientnet import EfficientNet
+  config = digits_config('supervised', 1, 8, 'width')
+  mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+  tiny = {k: v for k, v in TINY_EFFICIENTNET.items() if k != 'name'}
+  model = models.get_model('efficientnet', 10, **tiny, remat=True, dtype='bfloat16')
+  x, y = jnp.zeros((8, 16, 16, 1)), jnp.arange(8) % 10
+  variables = sharding.strip_boxes(model.init(jax.random.PRNGKey(1), x[:1], train=False))
+
+  def gathered_residuals():
+    def loss(params):
+      logits, _ = model.apply(base.variables_of(params, variables['batch_stats'], model), x,
+                              train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.PRNGKey(0)})
+      return jnp.mean(base.cross_entropy(logits, y))
+    listing = io.StringIO()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), contextlib.redirect_stdout(listing):
+      print_saved_residuals(loss, variables['params'])
+    return [line.split()[0] for line in listing.getvalue().splitlines()
+            if 'gather_for_compute' in line]
+
+  params = variables['params']
+  outside_blocks = [f'bf16{list(params[name]["kernel"].shape)}'.replace(' ', '')
+                    for name in ('head_conv', 'classifier')]
+  assert sorted(gathered_residuals()) == sorted(outside_blocks)
+  monkeypatch.setattr(EfficientNet, 'gathers_own_weights', False)
+  kept = gathered_residuals()
+  assert 'bf16[1,1,8,48]' in kept and len(kept) > 50, kept   # block kernels, BN vectors, ...
+
+
 def test_supervised_step_on_a_spatial_hybrid_mesh(tmp_path_factory):
   root = str(tmp_path_factory.getbasetemp())
   state, _ = steps(digits_config('supervised', 4, 2, 'width'), str(tmp_path_factory.mktemp('s')))
   assert_same_state(state, one_device_state('supervised', 'first_order', root))
 
 
-def test_activations_are_split_along_width_and_gathered_when_too_small():
+def test_activations_are_split_along_width_and_over_images_when_too_small():
   import flax.linen as nn
   import jax.numpy as jnp
   config = digits_config('mpl', 2, 4, 'width')
   mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
-  seen = {}
 
   def probe(x):
-    y = sharding.constrain(x, ('batch', 'height', 'width', 'channels'))
-    seen[x.shape] = y
-    return y
+    return sharding.constrain(x, ('batch', 'height', 'width', 'channels'))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    for width in (16, 8, 4, 6):  # strips of 4 px, 2 px, 1 px (too thin), 1.5 px (uneven)
-      x = jnp.zeros((4, width, width, 8))
-      spec = tuple(jax.jit(probe)(x).sharding.spec)
-      if width in (16, 8):
-        assert spec[:3] == ('data', None, 'model'), (width, spec)
-      else:  # width gathered; the freed 'model' axis splits channels instead
-        assert spec == ('data', None, None, 'model'), (width, spec)
+    for images in (8, 4):
+      for width in (16, 8, 4, 6):  # strips of 4 px, 2 px, 1 px (too thin), 1.5 px (uneven)
+        x = jnp.zeros((images, width, width, 8))
+        spec = tuple(jax.jit(probe)(x).sharding.spec)
+        if width in (16, 8):
+          assert spec[:3] == ('data', None, 'model'), (images, width, spec)
+        elif images == 8:  # width gathered; the freed 'model' axis splits the images
+          assert spec == (('data', 'model'),), (images, width, spec)
+        else:  # 8 devices do not divide 4 images: the channels are split instead
+          assert spec == ('data', None, None, 'model'), (images, width, spec)
+
+
+def test_small_maps_are_convolved_per_device_on_a_share_of_the_images():
+  """On maps too small for strips, with the kernel gathered whole as in the train step, each
+  device convolves its own 2 of the 16 images, all channels, and no collective moves the maps.
+  Splitting the channels instead had every device all-gather the whole batch's input maps."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  config = digits_config('mpl', 1, 8, 'width')
+  mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+  images = jnp.zeros((16, 4, 4, 8))
+  kernel = jnp.zeros((1, 1, 8, 64))
+
+  def block(x, w):
+    x = sharding.constrain(x, ('batch', 'height', 'width', 'channels'))
+    w = jax.lax.with_sharding_constraint(w, jax.sharding.PartitionSpec())
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return sharding.constrain(y, ('batch', 'height', 'width', 'channels'))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    program = jax.jit(block).lower(images, kernel).compile().as_text()
+  entry = next(line for line in program.splitlines() if line.startswith('ENTRY'))
+  assert 'param: f32[2,4,4,8]' in entry and entry.endswith('-> f32[2,4,4,64] {'), entry
+  assert not any(op in program for op in ('all-gather', 'all-reduce', 'all-to-all',
+                                          'reduce-scatter', 'collective-permute')), program
 
 
 def test_rules_follow_the_config():
@@ -214,7 +282,8 @@ def test_bfloat16_kernels_are_gathered_in_bfloat16_with_the_same_gradients():
 
     def grads(compute_dtype):
       def loss(params):
-        gathered = base.variables_of(params, variables['batch_stats'], compute_dtype)
+        gathered = sharding.gather_for_compute(
+            base.variables_of(params, variables['batch_stats']), compute_dtype)
         gathered_dtypes[compute_dtype] = jax.tree_util.tree_map_with_path(
             lambda p, v: (jax.tree_util.keystr(p), v.dtype), gathered['params'])
         logits, _ = model.apply(gathered, x, train=True, mutable=['batch_stats'])

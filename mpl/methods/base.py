@@ -85,8 +85,7 @@ class Method:
     del which  # one network; methods with several (MPL's teacher) override this
     # Under spatial partitioning the gathered kernels come in the compute dtype (half the
     # memory in bfloat16; the layers would cast them anyway).
-    variables = sharding.gather_for_compute(variables, getattr(self.model, 'dtype', None))
-    return self.model.apply(variables, self.prepare(images), train=False)
+    return self.model.apply(for_compute(self.model, variables), self.prepare(images), train=False)
 
   # -- helpers shared by methods -------------------------------------------------------------
 
@@ -118,17 +117,27 @@ class Method:
     return variables['params'], variables.get('batch_stats', {})
 
 
-def variables_of(params, batch_stats, compute_dtype=None) -> dict[str, Any]:
-  """The variables dict of `model.apply`, laid out for compute (see sharding.gather_for_compute)."""
+def variables_of(params, batch_stats, model: nn.Module | None = None) -> dict[str, Any]:
+  """The variables dict of `model.apply`; laid out for `model`'s compute when it is given
+  (`for_compute`)."""
   variables = {'params': params}
   if batch_stats:
     variables['batch_stats'] = batch_stats
-  return sharding.gather_for_compute(variables, compute_dtype)
+  return variables if model is None else for_compute(model, variables)
+
+
+def for_compute(model: nn.Module, variables):
+  """`variables` laid out for `model.apply`: under spatial partitioning, gathered whole in the
+  model's dtype (`sharding.gather_for_compute`), unless the model gathers its weights itself
+  as it runs (EfficientNet: block by block, `sharding.gathered_when_called`)."""
+  if getattr(model, 'gathers_own_weights', False):
+    return variables
+  return sharding.gather_for_compute(variables, getattr(model, 'dtype', None))
 
 
 def apply_train(model: nn.Module, params, batch_stats, x, rng):
   """Training-mode forward pass: (logits, new batch_stats)."""
-  variables = variables_of(params, batch_stats, getattr(model, 'dtype', None))
+  variables = variables_of(params, batch_stats, model)
   logits, updates = model.apply(variables, x, train=True, rngs={'dropout': rng},
                                 mutable=['batch_stats'])
   return logits, updates.get('batch_stats', batch_stats)

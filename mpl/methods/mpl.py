@@ -53,7 +53,8 @@ a standard deviation of 0.72 times h's own spread and a mean of +0.0002 against 
 -0.0011; at the last step, where the student's lr is 0, its h spread by 0.0004 where the
 float32 h is 0 exactly. The cost: two forwards of the labeled batch in full float32 (and, under
 'exact', f_new's backward); under spatial partitioning (`sharding.gather_for_compute`) those
-passes gather the student's kernels in float32, twice the bytes of its bfloat16 passes.
+passes gather the student's kernels in float32, twice the bytes of its bfloat16 passes (an
+EfficientNet gathers them block by block, `sharding.gathered_when_called`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mpl import models, optim, sharding
+from mpl import models, optim
 from mpl.errors import ConfigError
 from mpl.methods import base
 
@@ -168,8 +169,7 @@ class MPL(base.Method):
 
   def predict(self, variables, images, which='raw'):
     network = self.teacher if which == 'teacher' else self.student
-    variables = sharding.gather_for_compute(variables, getattr(network, 'dtype', None))
-    return network.apply(variables, self.prepare(images), train=False)
+    return network.apply(base.for_compute(network, variables), self.prepare(images), train=False)
 
   # -- the update -------------------------------------------------------------------------------
 

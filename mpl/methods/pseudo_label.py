@@ -231,7 +231,7 @@ class PseudoLabel(base.Method):
 
   def label_logits(self, teacher, teacher_stats, x_w):
     """The frozen teacher's logits on w(x_u), in eval mode."""
-    variables = base.variables_of(teacher, teacher_stats, getattr(self.model, 'dtype', None))
+    variables = base.variables_of(teacher, teacher_stats, self.model)
     return self.model.apply(variables, x_w, train=False)
 
   def round_of(self, step):

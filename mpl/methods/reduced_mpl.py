@@ -462,8 +462,8 @@ class ReducedMPL(base.Method):
 
   def predict(self, variables, images, which='raw'):
     del which  # 'raw' and 'ema' are both the student network
-    variables = sharding.gather_for_compute(variables, getattr(self.student, 'dtype', None))
-    return self.student.apply(variables, self.prepare(images), train=False)
+    return self.student.apply(base.for_compute(self.student, variables), self.prepare(images),
+                              train=False)
 
   # -- the update -------------------------------------------------------------------------------
 

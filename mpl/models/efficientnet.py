@@ -66,6 +66,7 @@ import jax.numpy as jnp
 from mpl.models.wide_resnet import (DENSE_AXES, IMAGE_AXES, StochasticDepth, batch_norm,
                                     classifier, conv, conv_kernel_init, official_dense_init,
                                     stochastic_depth_rates)
+from mpl import sharding
 from mpl.sharding import constrain
 
 # TF's depthwise kernel (k, k, C, 1) has fan-out k * k; flax's (k, k, 1, C) has fan-in k * k.
@@ -159,12 +160,21 @@ def _lax_depthwise(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
     """Depthwise conv of NHWC `x` with a (k, k, 1, C) kernel, 'SAME' padding.
 
-    On a mesh with a 'model' axis larger than 1 (model or hybrid model-data parallelism),
     XLA's SPMD partitioner (jax 0.10 to 0.12, both Shardy and GSPMD) gets this conv's kernel
-    gradient wrong: JAX writes it as a convolution with batch_group_count = C, and when the
-    images are split over 'data' while 'model' replicates them, the partitioned program also
-    sums the gradient over 'model' (it comes out `model` times too large). There the kernel
-    gradient is computed by `_depthwise_with_tap_gradient` instead; elsewhere the plain conv.
+    gradient wrong when some mesh axis holds copies of the images while another splits them
+    (the images split over 'data', replicated over 'model'; or in strips over 'model',
+    replicated over 'data'): JAX writes the gradient as a convolution with batch_group_count =
+    C, and the partitioned program also sums it over the replicating axis (it comes out that
+    axis's size times too large). Split over every mesh axis (width strips over 'model' and
+    images over 'data', or whole images over both), it is right: measured with jax 0.10 on
+    CPU, tests/test_efficientnet.py.
+
+    So on a mesh with a 'model' axis larger than 1, `x` is constrained to the activation layout
+    (`sharding.activation_spec`), and where that layout copies the images over an axis, the
+    kernel gradient is computed by `_depthwise_with_tap_gradient` instead. The taps cost memory:
+    under width strips the partitioner materialises each tap's shifted window of the padded
+    input (on EfficientNet-L2, 1 GB per window in the 256 x 256 stage), so they are kept to
+    where they are needed.
     """
     mesh = jax.sharding.get_abstract_mesh()
     # Also with one data replica (where the plain conv would be right), so that `mpl.bench
@@ -172,6 +182,9 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array
     model_parallel = not mesh.empty and mesh.shape.get('model', 1) > 1
     if not model_parallel:
         return _lax_depthwise(x, kernel, strides)
+    layout = sharding.activation_spec(x.shape, IMAGE_AXES)
+    if layout is not None and sharding.splits_over_every_axis(layout):
+        return _lax_depthwise(jax.lax.with_sharding_constraint(x, layout), kernel, strides)
     # The backward below is traced outside any `jax.default_matmul_precision` block the forward
     # is in (MPL's h passes ask for 'highest'): it is carried along.
     precision = jax.config.jax_default_matmul_precision
@@ -296,10 +309,18 @@ class EfficientNet(nn.Module):
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
 
+    # Under spatial partitioning each block gathers its own weights when it runs (and again when
+    # remat recomputes it), so only about one block's gathered weights are alive at a time; the
+    # methods pass the variables as stored (mpl.methods.base.for_compute).
+    gathers_own_weights = True
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        gathered = lambda layer_class: sharding.gathered_when_called(
+            layer_class, self.dtype, self.is_initializing())
         bn = lambda name: batch_norm(train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                                     dtype=self.dtype, name=name)
+                                     dtype=self.dtype, name=name,
+                                     layer_class=gathered(nn.BatchNorm))
         filters = lambda f: round_filters(f, self.width_coefficient)
         repeats = [round_repeats(s.repeats, self.depth_coefficient) for s in BLOCKS]
         drop_rates = stochastic_depth_rates(self.stochastic_depth_rate, sum(repeats))
@@ -309,12 +330,15 @@ class EfficientNet(nn.Module):
             stem_stride, stage_strides[1], stage_strides[2] = 1, 1, 1
 
         x = constrain(jnp.asarray(x, self.dtype), IMAGE_AXES)
-        x = conv(filters(STEM_FILTERS), 3, stem_stride, dtype=self.dtype, name='stem_conv')(x)
+        x = conv(filters(STEM_FILTERS), 3, stem_stride, dtype=self.dtype, name='stem_conv',
+                 layer_class=gathered(nn.Conv))(x)
         x = nn.swish(bn('stem_bn')(x))
         x = constrain(x, IMAGE_AXES)
 
         # remat: keep only block inputs for the backward pass (memory for compute).
-        block_class = nn.remat(MBConvBlock, static_argnums=(2,)) if self.remat else MBConvBlock
+        block_class = gathered(MBConvBlock)
+        if self.remat:
+            block_class = nn.remat(block_class, static_argnums=(2,))
         index = 0
         for stage, stride, num_blocks in zip(BLOCKS, stage_strides, repeats):
             for b in range(num_blocks):
@@ -327,10 +351,12 @@ class EfficientNet(nn.Module):
                 x = constrain(x, IMAGE_AXES)
                 index += 1
 
-        x = conv(filters(HEAD_FILTERS), 1, dtype=self.dtype, name='head_conv')(x)
+        x = conv(filters(HEAD_FILTERS), 1, dtype=self.dtype, name='head_conv',
+                 layer_class=gathered(nn.Conv))(x)
         x = nn.swish(bn('head_bn')(x))
         x = jnp.mean(x, axis=(1, 2))
         x = constrain(x, DENSE_AXES)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-        x = classifier(self.num_classes, dtype=self.dtype, kernel_init=official_dense_init)(x)
+        x = classifier(self.num_classes, dtype=self.dtype, kernel_init=official_dense_init,
+                       layer_class=gathered(nn.Dense))(x)
         return x.astype(jnp.float32)

@@ -55,9 +55,11 @@ official_dense_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'un
 
 
 def conv(features: int, kernel: int, strides: int = 1, *, dtype: Any, name: str,
-         padding: Any = 'SAME', kernel_init: Callable = conv_kernel_init) -> nn.Conv:
-    """Bias-free square conv with logically partitioned kernel (h, w, conv_in, channels)."""
-    return nn.Conv(
+         padding: Any = 'SAME', kernel_init: Callable = conv_kernel_init,
+         layer_class: Callable = nn.Conv) -> nn.Conv:
+    """Bias-free square conv with logically partitioned kernel (h, w, conv_in, channels).
+    `layer_class`: nn.Conv, or nn.Conv wrapped (sharding.gathered_when_called)."""
+    return layer_class(
         features, (kernel, kernel), strides=(strides, strides), padding=padding,
         use_bias=False, dtype=dtype, param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(
@@ -66,13 +68,14 @@ def conv(features: int, kernel: int, strides: int = 1, *, dtype: Any, name: str,
 
 
 def batch_norm(train: bool, *, momentum: float, epsilon: float, dtype: Any, name: str,
-               zero_scale: bool = False) -> nn.BatchNorm:
+               zero_scale: bool = False, layer_class: Callable = nn.BatchNorm) -> nn.BatchNorm:
     """Batch norm over all non-channel axes of the (global) batch; no axis_name on purpose.
 
     Under `jax.jit` the batch is one global array, so the statistics already cover every device.
+    `layer_class`: nn.BatchNorm, or nn.BatchNorm wrapped (sharding.gathered_when_called).
     """
     scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
-    return nn.BatchNorm(
+    return layer_class(
         use_running_average=not train, momentum=momentum, epsilon=epsilon,
         dtype=dtype, param_dtype=jnp.float32,
         scale_init=nn.with_logical_partitioning(scale_init, ('channels',)),
@@ -81,9 +84,11 @@ def batch_norm(train: bool, *, momentum: float, epsilon: float, dtype: Any, name
 
 
 def classifier(num_classes: int, *, dtype: Any, kernel_init: Callable,
-               bias_init: Callable = nn.initializers.zeros) -> nn.Dense:
-    """Final dense layer 'classifier': kernel ('features_in', 'classes'), bias ('classes',)."""
-    return nn.Dense(
+               bias_init: Callable = nn.initializers.zeros,
+               layer_class: Callable = nn.Dense) -> nn.Dense:
+    """Final dense layer 'classifier': kernel ('features_in', 'classes'), bias ('classes',).
+    `layer_class`: nn.Dense, or nn.Dense wrapped (sharding.gathered_when_called)."""
+    return layer_class(
         num_classes, dtype=dtype, param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, ('features_in', 'classes')),
         bias_init=nn.with_logical_partitioning(bias_init, ('classes',)),
