@@ -31,7 +31,10 @@ About 1.0 GiB is MPL's h measured at full float32 (`mpl.h_dtype`: its two labele
 gather the student's kernels in float32; 20.8 -> 19.8 GiB with `--config.mpl.h_dtype=model`,
 measured before the change). A v4 chip (30.75 GiB usable) needs 31.4 GiB with h in bf16,
 0.7 GiB short (32.0 before the change). `--config.mpl.recompute_teacher=True` did not change
-the v3 figure. What is still to try is in the README (Scaling up).
+the v3 figure. These figures predate three changes described in the README (Scaling up): the
+depthwise kernel gradient without per-tap windows, small maps split over images, weights
+gathered block by block. On the `:standin,depth=1.0` stand-in (16 blocks, same layout) they
+take the v3 temporaries from 15.4 to 7.6 GiB; the full L2 with them is still to be measured.
 
 Data the user must bring (streamed, one shard per host; hosts of one model-parallel replica read
 the same shard): TFDS `imagenet2012` (labeled, all of 'train'; evaluated on 'validation') and an
@@ -55,7 +58,8 @@ nothing about accuracy. `:standin` keeps every full-size setting on stand-in dat
 `mpl.bench`).
 
 Arguments: unlabeled (TFDS name of the unlabeled set; required for a real run), steps (default
-1000000), seed, standin, runlocal.
+1000000), seed, standin, runlocal, depth (a depth coefficient in place of L2's 5.3, e.g.
+`:standin,depth=1.0`: 16 blocks instead of 88, for memory studies that compile in minutes).
 """
 
 from mpl import config_lib
@@ -63,9 +67,10 @@ from mpl import config_lib
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, unlabeled='', steps=1_000_000, seed=0, standin=False,
-                              runlocal=False)
+                              runlocal=False, depth=0.0)
   # The ImageNet + JFT recipe with the same arguments (it checks `unlabeled`), then L2's own.
-  config = config_lib.sibling_config(__file__, 'imagenet_jft_mpl.py').get_config(arg)
+  recipe_arg = ','.join(a for a in (arg or '').split(',') if not a.strip().startswith('depth'))
+  config = config_lib.sibling_config(__file__, 'imagenet_jft_mpl.py').get_config(recipe_arg)
   if args.runlocal:
     config.model = config_lib.ml_collections.ConfigDict(dict(
         name='efficientnet', width_coefficient=0.1, depth_coefficient=0.1,
@@ -80,6 +85,11 @@ def get_config(arg=None):
   config.model = config_lib.ml_collections.ConfigDict(dict(
       name='efficientnet_l2', dtype='bfloat16',   # dropout 0.5, drop-connect 0.2: L2 defaults
       remat=True))    # recompute each block in the backward pass: 119 -> 20 GiB per v3 core
+  if args.depth:
+    # L2's width with fewer blocks: the same per-core layout, compiled in minutes (mpl.bench).
+    config.model = config_lib.ml_collections.ConfigDict(dict(
+        name='efficientnet', width_coefficient=4.3, depth_coefficient=args.depth,
+        dropout_rate=0.5, stochastic_depth_rate=0.2, dtype='bfloat16', remat=True))
   # 2,048 cores. mpl.bench --dry_run reads mesh.data as the real run's replica count; to time
   # a slice of the step on one GPU: --config.mesh.data=1 --config.mesh.model=1 and a small batch.
   config.mesh.data, config.mesh.model = 128, 16

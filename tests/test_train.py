@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpl import config_lib, sharding, train
+from mpl import config_lib, models, sharding, train
 from mpl.data import datasets
 from mpl.errors import ConfigError, DataError, NonFiniteLossError, WorkdirInUseError
 
@@ -66,6 +66,18 @@ def test_every_config_loads_and_validates(path):
     config_lib.validate(config, jax.device_count())
     assert config.total_steps > 0
   assert 'python -m mpl.main' in open(path).read(), 'docstring must give the launch command'
+
+
+def test_l2_config_takes_a_smaller_depth_for_memory_studies():
+  path = os.path.join(ROOT, 'configs', 'efficientnet_l2_mpl.py')
+  full, shallow = load_config(path, 'standin'), load_config(path, 'standin,depth=1.0')
+  assert (shallow.model.width_coefficient, shallow.model.depth_coefficient) == (4.3, 1.0)
+  assert shallow.model.remat and shallow.model.dtype == full.model.dtype == 'bfloat16'
+  model = models.from_config(shallow.model, 1000)
+  assert (model.width_coefficient, model.depth_coefficient, model.dropout_rate) == (4.3, 1.0, 0.5)
+  for key in ('batch_size', 'mu', 'spatial_partition'):
+    assert shallow[key] == full[key], key
+  assert shallow.data.image_size == full.data.image_size == 512
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
