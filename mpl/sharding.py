@@ -175,8 +175,8 @@ def activation_spec(shape, names) -> P | None:
   if mesh.empty or not rules:
     return None
   fitted = fitted_names(names, shape, mesh, rules)
-  if any(name in ('height', 'width') and kept is None and dict(rules).get(name) is not None
-         for name, kept in zip(names, fitted)):
+  split_spatially = {n for n, axis in rules if n in ('height', 'width') and axis is not None}
+  if any(name in split_spatially and kept is None for name, kept in zip(names, fitted)):
     images_split = _images_over_model(names, shape, mesh, rules)
     if images_split is not None:
       return images_split
