@@ -84,12 +84,14 @@ def get_config(arg=None):
   config.eval_batch_size = 2048
   config.model = config_lib.ml_collections.ConfigDict(dict(
       name='efficientnet_l2', dtype='bfloat16',   # dropout 0.5, drop-connect 0.2: L2 defaults
-      remat=True))    # recompute each block in the backward pass: 119 -> 20 GiB per v3 core
+      remat=True,         # recompute each block in the backward pass: 119 -> 20 GiB per v3 core
+      scan_blocks=True))  # one compiled body per stage's repeated blocks (14, not 88)
   if args.depth:
     # L2's width with fewer blocks: the same per-core layout, compiled in minutes (mpl.bench).
     config.model = config_lib.ml_collections.ConfigDict(dict(
         name='efficientnet', width_coefficient=4.3, depth_coefficient=args.depth,
-        dropout_rate=0.5, stochastic_depth_rate=0.2, dtype='bfloat16', remat=True))
+        dropout_rate=0.5, stochastic_depth_rate=0.2, dtype='bfloat16', remat=True,
+        scan_blocks=True))
   # 2,048 cores. mpl.bench --dry_run reads mesh.data as the real run's replica count; to time
   # a slice of the step on one GPU: --config.mesh.data=1 --config.mesh.model=1 and a small batch.
   config.mesh.data, config.mesh.model = 128, 16

@@ -15,7 +15,8 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from mpl.models import DEFAULTS, MODELS, PRESETS, decay_mask, get_model, model_options
 from mpl.models.efficientnet import (BLOCKS, VARIANTS, EfficientNet, MBConvBlock,
-                                     round_filters, round_repeats)
+                                     round_filters, round_repeats, stack_block_variables)
+from mpl.models.wide_resnet import StochasticDepth
 
 # Tiny batches: XLA's compile time dominates, so compile without optimisation.
 _jit = functools.partial(
@@ -288,6 +289,80 @@ def test_tiny_strides_noise_bfloat16_and_sharding():
         hlo = step.lower(variables, x, jax.random.key(1)).as_text()
     assert hlo.count('sharding_constraint') >= 10  # input, stem, 7 blocks, pooled features
     np.testing.assert_allclose(got, train_a, rtol=1e-4, atol=1e-4)
+
+
+def test_scanned_blocks_compute_what_the_unrolled_blocks_do():
+    """`scan_blocks=True` (with remat, as the L2 config runs it): each stage's repeated blocks
+    in one nn.scan. With the unrolled network's block variables stacked
+    (`stack_block_variables`), evaluation and training outputs, batch-norm updates and
+    gradients are the unrolled network's, and the parameter count is unchanged."""
+    options = dict(width_coefficient=0.25, depth_coefficient=1.0, small_images=True,
+                   dropout_rate=0.0, stochastic_depth_rate=0.0)
+    unrolled = EfficientNet(10, **options)
+    scanned = EfficientNet(10, **options, scan_blocks=True, remat=True)
+    x = _images(n=4, size=16)
+    variables = _stand_in_variables(jax.eval_shape(unrolled.init, jax.random.key(0), x))
+    template = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(0), x))
+    # Stage repeats (1, 2, 2, 3, 3, 4, 1): a stage's first block stays unrolled.
+    assert sorted(k for k in template['params'] if k.startswith('block')) == sorted(
+        ['block_1', 'block_2', 'blocks_3_to_3', 'block_4', 'blocks_5_to_5', 'block_6',
+         'blocks_7_to_8', 'block_9', 'blocks_10_to_11', 'block_12', 'blocks_13_to_15',
+         'block_16'])
+    assert _count(template['params']) == _count(variables['params'])
+    stacked = {name: stack_block_variables(variables[name], template[name])
+               for name in ('params', 'batch_stats')}
+    jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), stacked, template)
+    assert stacked['params']['blocks_13_to_15']['depthwise_conv']['kernel'].shape[0] == 3
+
+    def outputs(model, v):
+        def loss(params):  # no dropout rng: with zero rates the network must need none
+            logits, updates = model.apply({**v, 'params': params}, x, train=True,
+                                          mutable=['batch_stats'])
+            return jnp.sum(logits ** 2), (logits, updates['batch_stats'])
+        (_, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(v['params'])
+        return model.apply(v, x), logits, stats, grads
+
+    want = _jit(functools.partial(outputs, unrolled))(variables)
+    got = _jit(functools.partial(outputs, scanned))(stacked)
+    want_eval, want_train, want_stats, want_grads = want
+    want = (want_eval, want_train, stack_block_variables(want_stats, template['batch_stats']),
+            stack_block_variables(want_grads, template['params']))
+    for name, a, b in zip(('eval', 'train', 'batch_stats', 'grads'), got, want):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(
+            a, b, rtol=1e-4, atol=1e-5 * (1 + float(np.abs(b).max())), err_msg=name), a, b)
+
+
+class _DropProbe(nn.Module):
+    """Stands in for a block: 2 x + (1 if its drop-connect kept the example else 0), so after
+    L blocks x holds, in binary, which of them kept each example."""
+    stochastic_depth_rate: float
+
+    @nn.compact
+    def __call__(self, x, train, rate=None):
+        kept = StochasticDepth(self.stochastic_depth_rate)(
+            jnp.ones_like(x), deterministic=not train, rate=rate) > 0
+        return 2 * x + kept
+
+
+def test_scanned_blocks_each_drop_at_their_own_rate_with_their_own_rng():
+    """Drop-connect rates grow with the block index, also inside a scanned stage: each scan
+    step gets its own rate (a scanned input) and its own 'dropout' rng."""
+    rates = (0.1, 0.5, 0.8)
+
+    class Stage(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return EfficientNet._scan_repeated_blocks(_DropProbe(max(rates)), x, True,
+                                                      list(rates))
+
+    n = 8000
+    code = Stage().apply({}, jnp.zeros((n, 1, 1, 1)), rngs={'dropout': jax.random.key(0)})
+    code = np.asarray(code).reshape(n).astype(int)
+    kept = np.stack([(code >> (len(rates) - 1 - i)) & 1 for i in range(len(rates))])
+    np.testing.assert_allclose(kept.mean(axis=1), 1 - np.asarray(rates), atol=0.03)
+    # Independent draws: with one rng for all, the kept sets would nest (P = min, not product).
+    both = np.mean(kept[1] & kept[2])
+    assert abs(both - 0.5 * 0.2) < 0.03, both
 
 
 @pytest.mark.parametrize('kernel,strides,size', [(3, 1, 4), (5, 2, 7), (3, 2, 8), (5, 2, 8)])

@@ -129,12 +129,31 @@ def test_efficientnet_step_in_width_strips_equals_one_device(data, model, tmp_pa
                     rtol=1e-4, atol=1e-5)
 
 
-def test_efficientnet_keeps_no_gathered_weight_for_its_backward_pass(monkeypatch):
+def test_scanned_efficientnet_in_width_strips_equals_one_device(tmp_path_factory):
+  """As the L2 config runs: repeated blocks scanned (scan_blocks; depth 0.5 gives three stages
+  a scanned block, on 8x8 and 4x4 maps) and rematerialised, on a hybrid mesh in width strips.
+  The stacked weights are split over 'model' along their channels, not their block axis."""
+  model = dict(TINY_EFFICIENTNET, depth_coefficient=0.5, scan_blocks=True, remat=True)
+  states = []
+  for data, model_axis, spatial in ((1, 1, ''), (2, 4, 'width')):
+    config = digits_config('supervised', data, model_axis, spatial)
+    config.model = config_lib.ml_collections.ConfigDict(model)
+    states.append(steps(config, str(tmp_path_factory.mktemp('scan')), 1)[0])
+  one_device, hybrid = states
+  assert_same_state(hybrid, jax.device_get(one_device), rtol=1e-4, atol=1e-5)
+  kernel = hybrid.params['blocks_9_to_9']['project_conv']['kernel']
+  assert kernel.ndim == 5 and kernel.sharding.spec[0] is None
+  assert kernel.sharding.spec[-1] == 'model', kernel.sharding
+
+
+@pytest.mark.parametrize('scan_blocks', [False, True])
+def test_efficientnet_keeps_no_gathered_weight_for_its_backward_pass(scan_blocks, monkeypatch):
   """Under width strips with remat, each block gathers its own weights when it runs and again
   when its backward pass recomputes it (sharding.gathered_when_called): what the backward pass
   keeps of the blocks' weights is their stored 1/model shards (only the head's and the
   classifier's, outside the blocks, stay gathered). The whole-network gather that the other
-  models get (sharding.gather_for_compute at the method) keeps every gathered kernel."""
+  models get (sharding.gather_for_compute at the method) keeps every gathered kernel.
+  Scanned blocks (depth 0.5: three stages scan one) gather theirs one scan step at a time."""
   import contextlib
   import io
   import flax.linen as nn
@@ -146,6 +165,8 @@ def test_efficientnet_keeps_no_gathered_weight_for_its_backward_pass(monkeypatch
   config = digits_config('supervised', 1, 8, 'width')
   mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
   tiny = {k: v for k, v in TINY_EFFICIENTNET.items() if k != 'name'}
+  if scan_blocks:
+    tiny.update(depth_coefficient=0.5, scan_blocks=True)
   model = models.get_model('efficientnet', 10, **tiny, remat=True, dtype='bfloat16')
   x, y = jnp.zeros((8, 16, 16, 1)), jnp.arange(8) % 10
   variables = sharding.strip_boxes(model.init(jax.random.PRNGKey(1), x[:1], train=False))

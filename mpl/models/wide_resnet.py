@@ -114,10 +114,12 @@ class StochasticDepth(nn.Module):
     rate: float
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if deterministic or self.rate == 0.0:
+    def __call__(self, x: jax.Array, deterministic: bool, rate=None) -> jax.Array:
+        """`rate` (a traced scalar) replaces the module's rate: a block scanned over a stage
+        (EfficientNet's `scan_blocks`) gets its own rate as a scanned input."""
+        if deterministic or (rate is None and self.rate == 0.0):
             return x
-        keep = 1.0 - self.rate
+        keep = 1.0 - (self.rate if rate is None else rate)
         mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng('dropout'), keep, mask_shape)
         return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
