@@ -21,20 +21,18 @@ Memory before you launch (no accelerator needed; compiles one replica's step ahe
 prints per-device bytes of parameters, optimizer states, EMA, batch statistics and the compiled
 step's temporaries, and whether they fit (see mpl/bench.py; `--tpu` needs libtpu, without it the
 step is compiled for fake CPU devices, a rough upper estimate). Measured with the TPU v3
-compiler: parameters 241 MB, optimizer state 241 MB, EMA 121 MB per device (960.6M parameters,
-teacher + student, split 16 ways), batch 113 MB; temporaries 17.2 GiB as configured, with
-`model.remat=True` (each MBConv block recomputed in the backward pass; same gradients, tested;
-15 min compile), 118.7 GiB without it (measured before the change below). So one v3 core
-(15.5 GiB) is 1.7 GiB short. The augmentation runs per core on 1/16 of the replica's images
-(`augment._per_device`): before, every core augmented all of them, and the figure was 20.8 GiB.
-About 1.0 GiB is MPL's h measured at full float32 (`mpl.h_dtype`: its two labeled passes
-gather the student's kernels in float32; 20.8 -> 19.8 GiB with `--config.mpl.h_dtype=model`,
-measured before the change). A v4 chip (30.75 GiB usable) needs 31.4 GiB with h in bf16,
-0.7 GiB short (32.0 before the change). `--config.mpl.recompute_teacher=True` did not change
-the v3 figure. These figures predate three changes described in the README (Scaling up): the
-depthwise kernel gradient without per-tap windows, small maps split over images, weights
-gathered block by block. On the `:standin,depth=1.0` stand-in (16 blocks, same layout) they
-take the v3 temporaries from 15.4 to 7.6 GiB; the full L2 with them is still to be measured.
+compiler (libtpu 0.0.42.1, 2026-12-02): parameters 241 MB, optimizer state 241 MB, EMA 121 MB
+per device (960.6M parameters, teacher + student, split 16 ways), batch 113 MB; temporaries
+13.1 GiB, 14.1 GiB in all: it fits a v3 core (15.5 GiB) with 1.4 GiB to spare. A v4 chip needs
+13.9 GiB of temporaries (15.1 in all, of 30.75). Each compile takes about 19 min and up to
+21 GiB of host memory. What makes it fit (README, Scaling up): `model.remat=True` (each MBConv
+block recomputed in the backward pass; 118.7 GiB without it), `model.scan_blocks=True` (each
+stage's repeated blocks as one scanned body; it also lowers the compile's host memory), the
+augmentation run per core on 1/16 of the replica's images, the depthwise kernel gradient
+without per-tap windows, maps too small for strips split over images, and weights gathered
+block by block. Without `scan_blocks` and the last three the figure was 17.2 GiB (1.7 GiB
+short), and 20.8 GiB without the augmentation change as well. `:standin,depth=1.0` (16 blocks,
+same layout): 7.2 GiB.
 
 Data the user must bring (streamed, one shard per host; hosts of one model-parallel replica read
 the same shard): TFDS `imagenet2012` (labeled, all of 'train'; evaluated on 'validation') and an
@@ -53,13 +51,14 @@ drop-connect 0.2 (mpl/models/efficientnet.py); bfloat16 compute.
   python -m mpl.main --config configs/efficientnet_l2_mpl.py:runlocal --workdir /tmp/l2_local
 A smoke test on random stand-in images: the same method and loop with a tiny EfficientNet
 (width 0.1, depth 0.1: one block per stage, CIFAR strides) at 32x32, 8 + 16 images per step,
-3 MPL steps and 2 finetune steps; add --config.mesh.model=2 on 2+ devices for width strips. Expected: finishes in about a minute on 2 CPU cores; says
-nothing about accuracy. `:standin` keeps every full-size setting on stand-in data (for
-`mpl.bench`).
+3 MPL steps and 2 finetune steps; add --config.mesh.model=2 on 2+ devices for width strips.
+Expected: finishes in about a minute on 2 CPU cores; says nothing about accuracy. `:standin`
+keeps every full-size setting on stand-in data (for `mpl.bench`).
 
 Arguments: unlabeled (TFDS name of the unlabeled set; required for a real run), steps (default
 1000000), seed, standin, runlocal, depth (a depth coefficient in place of L2's 5.3, e.g.
-`:standin,depth=1.0`: 16 blocks instead of 88, for memory studies that compile in minutes).
+`:standin,depth=1.0`: 16 blocks instead of 88, for memory studies: its compile takes 16 min
+and 15 GiB of host memory on 2 cores, the full L2's 19 min and up to 21 GiB).
 """
 
 from mpl import config_lib
@@ -87,7 +86,7 @@ def get_config(arg=None):
       remat=True,         # recompute each block in the backward pass: 119 -> 20 GiB per v3 core
       scan_blocks=True))  # one compiled body per stage's repeated blocks (14, not 88)
   if args.depth:
-    # L2's width with fewer blocks: the same per-core layout, compiled in minutes (mpl.bench).
+    # L2's width with fewer blocks: the same per-core layout, for memory studies (mpl.bench).
     config.model = config_lib.ml_collections.ConfigDict(dict(
         name='efficientnet', width_coefficient=4.3, depth_coefficient=args.depth,
         dropout_rate=0.5, stochastic_depth_rate=0.2, dtype='bfloat16', remat=True,

@@ -20,8 +20,10 @@ FLOPs: `compiled.cost_analysis()` of the SPMD program is that of ONE device's pa
 `flops_per_step` multiplies it by the number of devices in the mesh (the whole-mesh count under
 data parallelism, including the partitioner's small overhead) and `achieved_tflops` =
 flops_per_step / median step time, for the whole mesh. XLA's cost analysis may count the body of
-a loop (`lax.scan`, e.g. RandAugment's layers) once; the networks have no loops, so at most the
-augmentation is undercounted, which is small next to the convolutions.
+a loop (`lax.scan`, e.g. RandAugment's layers) once. The networks have no loops, so at most the
+augmentation is undercounted, which is small next to the convolutions, except an EfficientNet
+with `scan_blocks=True` (the L2 config): each stage's scanned blocks count as one, and the figure
+is a lower bound (`--config.model.scan_blocks=False` counts them all).
 Memory: `memory_analysis` (per device: temporaries, arguments, outputs, aliased = donated) and the
 first local device's `memory_stats()['peak_bytes_in_use']` (null where the backend has no
 allocator statistics, e.g. CPU).

@@ -61,9 +61,9 @@ def _formula_count(width, depth, num_classes=1000):
 
 
 @functools.lru_cache(maxsize=None)
-def _abstract_variables(name):
+def _abstract_variables(name, scan_blocks=False):
     """Shapes of the variables (bfloat16 compute, 1000 classes); traced, not initialised."""
-    model = get_model(name, 1000, dtype=jnp.bfloat16)
+    model = get_model(name, 1000, dtype=jnp.bfloat16, scan_blocks=scan_blocks)
     return jax.eval_shape(model.init, jax.random.key(0), _images(n=1))
 
 
@@ -99,9 +99,14 @@ def test_param_counts():
         assert _count(_abstract_variables(f'efficientnet_{v}')['params']) == PUBLISHED[v], v
 
 
-@pytest.mark.parametrize('name', ['efficientnet_b0', 'efficientnet_l2'])
-def test_every_param_logically_partitioned_and_float32(name):
-    variables = _abstract_variables(name)
+@pytest.mark.parametrize('name,scan_blocks', [('efficientnet_b0', False),
+                                               ('efficientnet_l2', False),
+                                               ('efficientnet_l2', True)])
+def test_every_param_logically_partitioned_and_float32(name, scan_blocks):
+    """Scanned blocks' stacked weights: the same names behind an unsplit block axis."""
+    variables = _abstract_variables(name, scan_blocks)
+    if scan_blocks:
+        assert _count(variables['params']) == PUBLISHED['l2']
     boxed = jax.tree.leaves(variables['params'],
                             is_leaf=lambda v: isinstance(v, nn.Partitioned))
     assert all(isinstance(v, nn.LogicallyPartitioned) for v in boxed)
@@ -124,6 +129,8 @@ def test_every_param_logically_partitioned_and_float32(name):
         else:  # squeeze-excitation biases
             assert modules[-2] == 'se' and param == 'bias'
             expected = P('channels')
+        if modules[0].startswith('blocks_'):
+            expected = P(None, *expected)
         assert spec == expected, (path, spec)
 
 

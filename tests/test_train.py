@@ -73,6 +73,7 @@ def test_l2_config_takes_a_smaller_depth_for_memory_studies():
   full, shallow = load_config(path, 'standin'), load_config(path, 'standin,depth=1.0')
   assert (shallow.model.width_coefficient, shallow.model.depth_coefficient) == (4.3, 1.0)
   assert shallow.model.remat and shallow.model.dtype == full.model.dtype == 'bfloat16'
+  assert shallow.model.scan_blocks and full.model.scan_blocks
   model = models.from_config(shallow.model, 1000)
   assert (model.width_coefficient, model.depth_coefficient, model.dropout_rate) == (4.3, 1.0, 0.5)
   for key in ('batch_size', 'mu', 'spatial_partition'):
