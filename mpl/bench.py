@@ -54,8 +54,8 @@ every device, and its share of the test set; 0 when streamed), and XLA's tempora
 (activations kept for the backward pass and scratch), their sum, and which accelerators that
 fits (HBM per device, 10 % headroom). The state, batch and resident-data bytes are exact. The
 temporaries come from the CPU compiler's buffer assignment, which fuses less than the TPU/GPU
-compilers and may compute bfloat16 convolutions in float32: read them as an upper estimate (the GPU figure of the same step is `memory_analysis.temp_bytes` of
-the timed bench).
+compilers and may compute bfloat16 convolutions in float32: read them as an upper estimate
+(the GPU figure of the same step is `memory_analysis.temp_bytes` of the timed bench).
   python -m mpl.bench --config configs/efficientnet_l2_mpl.py:standin --dry_run --mesh 16
 --tpu v2|v3|v4|v5e|v5p|v6e: compile with libtpu's TPU compiler instead, for the devices of the
 smallest slice of that generation with DATA x MODEL devices, ahead of time on this machine (no
