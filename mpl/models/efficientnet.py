@@ -51,9 +51,9 @@ and after each block and to ('batch', 'features') after pooling. Batch norms are
 (which changes the stride or width), as one `nn.scan` step each over stacked weights: the program
 holds one block body per stage instead of every block (L2: 14 instead of 88), and the TPU
 compiler needs less host memory for it (measured in README, Scaling up; not less time). Their
-variables are named 'blocks_<first>_to_<last>' (1-based block indices,
-as 'block_<i>') with a leading axis of one entry per block, unsplit by the mesh; each block keeps
-its own drop-connect rate and rng. Outputs, batch-norm updates and gradients equal the unrolled
+variables are named 'blocks_<first>_to_<last>' (1-based block indices, as 'block_<i>') with a
+leading axis of one entry per block, unsplit by the mesh; each block keeps its own drop-connect
+rate and rng. Outputs, batch-norm updates and gradients equal the unrolled
 network's (tests/test_efficientnet.py); `stack_block_variables` converts unrolled variables.
 
 `small_images=True` is the MPL code's variant for CIFAR / SVHN (`_is_small_net`): stride 1 in
