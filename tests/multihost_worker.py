@@ -13,6 +13,9 @@ pid, n, port, workdir, stop_at, out = (int(sys.argv[1]), int(sys.argv[2]), sys.a
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')  # the test's compile flags
                            + f' --xla_force_host_platform_device_count={8 // n}')
 os.environ['JAX_PLATFORMS'] = 'cpu'
+# TensorBoard events play no part here: without TensorFlow the lead host writes log lines and
+# metrics.jsonl (reporting.Writer), and each process starts ~10 s sooner.
+sys.modules['tensorflow'] = None
 import jax
 if n > 1:
     jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=n, process_id=pid)

@@ -57,15 +57,22 @@ def test_paired_h_is_zero_and_official_h_is_not_for_a_student_that_does_not_move
   assert result['noise_over_update'] is None   # no update to compare the noise with
 
 
-def test_with_a_moving_student_the_difference_is_the_noise_alone(tmp_path):
-  # Digits MPL with dropout and no wait: paired h is the update's effect (nonzero), official h
-  # adds dropout noise; under each key both modes take the same step (same f_new).
+@pytest.fixture(scope='module')
+def moving_student_run(tmp_path_factory):
+  """The same digits MPL run with no student wait or warm-up: its student moves from step 0."""
+  workdir = str(tmp_path_factory.mktemp('moving_student'))
   config = load_config('digits.py', 'method=mpl,runlocal')
   config.mpl.student_optimizer.update(dict(wait_steps=0, warmup_steps=0))
-  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_with_a_moving_student_the_difference_is_the_noise_alone(moving_student_run, tmp_path):
+  # Digits MPL with dropout and no wait: paired h is the update's effect (nonzero), official h
+  # adds dropout noise; under each key both modes take the same step (same f_new).
   out = tmp_path / 'h.json'
   # Step 5 of 10: the cosine schedule reaches lr 0 at the last step.
-  assert h_noise.main([str(tmp_path / 'run'), '--keys', '4', '--step', '5', '--out',
+  assert h_noise.main([moving_student_run, '--keys', '4', '--step', '5', '--out',
                        str(out)]) == 0
   result = json.loads(out.read_text())
   assert result['lr_student'] > 0
@@ -135,14 +142,12 @@ def test_bad_outputs_and_a_corrupt_config_are_refused_before_any_work(tmp_path, 
   assert f'{workdir}/config.json is not valid JSON' in capsys.readouterr().err
 
 
-def test_h_dtype_compares_bfloat16_and_float32_measurements_of_one_update(tmp_path, capsys):
+def test_h_dtype_compares_bfloat16_and_float32_measurements_of_one_update(moving_student_run,
+                                                                         tmp_path, capsys):
   # Digits MPL with a moving student, its networks run in bfloat16: per key both measurements
   # see the same bfloat16 step; the float32 one follows the float32 network's h (the h_pass
   # comparison's 'paired' measurement) more closely than the bfloat16 one does.
-  config = load_config('digits.py', 'method=mpl,runlocal')
-  config.mpl.student_optimizer.update(dict(wait_steps=0, warmup_steps=0))
-  run = str(tmp_path / 'run')
-  train.train_and_evaluate(config, run)
+  run = moving_student_run
   assert h_noise.main([run, '--compare', 'h_dtype']) == 2   # a float32 network: nothing to compare
   assert 'Add --dtype bfloat16' in capsys.readouterr().err
   out, out32 = tmp_path / 'h.json', tmp_path / 'h32.json'

@@ -18,9 +18,10 @@ import pytest
 from mpl import config_lib, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Pure data, pure tensor and hybrid parallelism, and strips over 2 and 8 devices; (2, 4, 'width')
-# is in the feedback-mode test.
-MESHES = [(8, 1, ''), (2, 4, ''), (1, 8, ''), (4, 2, 'width'), (1, 8, 'width')]
+# Pure data and hybrid parallelism, and strips over 2 and 8 devices; (2, 4, 'width') is in the
+# feedback-mode test. (Pure tensor parallelism, (1, 8, ''), is the (2, 4) program with one data
+# replica: it was dropped to keep the suite short.)
+MESHES = [(8, 1, ''), (2, 4, ''), (4, 2, 'width'), (1, 8, 'width')]
 STEPS = 2  # the second step must reuse the first one's compiled program
 
 
@@ -114,12 +115,11 @@ def one_device_efficientnet_state(tmp_root):
   return jax.device_get(steps(config, os.path.join(tmp_root, 'one_efficientnet'), 1)[0])
 
 
-@pytest.mark.parametrize('data,model', [(1, 8), (4, 2), (2, 4)])
+@pytest.mark.parametrize('data,model', [(1, 8), (4, 2)])
 def test_efficientnet_step_in_width_strips_equals_one_device(data, model, tmp_path_factory):
   """The model the paper cut into strips: depthwise 3x3/5x5 convs, some with stride 2 on 2-px
-  strips whose output is gathered, squeeze-excitation. On (2, 4) the last stage's 4x4 maps are
-  too small for strips and its depthwise kernel gradient is the one XLA gets wrong
-  (efficientnet.depthwise_conv2d)."""
+  strips whose output is gathered, squeeze-excitation. The (2, 4) mesh is checked with the
+  scanned blocks below: their network has these blocks too (each stage's first block)."""
   config = digits_config('supervised', data, model, 'width')
   config.model = config_lib.ml_collections.ConfigDict(TINY_EFFICIENTNET)
   state, _ = steps(config, str(tmp_path_factory.mktemp('e')), 1)
