@@ -52,9 +52,9 @@ drop-connect 0.2 (mpl/models/efficientnet.py); bfloat16 compute.
 A smoke test on random stand-in images: the same method and loop with a tiny EfficientNet
 (width 0.1, depth 0.1: one block per stage, CIFAR strides) at 32x32, 8 + 16 images per step,
 3 MPL steps and 2 finetune steps; add --config.mesh.model=2 on 2+ devices for width strips.
-Expected: finishes in about 2 minutes on 2 CPU cores (110 s measured, mostly compiling);
-says nothing about accuracy. `:standin`
-keeps every full-size setting on stand-in data (for `mpl.bench`).
+Expected: finishes in about 2 minutes on 2 CPU cores (85-110 s measured, mostly compiling);
+says nothing about accuracy. `:standin` keeps every full-size setting on stand-in data (for
+`mpl.bench`).
 
 Arguments: unlabeled (TFDS name of the unlabeled set; required for a real run), steps (default
 1000000), seed, standin, runlocal, depth (a depth coefficient in place of L2's 5.3, e.g.
