@@ -527,6 +527,8 @@ class Experiment:
   state_sharding: Any
   abstract_state: Any          # ShapeDtypeStructs carrying the shardings (restore target)
   init_state: Callable         # jitted rng -> state, created directly in its shardings
+  init_state_around: Callable  # jitted (rng, params, batch_stats) -> the state init_state
+                               # makes, with these networks in place of the random ones
   arrays: dict                 # the training set on the device
   train_step_for: Callable     # step -> jitted (state, arrays) -> (state, metrics), state
                                # donated: the update of the method's phase at that step
@@ -637,6 +639,13 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
         sharding.strip_boxes(abstract_boxed), state_sharding)
     init_state = jax.jit(lambda r: sharding.strip_boxes(init(r)),
                          out_shardings=state_sharding)
+    # The random networks this replaces are never computed (XLA drops what no output uses),
+    # and the given ones are donated: the finetune stage of an EfficientNet-L2 neither compiles
+    # an L2 init nor holds a second copy of the student.
+    init_state_around = jax.jit(
+        lambda r, params, batch_stats: sharding.strip_boxes(init(r)).replace(
+            params=params, batch_stats=batch_stats),
+        out_shardings=state_sharding, donate_argnums=(1, 2))
     save_split()  # the method and its networks are built: the run is on
 
     replicated = sharding.replicated(mesh)
@@ -680,8 +689,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   return Experiment(config=config, mesh=mesh, rules=rules, data=data,
                     labeled_idx=labeled_idx, unlabeled_idx=unlabeled_idx, method=method,
                     state_sharding=state_sharding, abstract_state=abstract_state,
-                    init_state=init_state, arrays=arrays, train_step_for=train_step_for,
-                    eval_set=eval_set, evaluate=evaluate, num_labeled=num_labeled,
+                    init_state=init_state, init_state_around=init_state_around, arrays=arrays,
+                    train_step_for=train_step_for, eval_set=eval_set, evaluate=evaluate, num_labeled=num_labeled,
                     stream=stream)
 
 
@@ -728,13 +737,13 @@ def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step: i
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
               should_stop: Callable[[int], bool] | None = None,
-              init_from: Callable[[Any], Any] | None = None,
+              start_from: tuple[Any, Any] | None = None,
               preemption: 'PreemptionFlag | None' = None,
               stage: str = '') -> tuple[dict, Any]:
   """Trains one stage of `config` in `workdir`, resuming from its latest checkpoint.
 
-  Returns (summary, final state). `init_from(state)` edits a freshly created state (the
-  finetune stage starts from the MPL student). `should_stop(step)` is checked after every
+  Returns (summary, final state). `start_from` = (params, batch_stats) of the network a fresh
+  run starts from instead of a random one (the finetune stage starts from the MPL student). `should_stop(step)` is checked after every
   step, like SIGTERM: when True the loop saves a checkpoint and returns early (the summary
   then has "stopped_at"). `stage` ('' or 'finetune') names the stage in messages.
   """
@@ -744,7 +753,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
   try:
     return _train_loop(config, workdir, experiment, writer, checkpoints, should_stop,
-                       init_from, preemption, stage)
+                       start_from, preemption, stage)
   finally:
     # Also on an error (a NaN, Ctrl-C): a checkpoint still being written finishes, and the
     # last metrics reach the TensorBoard files.
@@ -752,7 +761,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
     writer.flush()
 
 
-def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, init_from,
+def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, start_from,
                 preemption, stage):
   """The body of `run_stage`."""
   method, mesh = experiment.method, experiment.mesh
@@ -764,10 +773,10 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, i
     if resume_step is not None:
       state, meta = checkpoints.restore(experiment.abstract_state)
       logging.info('Resumed from the checkpoint at step %d.', int(state.step))
+    elif start_from is not None:
+      state = experiment.init_state_around(jax.random.PRNGKey(config.seed), *start_from)
     else:
       state = experiment.init_state(jax.random.PRNGKey(config.seed))
-      if init_from is not None:
-        state = init_from(state)
     if is_lead:  # only now: a config whose checkpoint does not fit leaves the run's record alone
       write_config(config, workdir, resume_step)
       writer.drop_after(int(state.step))  # rows logged after that checkpoint come again
@@ -968,9 +977,8 @@ def _train_and_evaluate(config, workdir, should_stop):
         else:  # one network
           student = (state.params, state.batch_stats)
         del state
-        init_from = lambda s: s.replace(params=student[0], batch_stats=student[1])
         ft_summary, _ = run_stage(finetune_config(config), os.path.join(workdir, 'finetune'),
-                                  should_stop=should_stop, init_from=init_from,
+                                  should_stop=should_stop, start_from=student,
                                   preemption=preemption, stage='finetune')
         stages.append(ft_summary)
         summary = {**ft_summary, 'config': config.to_dict(), 'method': config.method,

@@ -178,6 +178,27 @@ def test_finetune_starts_from_the_evaluated_student(tmp_path, ema_decay):
       assert_trees_equal(finetuned, other)
 
 
+def test_finetune_state_is_made_around_the_student_without_a_random_init(tmp_path):
+  """The finetune stage's first state is the one a fresh init makes (same rng, step, optimizer
+  state) with the student's networks in it, made without computing the random networks (a
+  second EfficientNet-L2 init on a pod) and without copying the donated student."""
+  config = train.finetune_config(moons('method=mpl,labels=6,runlocal', **{'finetune.steps': 2}))
+  experiment = train.build(config, str(tmp_path))
+  rng = jax.random.PRNGKey(3)
+  with experiment.activate():
+    fresh = experiment.init_state(rng)
+    student = jax.tree.map(lambda x: x + 1, (fresh.params, fresh.batch_stats))
+    # Host copies (a plain device_get can share the buffers, and a shared buffer is not donated).
+    expected = jax.tree.map(np.array, fresh.replace(params=student[0], batch_stats=student[1]))
+    flops = lambda jitted, *args: jitted.lower(*args).compile().cost_analysis()['flops']
+    init_flops = flops(experiment.init_state, rng)
+    around_flops = flops(experiment.init_state_around, rng, *student)
+    state = experiment.init_state_around(rng, *student)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), expected)
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(student))  # donated: no copy
+  assert around_flops < 0.05 * init_flops, (around_flops, init_flops)
+
+
 def test_parse_arg_rejects_unknown_keys():
   with pytest.raises(ConfigError, match='valid arguments'):
     load_config('two_moons.py', 'methdo=mpl')
