@@ -690,8 +690,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
                     labeled_idx=labeled_idx, unlabeled_idx=unlabeled_idx, method=method,
                     state_sharding=state_sharding, abstract_state=abstract_state,
                     init_state=init_state, init_state_around=init_state_around, arrays=arrays,
-                    train_step_for=train_step_for, eval_set=eval_set, evaluate=evaluate, num_labeled=num_labeled,
-                    stream=stream)
+                    train_step_for=train_step_for, eval_set=eval_set, evaluate=evaluate,
+                    num_labeled=num_labeled, stream=stream)
 
 
 NOT_SAVED = '(not in the saved config)'
@@ -742,10 +742,10 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
               stage: str = '') -> tuple[dict, Any]:
   """Trains one stage of `config` in `workdir`, resuming from its latest checkpoint.
 
-  Returns (summary, final state). `start_from` = (params, batch_stats) of the network a fresh
-  run starts from instead of a random one (the finetune stage starts from the MPL student). `should_stop(step)` is checked after every
-  step, like SIGTERM: when True the loop saves a checkpoint and returns early (the summary
-  then has "stopped_at"). `stage` ('' or 'finetune') names the stage in messages.
+  Returns (summary, final state). `start_from` = (params, batch_stats), donated: the network a
+  fresh run starts from instead of a random one (the finetune stage starts from the MPL
+  student). `should_stop(step)` is checked after every step, like SIGTERM: when True the loop
+  saves a checkpoint and returns early (the summary then has "stopped_at"). `stage` ('' or 'finetune') names the stage in messages.
   """
   experiment = build(config, workdir)
   preemption = preemption or PreemptionFlag()
