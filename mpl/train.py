@@ -745,7 +745,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, *,
   Returns (summary, final state). `start_from` = (params, batch_stats), donated: the network a
   fresh run starts from instead of a random one (the finetune stage starts from the MPL
   student). `should_stop(step)` is checked after every step, like SIGTERM: when True the loop
-  saves a checkpoint and returns early (the summary then has "stopped_at"). `stage` ('' or 'finetune') names the stage in messages.
+  saves a checkpoint and returns early (the summary then has "stopped_at"). `stage` ('' or
+  'finetune') names the stage in messages.
   """
   experiment = build(config, workdir)
   preemption = preemption or PreemptionFlag()
