@@ -57,10 +57,16 @@ def steps(config, workdir, num_steps=STEPS):
   return state, experiment
 
 
+# The teacher learns from the feedback term alone: its update is then all MPL.
+FEEDBACK_ONLY = (('mpl.teacher_labeled_weight', 0.0), ('mpl.uda_weight', 0.0),
+                 ('mpl.teacher_optimizer.weight_decay', 0.0))
+
+
 @functools.lru_cache(maxsize=None)
-def one_device_state(method, feedback, tmp_root):
-  state, _ = steps(digits_config(method, **{'mpl.feedback': feedback}),
-                   os.path.join(tmp_root, f'one_{method}_{feedback}'))
+def one_device_state(method, feedback, tmp_root, num_steps=STEPS, overrides=()):
+  state, _ = steps(digits_config(method, **{'mpl.feedback': feedback}, **dict(overrides)),
+                   os.path.join(tmp_root, f'one_{method}_{feedback}_{num_steps}_{len(overrides)}'),
+                   num_steps)
   return jax.device_get(state)
 
 
@@ -96,12 +102,25 @@ def test_mpl_step_on_any_mesh_equals_one_device(data, model, spatial, tmp_path_f
     assert kernel.sharding.spec[-1] == 'model'
 
 
-@pytest.mark.parametrize('feedback', ['exact', 'official_release'])
-def test_other_feedback_modes_on_a_spatial_hybrid_mesh(feedback, tmp_path_factory):
+# 'exact' is compared after its first update, in which the teacher learns from the feedback
+# term alone (its second-order gradient through the student's step, at full scale). Later steps
+# are not comparable: that gradient runs through the student's Hessian, which through leaky ReLUs
+# depends on which units are active, and a float32 rounding difference (another XLA, another
+# layout) can switch a unit near 0 and move the teacher by 2e-4 to 1e-3 of its size. Measured on
+# one device: a 1e-7 to 3e-7 relative change of the teacher's init does that within 2-3 steps
+# under 'exact', not under 'first_order' (3e-6), nor under 'exact' with a smooth activation in
+# place of leaky ReLU (5e-6).
+@pytest.mark.parametrize('feedback,num_steps,overrides', [
+    ('exact', 1, FEEDBACK_ONLY), ('official_release', STEPS, ())])
+def test_other_feedback_modes_on_a_spatial_hybrid_mesh(feedback, num_steps, overrides,
+                                                       tmp_path_factory):
   root = str(tmp_path_factory.getbasetemp())
-  state, _ = steps(digits_config('mpl', 2, 4, 'width', **{'mpl.feedback': feedback}),
-                   str(tmp_path_factory.mktemp('f')))
-  assert_same_state(state, one_device_state('mpl', feedback, root))
+  config = digits_config('mpl', 2, 4, 'width', **{'mpl.feedback': feedback}, **dict(overrides))
+  state, _ = steps(config, str(tmp_path_factory.mktemp('f')), num_steps)
+  assert_same_state(state, one_device_state('mpl', feedback, root, num_steps, overrides))
+  if feedback == 'exact':  # the teacher did move, by the feedback term
+    momentum = [m for m in jax.tree.leaves(state.opt_state['teacher']) if m.dtype == np.float32]
+    assert max(np.abs(m).max() for m in momentum) > 1e-3
 
 
 TINY_EFFICIENTNET = dict(name='efficientnet', width_coefficient=0.1, depth_coefficient=0.1,
