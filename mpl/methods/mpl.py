@@ -21,6 +21,11 @@ Teacher T and student S train together. One update:
      Teacher loss = w_l * CE_l + lambda_uda(t) * UDA + feedback term (w_l =
      `mpl.teacher_labeled_weight`, 1; 0 with no UDA: the paper's section-2 teacher, taught by
      the feedback alone).
+     Under 'exact' the teacher's gradient runs through the student's Hessian, which through
+     leaky ReLUs depends on which units are active: a float32 rounding difference (another
+     mesh layout, another XLA) can switch a unit near 0 and move the teacher by up to 1e-3 of
+     its size within 2-3 steps (measured: tests/test_model_parallel.py). One program still
+     reproduces its run exactly (resume); 'first_order' moves 3e-6 for the same rounding.
 
 Choices the paper leaves open, made as the official code does: the baseline is updated with the
 current h before it is subtracted; f_new uses the student in training mode (its batch-norm
