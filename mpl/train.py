@@ -498,12 +498,16 @@ def plot_curves(stages: list[list[dict]], path: str, title: str) -> None:
 PROGRESS_PLOT_EVERY_S = 300.0
 
 
-def plot_progress(evals: list[dict], workdir: str, title: str) -> None:
-  """curves.png of a run in progress; a plot that fails is logged, never stops the run."""
+def draw_curves(stages: list[list[dict]], workdir: str, title: str) -> None:
+  """WORKDIR/curves.png, during or at the end of a run. A plot that fails is logged and never
+  fails the run: the summary and metrics.jsonl hold every number it would show."""
   try:
-    plot_curves([evals], os.path.join(workdir, 'curves.png'), title)
+    plot_curves(stages, os.path.join(workdir, 'curves.png'), title)
+  except ImportError as e:
+    logging.warning('No %s/curves.png: %s; `pip install matplotlib` (requirements.txt) to '
+                    'have it drawn.', workdir, e)
   except Exception as e:  # pylint: disable=broad-except
-    logging.warning('Could not draw %s/curves.png (training goes on): %r', workdir, e)
+    logging.warning('Could not draw %s/curves.png (the run goes on): %r', workdir, e)
 
 
 # --------------------------------------------------------------------------------------------
@@ -852,7 +856,7 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, s
                                for k, v in result.items() if k != 'step'),
                      rate, reporting.format_duration((total - step) / max(rate, 1e-9)))
         if is_lead and not last and time.time() - last_plot_time >= PROGRESS_PLOT_EVERY_S:
-          plot_progress(meta['evals'], workdir,
+          draw_curves([meta['evals']], workdir,
                         f'{config.method} on {config.dataset}{" (finetune)" if stage else ""}: '
                         f'step {step} of {total}')
           last_plot_time = time.time()
@@ -1001,7 +1005,7 @@ def _train_and_evaluate(config, workdir, should_stop):
       (workdir_path(workdir) / 'summary.json').write_text(
           json.dumps(summary, indent=2, default=str))
       if summary['final']:
-        plot_curves([s['history'] for s in stages], os.path.join(workdir, 'curves.png'),
+        draw_curves([s['history'] for s in stages], workdir,
                     f'{config.method} on {config.dataset} ({summary["num_labeled"]} labels)')
     logging.info('Done: %s', {k: summary[k] for k in ('final', 'best', 'median_last_20')})
     return summary
