@@ -310,9 +310,17 @@ def main(argv=None) -> int:
   parser.add_argument('--title', default='test accuracy')
   args = parser.parse_args(argv)
   json_path = os.path.splitext(args.out)[0] + '.json'
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+    draw = True
+  except ImportError:  # e.g. a machine with only the training packages: the numbers still come
+    draw = False
+    print(f'warning: matplotlib is not installed, so no {args.out}; the table and {json_path} '
+          f'follow (`pip install matplotlib` for the figure).', file=sys.stderr)
   rows = {}
   try:
-    reporting.check_out_path(args.out)
+    if draw:
+      reporting.check_out_path(args.out)
     reporting.check_out_path(json_path, '--out (its rows file)', figure=False)
     for spec in args.runs:
       name, workdirs = expand(spec)
@@ -324,12 +332,13 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(markdown_table(rows))
-  plot(rows, args.out, args.title)
+  if draw:
+    plot(rows, args.out, args.title)
   with open(json_path, 'w') as f:
     json.dump({name: {k: v for k, v in r.items() if k not in ('curves', 'curves_std')}
                for name, r in rows.items()},
               f, indent=2)
-  print(f'wrote {args.out} and {json_path}')
+  print(f'wrote {args.out} and {json_path}' if draw else f'wrote {json_path}')
   return 0
 
 

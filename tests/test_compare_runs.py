@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import ml_collections
 
@@ -223,6 +224,16 @@ def test_prints_the_files_it_wrote(tmp_path, capsys):
   assert compare_runs.main([str(tmp_path / 'sup'), '--out', str(tmp_path / 'c.pdf')]) == 0
   assert f'wrote {tmp_path}/c.pdf and {tmp_path}/c.json' in capsys.readouterr().out
   assert (tmp_path / 'c.pdf').exists() and (tmp_path / 'c.json').exists()
+
+
+def test_without_matplotlib_the_table_and_rows_still_come(tmp_path, capsys, monkeypatch):
+  _write_summary(tmp_path / 'sup', 'supervised', _evals([0.5], models=('raw',)))
+  monkeypatch.setitem(sys.modules, 'matplotlib', None)   # import matplotlib -> ImportError
+  assert compare_runs.main([str(tmp_path / 'sup'), '--out', str(tmp_path / 'c.png')]) == 0
+  captured = capsys.readouterr()
+  assert '| sup | supervised | 1 | 100 | 50.00 |' in captured.out
+  assert f'wrote {tmp_path}/c.json' in captured.out and 'pip install matplotlib' in captured.err
+  assert (tmp_path / 'c.json').exists() and not (tmp_path / 'c.png').exists()
 
 
 def test_bad_run_arguments_say_what_is_wrong(tmp_path, capsys):
