@@ -14,7 +14,8 @@
 # already finished there (summary.json), unless OVERWRITE=1.
 # Rehearsed on a CPU in a venv like the GPU image (Python 3.12, jax 0.11.2, numpy 2.5.2, no
 # TensorFlow / clu / ml_collections): `SMOKE=1 bash launch/gpu_figures.sh speed|compare` runs
-# every command on the runlocal configs in ~3 min each; both passed there. The full-size
+# every command on the runlocal configs in ~3 min each; both passed there (again on 2026-12-03,
+# also without matplotlib: the runs and compare_runs then skip their figures). The full-size
 # commands, cut short ($BENCH_ARGS: more mpl.bench flags; $EXTRA: more --config flags for every
 # training run):
 #   BENCH_ARGS='--steps 1 --warmup 0 --profile_steps 1' EXTRA='--config.total_steps=4' \
