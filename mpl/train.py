@@ -857,8 +857,8 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, s
                      rate, reporting.format_duration((total - step) / max(rate, 1e-9)))
         if is_lead and not last and time.time() - last_plot_time >= PROGRESS_PLOT_EVERY_S:
           draw_curves([meta['evals']], workdir,
-                        f'{config.method} on {config.dataset}{" (finetune)" if stage else ""}: '
-                        f'step {step} of {total}')
+                      f'{config.method} on {config.dataset}{" (finetune)" if stage else ""}: '
+                      f'step {step} of {total}')
           last_plot_time = time.time()
       if save:
         meta['wall_s'] = meta.get('wall_s', 0.0) + time.time() - session_start
