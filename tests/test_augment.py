@@ -154,6 +154,16 @@ def test_photometric_op_matches_pil(name):
   assert checked >= 6
 
 
+def test_contrast_of_an_image_too_large_for_an_int32_pixel_sum_matches_pil():
+  # 3000 x 3000 bright pixels: 2 * sum + n exceeds 2**31, the limit of the exact integer mean.
+  rows = np.random.default_rng(0).integers(170, 230, size=(3000, 1), dtype=np.uint8)
+  img = np.broadcast_to(rows, (3000, 3000))[..., None].copy()
+  ours = np.asarray(apply_op('Contrast', jnp.asarray(img), 16))[..., 0]
+  ref = np.asarray(ImageEnhance.Contrast(Image.fromarray(img[..., 0])).enhance(16 / 10 * 1.8 + .1))
+  assert np.mean(np.abs(ours.astype(int) - ref.astype(int)) <= 1) == 1
+  assert np.mean(ours == ref) >= 0.99
+
+
 def test_photometric_ops_on_float_images_stay_close_to_uint8():
   img = _image(6, (12, 12, 3))
   for name in PHOTOMETRIC:

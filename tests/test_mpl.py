@@ -541,6 +541,14 @@ def test_each_network_keeps_the_batch_statistics_of_its_own_training_pass():
   assert abs(float(metrics['h'])) > 1e-3
 
 
+def test_without_a_ramp_the_uda_weight_is_full_from_the_first_step():
+  method = make_method('first_order', uda_weight=2.0)
+  method.config.mpl.uda_ramp_steps = 0
+  batch = moons_batch(n_u=16)
+  _, metrics = method.update(init_state(method, batch), batch)
+  assert float(metrics['uda_weight']) == 2.0
+
+
 def test_uda_masks_on_the_weak_view_predicts_the_strong_one_and_ramps_up():
   """Distinct weak and strong views: the target is the sharpened teacher softmax on w(x_u), kept
   where its maximum reaches the threshold 0.6, predicted from s(x_u); the UDA weight is

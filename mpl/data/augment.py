@@ -12,7 +12,11 @@ Conventions
   on float32 on the 0..255 scale. For integer inputs every op rounds/truncates as PIL does on
   uint8, so each op's output is again an integer image. It is PIL's, except that Color,
   Contrast and Sharpness put about 0.1 % of pixels one level lower (XLA fuses the blend's
-  multiply and add into one rounding where PIL's C code rounds twice; see the tests); for
+  multiply and add into one rounding where PIL's C code rounds twice; see the tests),
+  AutoContrast computes PIL's table (v - lo) * 255 / (hi - lo) in exact integers where PIL's
+  float arithmetic lands one level lower for some ranges (0..25 maps 25 to 255, PIL to 254), and
+  a shear row that falls exactly on a half-pixel tie (float32 here, double in PIL) can be one
+  pixel off; for
   float inputs the ops are not quantized between steps (histogram ops quantize to 256 levels for
   their statistics). Outputs are clipped to the input range; dtype and shape are preserved.
 * Fill values (`fill`) are on the 0..255 scale for every dtype: 128 (= 128/255 for floats) is the
@@ -363,7 +367,7 @@ def _autocontrast(x, p, u, q, fill):
   lo = jnp.min(flat, axis=0)
   hi = jnp.max(flat, axis=0)
   span = jnp.where(hi > lo, hi - lo, 1.0)
-  if q:  # PIL's lut: int((v - lo) * 255 / (hi - lo)), here in exact integer arithmetic.
+  if q:  # PIL's lut int((v - lo) * 255 / (hi - lo)), in exact integers (PIL: floats).
     out = ((x - lo).astype(jnp.int32) * 255 // span.astype(jnp.int32)).astype(jnp.float32)
   else:
     out = (x - lo) * (255.0 / span)
@@ -426,9 +430,13 @@ def _color(x, factor, u, q, fill):
 def _contrast(x, factor, u, q, fill):
   grey = _grey(x, q)
   n = grey.shape[0] * grey.shape[1]
-  if q:  # PIL: int(mean + 0.5) of the L image, exactly, in integers.
+  if q and 511 * n < 2**31:  # PIL: int(mean + 0.5) of the L image, exactly, in int32.
     total = jnp.sum(grey.astype(jnp.int32))
     mean = ((2 * total + n) // (2 * n)).astype(jnp.float32)
+  elif q:  # Over 4.2 M pixels that sum could overflow int32: float row sums (each exact), then
+    # rounded; only a mean within ~1e-4 of a .5 tie can round otherwise than PIL's.
+    row_sums = jnp.sum(grey.astype(jnp.int32), axis=1).astype(jnp.float32)
+    mean = jnp.floor(jnp.sum(row_sums) / n + 0.5)
   else:
     mean = jnp.mean(grey)
   return _blend(jnp.full_like(x, 1.0) * mean, x, factor, q)

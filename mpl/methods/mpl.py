@@ -261,8 +261,10 @@ class MPL(base.Method):
     baseline = c.baseline_decay * state.method_state['baseline'] + (1 - c.baseline_decay) * h
     coefficient = jax.lax.stop_gradient(h - baseline)
 
-    uda_weight = c.uda_weight * jnp.minimum(
-        1.0, step.astype(jnp.float32) / max(c.uda_ramp_steps, 1))
+    if c.uda_ramp_steps > 0:
+      uda_weight = c.uda_weight * jnp.minimum(1.0, step.astype(jnp.float32) / c.uda_ramp_steps)
+    else:  # no ramp: the full weight from the first step
+      uda_weight = jnp.float32(c.uda_weight)
 
     def teacher_objective(logits):
       t_l, t_w, t_s = logits[:n_l], logits[n_l:n_l + n_u], logits[n_l + n_u:]
