@@ -48,6 +48,20 @@ USAGE = ('python -m mpl.main --config configs/<file>.py[:args] --workdir DIR '
          '[--config.key=value ...] [--distributed]')
 
 
+# Ctrl-C before the run's own handler (train.PreemptionFlag) is in place: Python's default
+# raises KeyboardInterrupt wherever the main thread is, and one raised inside a garbage
+# collection callback (JAX frees compiled programs in one) is printed and dropped, so the run
+# went on to its end. `interrupted_while_starting` also notes it; the run then stops after its
+# first step as after a later Ctrl-C (`should_stop`).
+EARLY_INTERRUPTS = []
+
+
+def interrupted_while_starting(signum, frame):
+  del frame
+  EARLY_INTERRUPTS.append(signum)
+  raise KeyboardInterrupt
+
+
 def usage_error(message: str):
   print(f'error: {message}\nUsage: {USAGE}', file=sys.stderr)
   sys.exit(2)
@@ -91,15 +105,19 @@ def main(argv):
                     '--config.method=%s.', flag, FLAGS.config.method, block, block, config_arg,
                     block)
   try:
-    train.train_and_evaluate(FLAGS.config, workdir)
+    summary = train.train_and_evaluate(FLAGS.config, workdir,
+                                       should_stop=lambda step: bool(EARLY_INTERRUPTS))
+    if EARLY_INTERRUPTS and 'stopped_at' in summary:
+      raise KeyboardInterrupt(f'stopped by Ctrl-C at step {summary["stopped_at"]}, after saving '
+                              f'a checkpoint; rerun the same command to resume.')
   except (ConfigError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  except KeyboardInterrupt as e:  # Ctrl-C, after the checkpoint
-    print(f'{e}', file=sys.stderr)
+  except KeyboardInterrupt as e:  # Ctrl-C, after the checkpoint (or before training began)
+    print(f'{e}' or 'stopped by Ctrl-C before training began.', file=sys.stderr)
     # Die by SIGINT, not with a status: a shell loop (`for s in 0 1 2; do ...; done`) stops only
     # when its child was killed by the signal.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -113,4 +131,5 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
+  signal.signal(signal.SIGINT, interrupted_while_starting)
   app.run(main, flags_parser=parse_flags)

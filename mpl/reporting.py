@@ -79,13 +79,24 @@ class Writer:
 
   def __init__(self, workdir: str, is_lead: bool):
     self.jsonl = JsonlWriter(workdir, enabled=is_lead)
-    self.clu = None  # other hosts only log; clu's writers would import TensorFlow (seconds)
-    if is_lead:
+    self.workdir = workdir
+    # Made when first used, so that a run refused before it trains (a checkpoint that does not
+    # fit) leaves no empty TensorBoard file. Other hosts only log: clu's writers would import
+    # TensorFlow (seconds).
+    self._unopened = is_lead
+    self._clu = None
+
+  @property
+  def clu(self):
+    """clu's writer, or None (another host, or no TensorFlow)."""
+    if self._unopened:
+      self._unopened = False
       try:
         from clu import metric_writers  # pylint: disable=g-import-not-at-top
-        self.clu = metric_writers.create_default_writer(workdir)
+        self._clu = metric_writers.create_default_writer(self.workdir)
       except ImportError:  # no TensorFlow: log lines only
         pass
+    return self._clu
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     self.jsonl.write_scalars(step, scalars)
@@ -98,8 +109,8 @@ class Writer:
     self.jsonl.drop_after(step)
 
   def flush(self) -> None:
-    if self.clu is not None:
-      self.clu.flush()
+    if self._clu is not None:  # never opened: nothing to flush
+      self._clu.flush()
 
 
 @contextlib.contextmanager

@@ -69,6 +69,15 @@ def load_data(config, workdir):
         + (': the stand-in set is small, for smoke tests.' if 'stand-in' in data.name else '.'))
   meta = {'dataset': config.dataset, 'num_labeled': num_labeled, 'seed': config.data.seed}
   saved = split.load_split(workdir)
+  different = saved is not None and {k: saved[1].get(k) for k in meta} != meta
+  if different and latest_checkpoint_step(workdir) is None:
+    # No checkpoint trained on it (the run failed or was killed before its first one): the
+    # corrected command takes a new split rather than being locked out of its workdir.
+    logging.warning('%s/%s was made for %s; no checkpoint uses it, so this run replaces it.',
+                    workdir, split.SPLIT_FILENAME, {k: saved[1].get(k) for k in meta})
+    if jax.process_index() == 0:
+      (epath.Path(workdir) / split.SPLIT_FILENAME).unlink()
+    saved = None
   if saved is not None:
     labeled = saved[0]
     for key, value in meta.items():
@@ -239,15 +248,17 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore(self, abstract_state, step: int | None = None):
+  def restore(self, abstract_state, step: int | None = None, config_changes: str = ''):
     """(state, meta) of checkpoint `step` (default: the latest). Every leaf of `abstract_state`
-    needs a sharding (a leaf without one would come back as a NumPy array)."""
+    needs a sharding (a leaf without one would come back as a NumPy array). `config_changes`
+    (how this config differs from the run's) goes into the error when the state does not fit."""
     step = self.manager.latest_step() if step is None else step
 
     def does_not_fit(why) -> ConfigError:
+      changes = f' This config differs from the run\'s: {config_changes}.' if config_changes else ''
       return ConfigError(
           f'the checkpoint at step {step} in {self.manager.directory} does not fit this config '
-          f'(a different method, model or dataset?): {why}. Use a new --workdir.')
+          f'(a different method, model or dataset?): {why}.{changes} Use a new --workdir.')
 
     # Compared before restoring: a restore that fails halfway leaves Orbax's other reads to fail
     # when its event loop closes, and the message names one array where several may differ.
@@ -715,6 +726,22 @@ def config_changes(saved: dict, current: dict) -> dict[str, list]:
               key, NOT_SAVED)}
 
 
+def format_changes(changed: dict[str, list]) -> str:
+  return '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())
+
+
+def changes_from_saved_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """config_changes between WORKDIR/config.json (if readable) and `config`."""
+  path = workdir_path(workdir) / 'config.json'
+  try:
+    saved = json.loads(path.read_text()) if path.exists() else None
+  except ValueError:
+    saved = None
+  if saved is None:
+    return {}
+  return config_changes(saved, json.loads(json.dumps(config.to_dict(), default=str)))
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step: int | None):
   """Writes WORKDIR/config.json. A run resumed with another config (more steps, a new lr, ...)
   continues, with a warning and a line in WORKDIR/config_changes.jsonl saying what changed at
@@ -731,8 +758,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step: i
     changed = config_changes(saved, current)
     if changed:
       logging.warning('Resuming at step %d with a config that differs from the run\'s: %s',
-                      resume_step, '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in
-                                             changed.items()))
+                      resume_step, format_changes(changed))
       log = workdir_path(workdir) / 'config_changes.jsonl'
       before = log.read_text() if log.exists() else ''  # read + write: works on GCS too
       log.write_text(before + json.dumps({'step': resume_step, 'changed': changed}) + '\n')
@@ -776,7 +802,9 @@ def _train_loop(config, workdir, experiment, writer, checkpoints, should_stop, s
     meta = {'evals': [], 'wall_s': 0.0}
     resume_step = checkpoints.latest_step()  # never past total_steps: see check_resumable
     if resume_step is not None:
-      state, meta = checkpoints.restore(experiment.abstract_state)
+      state, meta = checkpoints.restore(
+          experiment.abstract_state,
+          config_changes=format_changes(changes_from_saved_config(config, workdir)))
       logging.info('Resumed from the checkpoint at step %d.', int(state.step))
     elif start_from is not None:
       state = experiment.init_state_around(jax.random.PRNGKey(config.seed), *start_from)
@@ -894,36 +922,49 @@ def finetune_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return ft
 
 
+def latest_checkpoint_step(directory: str) -> int | None:
+  """The step of the latest checkpoint in `directory` (a workdir or stage dir), or None."""
+  if not (workdir_path(directory) / 'checkpoints').exists():
+    return None
+  checkpoints = Checkpoints(directory, keep=1, read_only=True)
+  step = checkpoints.latest_step()
+  checkpoints.close()
+  return step
+
+
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Before anything runs or is written, the checkpoints already in `workdir` must fit this
-  config: a run cannot go back to fewer steps than a checkpoint holds, and a finetune stage,
-  which starts from the MPL stage's last student, would be left stale by more MPL steps."""
-  def latest_step(directory):
-    if not (workdir_path(directory) / 'checkpoints').exists():
-      return None
-    checkpoints = Checkpoints(directory, keep=1, read_only=True)
-    step = checkpoints.latest_step()
-    checkpoints.close()
-    return step
-
+  config: a run cannot go back to fewer steps than a checkpoint holds, a finetune stage, which
+  starts from the MPL stage's last student, would be left stale by more MPL steps, and a
+  finished run is not relabelled with a config it was not trained with."""
   def not_past(directory, step, key, total):
     if step is not None and step > total:
       raise ConfigError(
           f'{directory} holds a checkpoint at step {step}, past this config\'s {key}={total}: '
           f'a run cannot go back. Set {key} >= {step} to continue it, or use a new --workdir.')
 
-  mpl_step = latest_step(workdir)
+  mpl_step = latest_checkpoint_step(workdir)
   not_past(workdir, mpl_step, 'total_steps', config.total_steps)
-  if config.finetune.steps <= 0:
-    return
-  finetune_dir = os.path.join(workdir, 'finetune')
-  finetune_step = latest_step(finetune_dir)
-  not_past(finetune_dir, finetune_step, 'finetune.steps', config.finetune.steps)
-  if finetune_step is not None and mpl_step is not None and mpl_step < config.total_steps:
-    raise ConfigError(
-        f'{finetune_dir} finetuned the student of step {mpl_step}, and this config trains it to '
-        f'step {config.total_steps}: that finetune stage would be stale. Remove {finetune_dir} to '
-        f'finetune the longer run, or use a new --workdir.')
+  finetune_step = None
+  if config.finetune.steps > 0:
+    finetune_dir = os.path.join(workdir, 'finetune')
+    finetune_step = latest_checkpoint_step(finetune_dir)
+    not_past(finetune_dir, finetune_step, 'finetune.steps', config.finetune.steps)
+    if finetune_step is not None and mpl_step is not None and mpl_step < config.total_steps:
+      raise ConfigError(
+          f'{finetune_dir} finetuned the student of step {mpl_step}, and this config trains it '
+          f'to step {config.total_steps}: that finetune stage would be stale. Remove '
+          f'{finetune_dir} to finetune the longer run, or use a new --workdir.')
+  finished = mpl_step == config.total_steps and (
+      config.finetune.steps <= 0 or finetune_step == config.finetune.steps)
+  if finished:  # nothing would train: the summary would carry settings it was not trained with
+    changed = changes_from_saved_config(config, workdir)
+    if changed:
+      raise ConfigError(
+          f'{workdir} holds a finished run, and this config differs from the one it was trained '
+          f'with ({format_changes(changed)}): nothing would train, and its summary would be '
+          f'relabelled. Use a new --workdir for a new run, or raise total_steps (or '
+          f'finetune.steps) to continue this one.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -998,8 +1039,12 @@ def _train_and_evaluate(config, workdir, should_stop):
       if preemption.signal == signal.SIGINT:
         # Ctrl-C means stop, also for whatever called this (a shell loop over seeds, a script):
         # the checkpoint is saved, and the interrupt goes on up.
-        raise KeyboardInterrupt(f'stopped by Ctrl-C at step {summary["stopped_at"]}, after '
-                                f'saving a checkpoint; rerun the same command to resume.')
+        where = f'step {summary["stopped_at"]}'
+        if 'before_finetune' in summary:  # the finetune stage counts its own steps
+          where = (f'finetune step {summary["stopped_at"] - summary["before_finetune"]["steps"]}'
+                   f' (step {summary["stopped_at"]} overall)')
+        raise KeyboardInterrupt(f'stopped by Ctrl-C at {where}, after saving a checkpoint; '
+                                f'rerun the same command to resume.')
       return summary
     if jax.process_index() == 0:
       (workdir_path(workdir) / 'summary.json').write_text(

@@ -256,6 +256,9 @@ def test_config_errors():
     make(make_config(rounds=-1))
   with pytest.raises(ConfigError, match='teacher_steps'):
     make(make_config(rounds=2, teacher_steps=9))
+  # teacher_steps unset: the message names the key that was set.
+  with pytest.raises(ConfigError, match=r'rounds=30 needs total_steps >= 31 .* total_steps is 10'):
+    make(make_config(rounds=30))
   assert make(make_config(rounds=1)).threshold == 0.0
   assert make(make_config(rounds=1)).teacher_steps == 5
 

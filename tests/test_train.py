@@ -580,6 +580,54 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, signal_name, log
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
 
 
+def test_ctrl_c_while_the_run_starts_is_not_lost(tmp_path):
+  """Ctrl-C before the loop's handler is in place, landing in a garbage-collection callback
+  (Python prints and drops a KeyboardInterrupt raised there; JAX frees programs in one): the run
+  still stops, after its first step, with a checkpoint, and ends by SIGINT. It trained on to
+  the end before."""
+  workdir = str(tmp_path / 'run')
+  argv = ['mpl.main', '--config', 'configs/two_moons.py:labels=-1', '--workdir', workdir,
+          '--config.total_steps=300', '--config.eval_every=300', '--config.checkpoint_every=300']
+  code = ('import gc, os, runpy, signal, sys\n'
+          'fired = []\n'
+          'def interrupt_once(phase, info):\n'
+          '  if "jax" in sys.modules and not fired:\n'
+          '    fired.append(1)\n'
+          '    os.kill(os.getpid(), signal.SIGINT)\n'
+          '    for _ in range(1000): pass  # the handler runs here, inside the callback\n'
+          'gc.callbacks.append(interrupt_once)\n'
+          f'sys.argv = {argv!r}\n'
+          'runpy.run_module("mpl.main", run_name="__main__")\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+  assert 'KeyboardInterrupt' in result.stderr  # it was dropped in the callback
+  assert result.returncode == -2, result.stderr[-3000:]
+  assert 'stopped by Ctrl-C at step 1, after saving a checkpoint' in result.stderr
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+
+
+def test_ctrl_c_in_the_finetune_stage_names_the_stage_and_its_step(tmp_path, monkeypatch):
+  import signal
+  flags, calls = [], []
+  enter = train.PreemptionFlag.__enter__
+  monkeypatch.setattr(train.PreemptionFlag, '__enter__', lambda self: flags.append(self) or
+                      enter(self))
+
+  def ctrl_c_at_the_fifth_step(step):  # the handler's work, without a real signal
+    calls.append(step)
+    if len(calls) == 5:
+      flags[0]._handle(signal.SIGINT, None)
+    return False
+  config = moons('labels=6', total_steps=4, eval_every=4, checkpoint_every=4,
+                 **{'finetune.steps': 4, 'finetune.batch_size': 8})
+  # Asked during finetune step 1, the run stops after the next one (as after a real Ctrl-C).
+  with pytest.raises(KeyboardInterrupt, match=r'at finetune step 2 \(step 6 overall\), after '):
+    train.train_and_evaluate(config, str(tmp_path), should_stop=ctrl_c_at_the_fifth_step)
+  assert calls == [1, 2, 3, 4, 1]
+  assert os.listdir(tmp_path / 'finetune' / 'checkpoints') == ['2']
+
+
 @pytest.mark.parametrize('signal_name, status', [('SIGTERM', -15), ('SIGINT', -2)])
 def test_second_sigterm_exits_at_once(signal_name, status):
   """The first SIGTERM (or Ctrl-C) asks for a checkpoint; a second one (the first waits on a
@@ -684,19 +732,66 @@ def test_resume_with_another_config_records_what_changed(tmp_path, monkeypatch):
   assert lines == [{'step': 4, 'changed': {'optimizer.lr': [0.1, 0.05], 'total_steps': [4, 8]}}]
   assert json.load(open(os.path.join(workdir, 'config.json')))['optimizer']['lr'] == 0.05
 
-  # A config whose checkpoint does not fit stops with a clear error and leaves the record alone.
+  # A config whose checkpoint does not fit stops with a clear error naming what changed, and
+  # leaves the record alone (no TensorBoard file either).
   saved = open(os.path.join(workdir, 'config.json')).read()
+  events = sorted(f for f in os.listdir(workdir) if f.startswith('events.'))
   unraisable = []
   monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
   with pytest.raises(ConfigError, match=r'does not fit this config .*: params/classifier/kernel '
-                     r'has shape \(8, 2\) in the checkpoint, \(16, 2\) in this config; .* more'):
+                     r'has shape \(8, 2\) in the checkpoint, \(16, 2\) in this config; .* more'
+                     r"\. This config differs from the run's: model.hidden_sizes: \[8, 8\] -> "
+                     r'\[16, 16\]; total_steps: 8 -> 12\. Use a new --workdir\.'):
     train.train_and_evaluate(
-        moons('labels=6', total_steps=12, **{**overrides, 'model.hidden_sizes': (16, 16)}),
-        workdir)
+        moons('labels=6', total_steps=12, **{**overrides, 'optimizer.lr': 0.05,
+                                             'model.hidden_sizes': (16, 16)}), workdir)
   gc.collect()
   assert not unraisable, unraisable  # no half-done Orbax reads left behind
   assert open(os.path.join(workdir, 'config.json')).read() == saved
   assert len(open(changes).readlines()) == 1
+  assert sorted(f for f in os.listdir(workdir) if f.startswith('events.')) == events
+
+  # The run is finished: another config would train nothing and relabel its summary.
+  summary = open(os.path.join(workdir, 'summary.json')).read()
+  with pytest.raises(ConfigError, match=r'holds a finished run, and this config differs from the '
+                     r'one it was trained with \(seed: 0 -> 3\)'):
+    train.train_and_evaluate(
+        moons('labels=6', total_steps=8, seed=3, **{**overrides, 'optimizer.lr': 0.05}), workdir)
+  assert open(os.path.join(workdir, 'config.json')).read() == saved
+  assert open(os.path.join(workdir, 'summary.json')).read() == summary
+
+
+def test_a_finished_run_takes_a_finetune_stage_added_later(tmp_path):
+  """Only the finetune settings changed, and its stage has steps to train: not refused."""
+  def config(finetune_steps):
+    return moons('labels=6', total_steps=4, eval_every=4, checkpoint_every=4,
+                 **{'finetune.steps': finetune_steps, 'finetune.batch_size': 8})
+  assert 'before_finetune' not in train.train_and_evaluate(config(0), str(tmp_path))
+  summary = train.train_and_evaluate(config(2), str(tmp_path))
+  assert summary['finetune_steps'] == 2 and summary['before_finetune']['steps'] == 4
+  with pytest.raises(ConfigError, match=r'finished run.*\(finetune.steps: 2 -> 0\)'):
+    train.train_and_evaluate(config(0), str(tmp_path))  # would drop the finetuned result
+
+
+def test_a_split_no_checkpoint_used_is_replaced(tmp_path):
+  """A run that failed before its first checkpoint (a NaN, a kill) does not lock its corrected
+  command out."""
+  workdir = str(tmp_path / 'run')
+
+  def killed(step):
+    raise RuntimeError('killed')
+  with pytest.raises(RuntimeError, match='killed'):
+    train.train_and_evaluate(moons('labels=6', total_steps=4, checkpoint_every=4, eval_every=4),
+                             workdir, should_stop=killed)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '1'))
+  assert json.load(open(os.path.join(workdir, 'labeled_split.json')))['num_labeled'] == 6
+  summary = train.train_and_evaluate(
+      moons('labels=8', total_steps=4, checkpoint_every=4, eval_every=4), workdir)
+  assert summary['num_labeled'] == 8
+  assert json.load(open(os.path.join(workdir, 'labeled_split.json')))['num_labeled'] == 8
+  # With a checkpoint made on it, the split is the run's: another one is refused.
+  with pytest.raises(ConfigError, match='labeled_split.json was made for num_labeled=8'):
+    train.train_and_evaluate(moons('labels=6', total_steps=8), workdir)
 
 
 def test_checkpoint_differences_name_each_array():

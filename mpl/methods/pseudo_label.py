@@ -85,6 +85,10 @@ class PseudoLabel(base.Method):
     if self.online:
       self.tx, self.lr_schedule = optim.make_optimizer(config.optimizer, total, batch)
       return
+    if total < self.rounds + 1:
+      raise ConfigError(
+          f'config.pseudo_label.rounds={self.rounds} needs total_steps >= {self.rounds + 1} (a '
+          f'step for the teacher and one for every student round); total_steps is {total}.')
     teacher_steps = c.get('teacher_steps')
     if teacher_steps is None:  # an equal share for the teacher and every student round
       teacher_steps = total // (self.rounds + 1)
