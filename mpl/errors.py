@@ -13,6 +13,12 @@ class DataError(RuntimeError):
   """A dataset is missing or corrupt; the message gives the command that provides it."""
 
 
+class DataMissingError(DataError):
+  """A dataset is not where the run looks (not installed or prepared, or no TensorFlow for it):
+  the one case where `data.standin='if_missing'` trains on stand-in data instead. Data that is
+  there but corrupt stays an error."""
+
+
 class NonFiniteLossError(FloatingPointError):
   """A training loss became NaN/inf; the message names the step and the loss term."""
 

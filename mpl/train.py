@@ -41,7 +41,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mpl import config_lib, methods, models, reporting, sharding
 from mpl.data import datasets, split, streaming
-from mpl.errors import ConfigError, DataError, NonFiniteLossError, WorkdirInUseError
+from mpl.errors import (ConfigError, DataError, DataMissingError, NonFiniteLossError,
+                        WorkdirInUseError)
 from mpl.methods import base
 
 # --------------------------------------------------------------------------------------------
@@ -104,8 +105,9 @@ def epoch_stream_indices(key, step, batch_size: int, pool_size: int):
 
   Position p = step * batch_size + j lies in epoch p // pool_size, whose order is
   permutation(fold_in(key, epoch)). Batches may span epochs, and may be larger than the pool.
-  int32-safe for any step: step * batch_size is never formed (step = q * pool + r), so only
-  pool_size * batch_size must stay below 2**31 (checked when the experiment is built).
+  step * batch_size is never formed (step = q * pool + r): int32 needs pool_size * batch_size
+  below 2**31 (checked when the experiment is built) and the epoch number, about
+  step * batch_size / pool_size, too (a 6-example pool at batch 64 wraps after 2e8 steps).
   """
   q, r = step // pool_size, step % pool_size
   first_epoch = q * batch_size + (r * batch_size) // pool_size
@@ -571,10 +573,8 @@ class Experiment:
       return {k: float(v) for k, v in jax.device_get(
           self.evaluate(variables, *self.eval_set, which=which)).items()}
     totals = np.zeros(3)
-    for batch in self.stream.eval_batches():
+    for batch in self.stream.eval_batches():  # data.max_eval_examples applied there
       totals += np.asarray(jax.device_get(self.evaluate(variables, batch, which=which)))
-      if self.config.data.max_eval_examples and totals[2] >= self.config.data.max_eval_examples:
-        break
     return {'accuracy': totals[0] / totals[2], 'top5': totals[1] / totals[2]}
 
   def activate(self) -> contextlib.ExitStack:
@@ -595,7 +595,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   if is_streaming(config) and config.data.standin != 'always':
     try:
       stream = streaming.StreamingInput(config, mesh, method_class.uses_unlabeled)
-    except DataError:
+    except DataMissingError:  # corrupt data is an error, not missing
       if config.data.standin == 'never':
         raise
   if stream is not None:

@@ -10,7 +10,7 @@ import pytest
 
 from mpl import config_lib, sharding
 from mpl.data import datasets, idx, split, streaming
-from mpl.errors import ConfigError, DataError
+from mpl.errors import ConfigError, DataError, DataMissingError
 
 import tiny_tfds
 from tiny_tfds import NUM_TINY
@@ -100,6 +100,10 @@ def test_missing_fashion_files(tmp_path, monkeypatch):
     patch.setattr(datasets, 'tensorflow_available', lambda: True)
     with pytest.raises(DataError, match=f'where {datasets.FASHION_MNIST_ENV} points'):
       datasets.load_dataset('fashion_mnist', source='auto')
+  # The variable replaces data_dir, which is not read (so not checked) then.
+  monkeypatch.setenv(datasets.FASHION_MNIST_ENV, str(tmp_path / 'none'))
+  with pytest.raises(DataError, match=f'not found in {tmp_path / "none"}, where'):
+    datasets.load_dataset('fashion_mnist', source='idx', data_dir=str(tmp_path / 'no_dir'))
   # Without the variable: the default place, and the command that fills it.
   monkeypatch.delenv(datasets.FASHION_MNIST_ENV)
   monkeypatch.setattr(datasets, 'FASHION_MNIST_DEFAULT_DIR', str(tmp_path / 'none'))
@@ -134,8 +138,18 @@ def test_idx_reader_and_corruption(tmp_path):
   # Through the loader: a directory of corrupted Fashion-MNIST files.
   for fname in idx.FASHION_MNIST_FILES.values():
     (tmp_path / fname).write_bytes(cases['truncated'])
-  with pytest.raises(DataError):
+  with pytest.raises(DataError) as error:
     datasets.load_dataset('fashion_mnist', source='idx', data_dir=str(tmp_path))
+  assert not isinstance(error.value, DataMissingError)
+  # Corrupt data is not missing data: a smoke config that falls back to stand-in data when the
+  # real data is absent must not train on random pixels here.
+  config = config_lib.base_config()
+  config.dataset, config.data.standin = 'fashion_mnist', 'if_missing'
+  config.data.source, config.data.data_dir = 'idx', str(tmp_path)
+  with pytest.raises(DataError, match='dataset-fashion-mnist'):
+    datasets.load_from_config(config)
+  config.data.data_dir = str(tmp_path / 'none')  # absent: then the stand-in
+  assert 'stand-in' in datasets.load_from_config(config).name
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +295,18 @@ def test_streaming_eval_shards_disjoint(tiny_builder):
   # Processes 0 and 1 in one model-parallel group read the same (only) shard.
   same = [list(_stream(tiny_builder, process_index=p, num_model_replicas=2)) for p in (0, 1)]
   assert _ids(same[0], 8) == _ids(same[1], 8) and sorted(_ids(same[0], 8)) == list(range(NUM_TINY))
+
+
+def test_streaming_eval_takes_max_examples(tiny_builder):
+  """The first ceil(max / shards) examples of each shard, in whole padded batches; one shard
+  (here, two processes of one model-parallel group) takes exactly max."""
+  shards = [list(_stream(tiny_builder, process_index=p, max_examples=5)) for p in (0, 1)]
+  assert [len(s) for s in shards] == [1, 1]
+  ids0, ids1 = _ids(shards[0]), _ids(shards[1])
+  assert len(ids0) == len(ids1) == 3
+  assert ids0 == _ids(list(_stream(tiny_builder)))[:3]  # the shard's first examples
+  one_shard = list(_stream(tiny_builder, num_model_replicas=2, max_examples=10))
+  assert len(one_shard) == 2 and len(_ids(one_shard, 8)) == 10
 
 
 def test_streaming_train(tiny_builder):

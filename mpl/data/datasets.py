@@ -43,7 +43,7 @@ import numpy as np
 
 from mpl import reporting
 from mpl.data import idx
-from mpl.errors import ConfigError, DataError
+from mpl.errors import ConfigError, DataError, DataMissingError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +96,11 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
     raise ConfigError(f'Unknown data source {source!r}; valid: {", ".join(SOURCES)}.')
   if data_dir and name in SKLEARN_DATASETS:
     logging.warning('data_dir=%s is not used: %s comes with scikit-learn.', data_dir, name)
-  elif data_dir and '://' not in data_dir and not os.path.isdir(data_dir):
-    # A DataError: with data.standin='if_missing' the stand-in data replaces it, as for any
-    # missing data.
-    raise DataError(
+  elif (data_dir and '://' not in data_dir and not os.path.isdir(data_dir) and
+        not (name == 'fashion_mnist' and source != 'tfds' and os.environ.get(FASHION_MNIST_ENV))):
+    # (Where FASHION_MNIST_ENV names the files, data_dir is not read.) With
+    # data.standin='if_missing' the stand-in data replaces it, as for any missing data.
+    raise DataMissingError(
         f'data_dir {data_dir} is not a directory. Point it at the directory that holds the '
         f'dataset (TFDS: the one holding {name}/; Fashion-MNIST IDX files: it or its '
         f'fashion-mnist/), or create it first for a new TFDS build of Fashion-MNIST there.')
@@ -136,7 +137,7 @@ def load_from_config(config) -> InMemoryDataset:
       return load_dataset(config.dataset, data_dir=config.data.data_dir,
                           image_size=config.data.image_size or None, source=config.data.source,
                           noise=config.data.noise, seed=config.data.seed)
-    except DataError:
+    except DataMissingError:  # corrupt data is an error, not missing
       if standin == 'never':
         raise
   if standin == 'never':
@@ -278,11 +279,11 @@ def fashion_mnist_dir(data_dir: str | None = None) -> str:
       return d
   files = ', '.join(idx.FASHION_MNIST_FILES.values())
   if env:  # the variable replaces every other place: say so, the files may be elsewhere
-    raise DataError(
+    raise DataMissingError(
         f'Fashion-MNIST files ({files}) not found in {env}, where {FASHION_MNIST_ENV} points '
         f'(it replaces the other places, {FASHION_MNIST_DEFAULT_DIR} included). Point it at '
         f'the directory holding them, or unset it.')
-  raise DataError(
+  raise DataMissingError(
       f'Fashion-MNIST files ({files}) not found in {", ".join(candidates)}. Install them '
       f'with `apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu; puts them in '
       f'{FASHION_MNIST_DEFAULT_DIR}), or set {FASHION_MNIST_ENV} to a directory holding them.')
@@ -425,7 +426,7 @@ def _local_fashion_mnist_cls(stock: type, url_infos: dict[str, Any]) -> type:
 def import_tfds():
   """Imports tensorflow_datasets (and TensorFlow, kept off any GPU); `DataError` if missing."""
   if not tensorflow_available():
-    raise DataError('This input path needs TensorFlow and tensorflow-datasets, which are not '
+    raise DataMissingError('This input path needs TensorFlow and tensorflow-datasets, which are not '
                     f'installed: `{_TFDS_PIP}`. (fashion_mnist, digits and two_moons load '
                     f'without them: fashion_mnist with --config.data.source=idx.)')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -486,7 +487,7 @@ def is_prepared(builder) -> bool:
 def _tfds_arrays(name: str, data_dir: str | None) -> tuple[dict[str, np.ndarray], int]:
   builder = tfds_builder(name, data_dir)
   if not is_prepared(builder):
-    raise DataError(not_prepared_message(name, builder))
+    raise DataMissingError(not_prepared_message(name, builder))
   out = {}
   for split in ('train', 'test'):
     out[f'{split}_images'], out[f'{split}_labels'] = _tfds_split(builder, split)

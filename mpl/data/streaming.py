@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mpl.data import datasets
-from mpl.errors import ConfigError, DataError
+from mpl.errors import ConfigError, DataMissingError
 
 _IMAGENET_MANUAL = (
     'imagenet2012 must be downloaded by hand (registration at https://image-net.org): put '
@@ -60,9 +60,9 @@ def get_builder(name: str, data_dir: str | None):
     if name == 'imagenet2012':
       where = str(builder.data_dir_root)
       dd = f', data_dir={data_dir!r}' if data_dir else ''
-      raise DataError(f'imagenet2012 is not prepared in {where}. ' + _IMAGENET_MANUAL.format(
+      raise DataMissingError(f'imagenet2012 is not prepared in {where}. ' + _IMAGENET_MANUAL.format(
           manual=os.path.join(where, 'downloads', 'manual'), dd=dd, where=where))
-    raise DataError(datasets.not_prepared_message(name, builder))
+    raise DataMissingError(datasets.not_prepared_message(name, builder))
   return builder
 
 
@@ -71,7 +71,8 @@ def make_streaming_iterator(name: str, split: str, *, global_batch_size: int, im
                             process_index: int | None = None, process_count: int | None = None,
                             num_model_replicas: int = 1, builder: Any = None,
                             shuffle_buffer_size: int = 10_000,
-                            eval_crop_fraction: float = 0.875) -> Iterator[dict[str, np.ndarray]]:
+                            eval_crop_fraction: float = 0.875,
+                            max_examples: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """This host's stream of batches of TFDS dataset `name`, split `split` (see module doc).
 
   Args:
@@ -87,6 +88,8 @@ def make_streaming_iterator(name: str, split: str, *, global_batch_size: int, im
     builder: an already prepared `tfds.core.DatasetBuilder` to read instead of `name`.
     shuffle_buffer_size: examples in the shuffle buffer (train).
     eval_crop_fraction: eval central crop side / resized shorter side.
+    max_examples: eval only: at most ceil(max_examples / shards) examples of each shard, the
+      first ones (0 = all): max_examples in all on one data shard.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -129,6 +132,10 @@ def make_streaming_iterator(name: str, split: str, *, global_batch_size: int, im
     ds = ds.batch(batch, drop_remainder=True)
   else:
     sizes = [builder.info.splits[s].num_examples for s in subsplits]
+    if max_examples:
+      per_shard = math.ceil(max_examples / num_shards)
+      ds = ds.take(per_shard)
+      sizes = [min(size, per_shard) for size in sizes]
     num_batches = math.ceil(max(sizes) / batch)
     ds = ds.map(lambda img, label: {
         'image': _center_crop(img, image_size, eval_crop_fraction),
@@ -275,11 +282,11 @@ class StreamingInput:
     self.sharding = NamedSharding(mesh, P('data'))
     self._labeled = self._unlabeled = None
 
-  def _stream(self, builder, split, batch, seed, train):
+  def _stream(self, builder, split, batch, seed, train, max_examples=0):
     return make_streaming_iterator(
         builder.name, split, global_batch_size=batch, image_size=self.image_size,
         data_dir=self.config.data.data_dir, seed=seed, train=train, builder=builder,
-        num_model_replicas=self.num_model_replicas)
+        num_model_replicas=self.num_model_replicas, max_examples=max_examples)
 
   def start(self, step: int) -> None:
     """(Re)opens the training streams; the seed depends on the step a run (re)starts from."""
@@ -302,7 +309,9 @@ class StreamingInput:
     return global_batch(local, self.sharding)
 
   def eval_batches(self):
-    """One pass over the eval split: global batches with a 'mask' of real examples."""
+    """One pass over the eval split: global batches with a 'mask' of real examples; with
+    data.max_eval_examples, its first examples (rounded up to a multiple of the data shards)."""
     for local in self._stream(self.builder, self.config.data.eval_split,
-                              self.config.eval_batch_size, 0, False):
+                              self.config.eval_batch_size, 0, False,
+                              max_examples=self.config.data.get('max_eval_examples', 0)):
       yield global_batch(local, self.sharding)

@@ -20,7 +20,10 @@ it calls in `meta_pseudo_labels/modeling_utils.py` (written anew here, not copie
 - Convs have no bias; SAME padding; kernel init N(0, 2 / (kh * kw * out)), i.e. He-normal
   fan-out (`_conv_kernel_initializer`).
 - Batch norm (`sync_batch_norm`): decay 0.99, epsilon 1e-3 (flags `batch_norm_decay`,
-  `batch_norm_epsilon` in `flag_utils.py`), gamma 1, beta 0, statistics over the global batch.
+  `batch_norm_epsilon` in `flag_utils.py`), gamma 1, beta 0. Statistics here cover the global
+  batch; the official `sync_batch_norm` averages them over all replicas only up to 8 of them,
+  beyond that over groups of replicas (`batch_norm_batch_size`, else max(8, replicas // 8)).
+  The CIFAR runs (one replica group) are the same; ImageNet / L2 runs on many replicas differ.
 - Leaky ReLU slope 0.2 everywhere (`ops.relu` defaults to `leaky=0.2`).
 - Head: BN -> leaky ReLU -> global average pool -> dropout (`dense_dropout_rate`) -> dense ->
   cast to float32.
