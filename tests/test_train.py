@@ -651,12 +651,17 @@ def test_finetune_stage_after_a_one_network_method(tmp_path):
   def config(finetune_steps):
     return moons('labels=6', total_steps=4, eval_every=4, checkpoint_every=4,
                  **{'finetune.steps': finetune_steps, 'finetune.batch_size': 8})
+  # Added to a finished run (only the finetune settings change, and its stage has steps to
+  # train): a continuation, not refused.
+  assert 'before_finetune' not in train.train_and_evaluate(config(0), str(tmp_path))
   summary = train.train_and_evaluate(config(2), str(tmp_path))
   assert summary['finetune_steps'] == 2 and summary['before_finetune']['steps'] == 4
   # A finetune stage cannot go back either; refused before the run's record is touched.
   recorded = (tmp_path / 'config.json').read_text()
   with pytest.raises(ConfigError, match="step 2, past this config's finetune.steps=1"):
     train.train_and_evaluate(config(1), str(tmp_path))
+  with pytest.raises(ConfigError, match=r'finished run.*\(finetune.steps: 2 -> 0\)'):
+    train.train_and_evaluate(config(0), str(tmp_path))  # would drop the finetuned result
   assert (tmp_path / 'config.json').read_text() == recorded
 
 
@@ -759,18 +764,6 @@ def test_resume_with_another_config_records_what_changed(tmp_path, monkeypatch):
         moons('labels=6', total_steps=8, seed=3, **{**overrides, 'optimizer.lr': 0.05}), workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == saved
   assert open(os.path.join(workdir, 'summary.json')).read() == summary
-
-
-def test_a_finished_run_takes_a_finetune_stage_added_later(tmp_path):
-  """Only the finetune settings changed, and its stage has steps to train: not refused."""
-  def config(finetune_steps):
-    return moons('labels=6', total_steps=4, eval_every=4, checkpoint_every=4,
-                 **{'finetune.steps': finetune_steps, 'finetune.batch_size': 8})
-  assert 'before_finetune' not in train.train_and_evaluate(config(0), str(tmp_path))
-  summary = train.train_and_evaluate(config(2), str(tmp_path))
-  assert summary['finetune_steps'] == 2 and summary['before_finetune']['steps'] == 4
-  with pytest.raises(ConfigError, match=r'finished run.*\(finetune.steps: 2 -> 0\)'):
-    train.train_and_evaluate(config(0), str(tmp_path))  # would drop the finetuned result
 
 
 def test_a_split_no_checkpoint_used_is_replaced(tmp_path):
