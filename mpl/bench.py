@@ -233,6 +233,12 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       compiled = lowered.compile()
       compile_s = time.perf_counter() - t0
       flops_per_device = _total_flops(compiled.cost_analysis())
+      # The program before XLA's backend passes: its count does not depend on how a backend
+      # reports fused convolutions and dots (GPU cost analyses have under-counted them).
+      try:
+        flops_lowered = _total_flops(lowered.cost_analysis())
+      except Exception:  # pylint: disable=broad-except
+        flops_lowered = None
       memory = _memory_analysis(compiled)
 
       for _ in range(warmup):
@@ -283,6 +289,8 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       'flops_per_step': flops,
       'flops_per_step_per_device': flops_per_device,
       'achieved_tflops': flops / median_s / 1e12 if flops else None,
+      'flops_per_step_lowered': flops_lowered,   # whole program, before XLA's backend passes
+      'default_matmul_precision': str(jax.config.jax_default_matmul_precision),
       'peak_bytes_in_use': _peak_bytes_in_use(),
       'memory_analysis': memory,
       'lower_s': lower_s,
@@ -667,6 +675,8 @@ def main(argv):
   except (ConfigError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  result['argv'] = sys.argv[1:]    # the flags, overrides included: the record says what it ran
+  result['jax_version'] = jax.__version__
   print(json.dumps(result), flush=True)
 
 

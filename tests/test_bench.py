@@ -22,10 +22,11 @@ TRAIN_FIELDS = ('config', 'method', 'dataset', 'model', 'dtype', 'h_dtype', 'pha
                 'global_batch_labeled', 'global_batch_unlabeled', 'devices', 'device_kind',
                 'platform', 'mesh', 'timing',
                 'step_ms_mean', 'step_ms_median', 'images_per_s', 'flops_per_step',
-                'achieved_tflops', 'peak_bytes_in_use', 'memory_analysis', 'compile_s')
+                'achieved_tflops', 'flops_per_step_lowered', 'default_matmul_precision',
+                'peak_bytes_in_use', 'memory_analysis', 'compile_s')
 POSITIVE = ('global_batch_labeled', 'global_batch_unlabeled', 'devices', 'step_ms_mean',
             'step_ms_median', 'images_per_s', 'flops_per_step', 'flops_per_step_per_device',
-            'achieved_tflops', 'compile_s')
+            'achieved_tflops', 'flops_per_step_lowered', 'compile_s')
 
 
 def load_config(name, arg=None):
@@ -88,6 +89,9 @@ def test_bench_cli_prints_one_json_line():
   assert record['mode'] == 'augment_only'
   assert record['batch'] == 16 * 4  # the --config.mu override took effect
   assert record['images_per_s'] > 0
+  # The whole command line, overrides included: the record says what it ran.
+  assert record['argv'] == ['--config', arg, '--augment_only', '--steps', '2', '--warmup', '1',
+                            '--config.mu=4']
 
 
 def _dry_run(mesh_shape, spatial='', data_replicas=None):
