@@ -110,7 +110,8 @@ time_for() {
   local left=$((DEADLINE - SECONDS - RESERVE)) cap=${RUN_TIMEOUT:-240}
   (( left < cap )) && cap=$left
   if (( cap < 30 )); then
-    note "$1 skipped: ${left}s left of BUDGET=${BUDGET:-540}"
+    note "$1 skipped: it would get ${cap}s (RUN_TIMEOUT=${RUN_TIMEOUT:-240}; ${left}s left of \
+BUDGET=${BUDGET:-540} but for RESERVE=${RESERVE}s)"
     return 1
   fi
   echo "$cap"
