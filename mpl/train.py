@@ -958,7 +958,9 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   finished = mpl_step == config.total_steps and (
       config.finetune.steps <= 0 or finetune_step == config.finetune.steps)
   if finished:  # nothing would train: the summary would carry settings it was not trained with
-    changed = changes_from_saved_config(config, workdir)
+    # (A key the run's config.json lacks came with a newer version of this code: not a change.)
+    changed = {key: values for key, values in changes_from_saved_config(config, workdir).items()
+               if values[0] != NOT_SAVED}
     if changed:
       raise ConfigError(
           f'{workdir} holds a finished run, and this config differs from the one it was trained '

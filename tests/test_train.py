@@ -756,7 +756,14 @@ def test_resume_with_another_config_records_what_changed(tmp_path, monkeypatch):
   assert len(open(changes).readlines()) == 1
   assert sorted(f for f in os.listdir(workdir) if f.startswith('events.')) == events
 
-  # The run is finished: another config would train nothing and relabel its summary.
+  # The run is finished: another config would train nothing and relabel its summary. (A key
+  # its config.json lacks, from a newer version of the code, is not a change.)
+  record = json.loads(saved)
+  del record['augment']['magnitude']
+  open(os.path.join(workdir, 'config.json'), 'w').write(json.dumps(record, indent=2))
+  train.train_and_evaluate(moons('labels=6', total_steps=8, **{**overrides, 'optimizer.lr': 0.05}),
+                           workdir)
+  open(os.path.join(workdir, 'config.json'), 'w').write(saved)
   summary = open(os.path.join(workdir, 'summary.json')).read()
   with pytest.raises(ConfigError, match=r'holds a finished run, and this config differs from the '
                      r'one it was trained with \(seed: 0 -> 3\)'):
