@@ -69,7 +69,7 @@ case "${1:-}" in
 esac
 if (( $# > 1 )); then
   refuse "unexpected arguments after '$1': ${*:2}; settings go in environment variables \
-(OUT, RUNS, STEPS, MODEL, EXTRA, BENCH_ARGS, RUN_TIMEOUT, SMOKE, PY, OVERWRITE), \
+(OUT, RUNS, STEPS, MODEL, EXTRA, BENCH_ARGS, RUN_TIMEOUT, BUDGET, SMOKE, PY, OVERWRITE), \
 e.g. STEPS=500 bash launch/gpu_figures.sh compare"
 fi
 RUNS=$(realpath -m "${RUNS:-/tmp/runs}")  # before the cd: a relative RUNS is the caller's
@@ -92,8 +92,7 @@ if [[ -n "${SMOKE:-}" ]]; then
 fi
 
 DEADLINE=$((SECONDS + ${BUDGET:-540}))
-LOGS=${LOGS:-/tmp/gpu_figures_logs}   # every log; packed into $OUT/logs.tgz after each step
-mkdir -p "$LOGS"
+LOGS=$(mktemp -d /tmp/gpu_figures_logs.XXXXXX)   # this call's logs, packed into $OUT/logs.tgz
 
 pack_logs() {
   tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null || true
@@ -274,7 +273,9 @@ case "${1:-}" in
     h_args=(--step "$h_step")
     [[ -n "${SMOKE:-}" ]] && h_args=()
     [[ $BACKEND == cpu ]] && h_args+=(--dtype bfloat16)
-    if limit=$(time_for h_noise); then
+    if [[ ! -d $RUNS/fm1000_mpl_first_order/checkpoints ]]; then
+      note "h_noise skipped: the first_order run made no checkpoint"
+    elif limit=$(time_for h_noise); then
       timeout -k 10 "$limit" "$PY" -m launch.h_noise "$RUNS/fm1000_mpl_first_order" --keys 16 \
         --compare h_dtype "${h_args[@]}" --out "$OUT/h_dtype.json" 2>"$LOGS/h_dtype.err" |
         tee "$OUT/h_dtype.txt" || note "h_noise failed: see logs.tgz h_dtype.err"

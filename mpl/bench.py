@@ -290,7 +290,9 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       'flops_per_step_per_device': flops_per_device,
       'achieved_tflops': flops / median_s / 1e12 if flops else None,
       'flops_per_step_lowered': flops_lowered,   # whole program, before XLA's backend passes
-      'default_matmul_precision': str(jax.config.jax_default_matmul_precision),
+      # None: XLA's default (on GPUs, TF32 for float32 convolutions and dots)
+      'default_matmul_precision': (str(jax.config.jax_default_matmul_precision)
+                                   if jax.config.jax_default_matmul_precision else None),
       'peak_bytes_in_use': _peak_bytes_in_use(),
       'memory_analysis': memory,
       'lower_s': lower_s,

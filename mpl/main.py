@@ -108,16 +108,15 @@ def main(argv):
     summary = train.train_and_evaluate(FLAGS.config, workdir,
                                        should_stop=lambda step: bool(EARLY_INTERRUPTS))
     if EARLY_INTERRUPTS and 'stopped_at' in summary:
-      raise KeyboardInterrupt(f'stopped by Ctrl-C at step {summary["stopped_at"]}, after saving '
-                              f'a checkpoint; rerun the same command to resume.')
+      raise KeyboardInterrupt(train.stopped_by_ctrl_c(summary))
   except (ConfigError, DataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  except KeyboardInterrupt as e:  # Ctrl-C, after the checkpoint (or before training began)
-    print(f'{e}' or 'stopped by Ctrl-C before training began.', file=sys.stderr)
+  except KeyboardInterrupt as e:  # Ctrl-C: after the checkpoint, or outside the loop
+    print(f'{e}' or 'stopped by Ctrl-C; rerun the same command to resume.', file=sys.stderr)
     # Die by SIGINT, not with a status: a shell loop (`for s in 0 1 2; do ...; done`) stops only
     # when its child was killed by the signal.
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -932,6 +932,10 @@ def latest_checkpoint_step(directory: str) -> int | None:
   return step
 
 
+# Config keys that do not change what a run computes.
+NOT_RESULTS = frozenset({'data.data_dir', 'log_every', 'checkpoint_every', 'keep_checkpoints'})
+
+
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Before anything runs or is written, the checkpoints already in `workdir` must fit this
   config: a run cannot go back to fewer steps than a checkpoint holds, a finetune stage, which
@@ -958,15 +962,26 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   finished = mpl_step == config.total_steps and (
       config.finetune.steps <= 0 or finetune_step == config.finetune.steps)
   if finished:  # nothing would train: the summary would carry settings it was not trained with
-    # (A key the run's config.json lacks came with a newer version of this code: not a change.)
+    # Not counted: keys one version of this code has and another not, and where the run's
+    # files are kept or how often it logged (the same run from another path or checkout).
     changed = {key: values for key, values in changes_from_saved_config(config, workdir).items()
-               if values[0] != NOT_SAVED}
+               if NOT_SAVED not in values and key not in NOT_RESULTS}
     if changed:
       raise ConfigError(
           f'{workdir} holds a finished run, and this config differs from the one it was trained '
           f'with ({format_changes(changed)}): nothing would train, and its summary would be '
           f'relabelled. Use a new --workdir for a new run, or raise total_steps (or '
           f'finetune.steps) to continue this one.')
+
+
+def stopped_by_ctrl_c(summary: dict) -> str:
+  """The message for a run that Ctrl-C stopped at summary['stopped_at']."""
+  where = f'step {summary["stopped_at"]}'
+  if 'before_finetune' in summary:  # the finetune stage counts its own steps
+    where = (f'finetune step {summary["stopped_at"] - summary["before_finetune"]["steps"]}'
+             f' (step {summary["stopped_at"]} overall)')
+  return (f'stopped by Ctrl-C at {where}, after saving a checkpoint; rerun the same command '
+          f'to resume.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -1041,12 +1056,7 @@ def _train_and_evaluate(config, workdir, should_stop):
       if preemption.signal == signal.SIGINT:
         # Ctrl-C means stop, also for whatever called this (a shell loop over seeds, a script):
         # the checkpoint is saved, and the interrupt goes on up.
-        where = f'step {summary["stopped_at"]}'
-        if 'before_finetune' in summary:  # the finetune stage counts its own steps
-          where = (f'finetune step {summary["stopped_at"] - summary["before_finetune"]["steps"]}'
-                   f' (step {summary["stopped_at"]} overall)')
-        raise KeyboardInterrupt(f'stopped by Ctrl-C at {where}, after saving a checkpoint; '
-                                f'rerun the same command to resume.')
+        raise KeyboardInterrupt(stopped_by_ctrl_c(summary))
       return summary
     if jax.process_index() == 0:
       (workdir_path(workdir) / 'summary.json').write_text(

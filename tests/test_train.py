@@ -771,6 +771,12 @@ def test_resume_with_another_config_records_what_changed(tmp_path, monkeypatch):
         moons('labels=6', total_steps=8, seed=3, **{**overrides, 'optimizer.lr': 0.05}), workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == saved
   assert open(os.path.join(workdir, 'summary.json')).read() == summary
+  # Keys that do not change what a run computes (how often it logs, where its data is) do not
+  # refuse it: the same run from another checkout.
+  rerun = train.train_and_evaluate(
+      moons('labels=6', total_steps=8, **{**overrides, 'optimizer.lr': 0.05, 'log_every': 4}),
+      workdir)
+  assert rerun['final'] == json.loads(summary)['final']
 
 
 def test_a_split_no_checkpoint_used_is_replaced(tmp_path):

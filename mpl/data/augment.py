@@ -433,8 +433,9 @@ def _contrast(x, factor, u, q, fill):
   if q and 511 * n < 2**31:  # PIL: int(mean + 0.5) of the L image, exactly, in int32.
     total = jnp.sum(grey.astype(jnp.int32))
     mean = ((2 * total + n) // (2 * n)).astype(jnp.float32)
-  elif q:  # Over 4.2 M pixels that sum could overflow int32: float row sums (each exact), then
-    # rounded; only a mean within ~1e-4 of a .5 tie can round otherwise than PIL's.
+  elif q:  # Over 4.2 M pixels that sum could overflow int32: float32 sums of the (exact) row
+    # sums, a few hundredths of a level off at worst, so a mean near a .5 tie can round one
+    # level away from PIL's.
     row_sums = jnp.sum(grey.astype(jnp.int32), axis=1).astype(jnp.float32)
     mean = jnp.floor(jnp.sum(row_sums) / n + 0.5)
   else:
