@@ -43,6 +43,10 @@ Choices (none are published for reduced MPL):
     pad-and-crop, 2x2 Cutout, no flips (digits are not mirror-symmetric), fill 0 (the digits'
     black background, not grey 128). The defaults (4-pixel pad, 16x16 Cutout) are for 32x32
     images and would erase an 8x8 digit.
+  * Labeled images unaugmented and label smoothing 0 (the defaults), unlike stage 1's
+    digits.py (weak labeled view, smoothing 0.15, which keep its UDA teacher from telling raw
+    labeled images from augmented unlabeled ones): here the teacher's labeled term reads the
+    large teacher's precomputed distributions, not images.
 """
 
 from mpl import config_lib

@@ -212,8 +212,12 @@ def combine(runs: list[dict], workdirs: list[str]) -> dict:
 
 
 def expand(spec: str) -> tuple[str, list[str]]:
-  """'NAME=W1,W2' / 'NAME=GLOB' / 'WORKDIR' -> (name, workdirs)."""
-  name, _, target = spec.rpartition('=')
+  """'NAME=W1,W2' / 'NAME=GLOB' / 'WORKDIR' -> (name, workdirs). A workdir may hold '='
+  (a sweep's 'runs/lr=0.1'): an argument that is a folder is one workdir, and NAME (before the
+  first '=') holds no '/'."""
+  name, _, target = spec.partition('=')
+  if '=' not in spec or os.path.isdir(spec) or '/' in name:
+    name, target = '', spec
   if not target:
     raise ValueError(f'{spec!r} names no workdir: give WORKDIR, NAME=WORKDIR, NAME=W1,W2,... '
                      f"or NAME='GLOB'.")
@@ -228,6 +232,10 @@ def expand(spec: str) -> tuple[str, list[str]]:
       raise FileNotFoundError(f'{target}: matches no folder')
   else:
     workdirs = [target]
+  real = [os.path.realpath(w) for w in workdirs]
+  if len(set(real)) < len(real):  # it would count one run as several in the mean and std
+    twice = sorted({w for w, r in zip(workdirs, real) if real.count(r) > 1})
+    raise ValueError(f'{spec!r} lists a workdir more than once ({", ".join(twice)}).')
   return name or os.path.basename(os.path.normpath(target)), workdirs
 
 

@@ -936,11 +936,12 @@ def latest_checkpoint_step(directory: str) -> int | None:
 NOT_RESULTS = frozenset({'data.data_dir', 'log_every', 'checkpoint_every', 'keep_checkpoints'})
 
 
-def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Before anything runs or is written, the checkpoints already in `workdir` must fit this
   config: a run cannot go back to fewer steps than a checkpoint holds, a finetune stage, which
   starts from the MPL stage's last student, would be left stale by more MPL steps, and a
-  finished run is not relabelled with a config it was not trained with."""
+  finished run is not relabelled with a config it was not trained with. Returns whether the
+  run is finished (nothing left to train)."""
   def not_past(directory, step, key, total):
     if step is not None and step > total:
       raise ConfigError(
@@ -972,6 +973,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
           f'with ({format_changes(changed)}): nothing would train, and its summary would be '
           f'relabelled. Use a new --workdir for a new run, or raise total_steps (or '
           f'finetune.steps) to continue this one.')
+  return finished
 
 
 def stopped_by_ctrl_c(summary: dict) -> str:
@@ -996,8 +998,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with removed_if_unused(workdir):  # nor does a mistake found while building the run
     if jax.process_index() == 0:
       check_workdir(workdir)
-    check_resumable(config, workdir)
-    return _train_and_evaluate(config, workdir, should_stop)
+    finished = check_resumable(config, workdir)
+    return _train_and_evaluate(config, workdir, should_stop, finished)
 
 
 @contextlib.contextmanager
@@ -1014,11 +1016,15 @@ def removed_if_unused(workdir: str):
     raise
 
 
-def _train_and_evaluate(config, workdir, should_stop):
+def _train_and_evaluate(config, workdir, should_stop, finished):
   """The body of `train_and_evaluate`, in a checked workdir."""
   # The workdir is locked until summary.json is written: a second run started meanwhile in it
   # stops at once (workdir_lock).
   with workdir_lock(workdir):
+    if not finished and jax.process_index() == 0:
+      # A finished run continued (more steps, a finetune stage added): its summary.json is the
+      # shorter run's until this one ends, and tools take a summary.json for a finished run.
+      (workdir_path(workdir) / 'summary.json').unlink(missing_ok=True)
     # One SIGTERM handler for both stages: a request during the last MPL step stops the run
     # before the finetune stage starts.
     with PreemptionFlag() as preemption:

@@ -236,6 +236,18 @@ def test_without_matplotlib_the_table_and_rows_still_come(tmp_path, capsys, monk
   assert (tmp_path / 'c.json').exists() and not (tmp_path / 'c.png').exists()
 
 
+def test_workdirs_with_an_equals_sign_in_their_path(tmp_path, capsys):
+  # A sweep's folders: runs/lr=0.1. As WORKDIR, as NAME=WORKDIR and as NAME='GLOB'.
+  _write_summary(tmp_path / 'lr=0.1', 'supervised', _evals([0.5], models=('raw',)))
+  _write_summary(tmp_path / 'lr=0.2', 'supervised', _evals([0.7], models=('raw',)))
+  out = str(tmp_path / 'x.png')
+  assert compare_runs.main([str(tmp_path / 'lr=0.1'), f'b={tmp_path}/lr=0.2',
+                            f'both={tmp_path}/lr=*', '--out', out]) == 0
+  rows = json.load(open(str(tmp_path / 'x.json')))
+  assert rows['lr=0.1']['n'] == 1 and rows['b']['n'] == 1 and rows['both']['n'] == 2
+  assert abs(rows['both']['final'] - 0.6) < 1e-9
+
+
 def test_bad_run_arguments_say_what_is_wrong(tmp_path, capsys):
   _write_summary(tmp_path / 'a', 'supervised', _evals([0.5], models=('raw',)))
   _write_summary(tmp_path / 'b', 'supervised', _evals([0.6], models=('raw',)))
@@ -250,7 +262,12 @@ def test_bad_run_arguments_say_what_is_wrong(tmp_path, capsys):
                         (['x='], "'x=' names no workdir"),
                         ([f'x={tmp_path}/a,'], 'an empty workdir in the list'),
                         # Two rows of one name: the second used to replace the first silently.
-                        ([f'r={tmp_path}/a', f'r={tmp_path}/b'], "two rows named 'r'")):
+                        ([f'r={tmp_path}/a', f'r={tmp_path}/b'], "two rows named 'r'"),
+                        # One run twice would count as two seeds in the mean and std.
+                        ([f'r={tmp_path}/a,{tmp_path}/b,{tmp_path}/a/'],
+                         f'lists a workdir more than once ({tmp_path}/a, {tmp_path}/a/)'),
+                        # A missing workdir with '=' in its path is named whole.
+                        ([f'{tmp_path}/lr=0.1'], f'{tmp_path}/lr=0.1 does not exist')):
     assert compare_runs.main(runs + ['--out', out]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and message in err, err

@@ -251,6 +251,22 @@ def test_phases_chosen_on_the_host_equal_the_device_choice():
   assert 'stablehlo.case' not in per_phase['teacher'].lower(state, batch).as_text()
 
 
+def test_offline_ema_warms_up_from_the_students_first_step():
+  """The EMA (the evaluated model) does not keep the untrained student of the teacher phase:
+  its decay min(d, (t + 1) / (t + 10)) counts t from the student's first step (0.1 there)."""
+  config = make_config(rounds=1)   # 10 steps: 5 teacher, 5 student
+  config.ema_decay = 0.99
+  method = make(config)
+  batch = moons_batch()
+  state = init_state(method, batch)
+  for _ in range(method.teacher_steps):
+    state, _ = update(method, state, batch)
+  before = state.ema_params
+  state, _ = update(method, state, batch)   # the student's first step
+  assert_trees_close(state.ema_params, jax.tree.map(lambda e, s: 0.1 * e + 0.9 * s, before,
+                                                    state.params['student']))
+
+
 def test_config_errors():
   with pytest.raises(ConfigError, match='rounds'):
     make(make_config(rounds=-1))

@@ -730,6 +730,14 @@ def test_resume_with_another_config_records_what_changed(tmp_path, monkeypatch):
   train.train_and_evaluate(moons('labels=6', total_steps=4, **overrides), workdir)
   assert not os.path.exists(changes)  # the same config: nothing to record
 
+  # Continued, the finished run's summary.json goes: until the longer run ends, a tool would
+  # take it for this run's result.
+  assert os.path.exists(os.path.join(workdir, 'summary.json'))
+  stopped = train.train_and_evaluate(
+      moons('labels=6', total_steps=8, **{**overrides, 'optimizer.lr': 0.05}), workdir,
+      should_stop=lambda step: step >= 5)
+  assert stopped['stopped_at'] == 5
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
   summary = train.train_and_evaluate(
       moons('labels=6', total_steps=8, **{**overrides, 'optimizer.lr': 0.05}), workdir)
   assert summary['steps'] == 8

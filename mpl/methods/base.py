@@ -161,11 +161,12 @@ def accuracy(logits, labels):
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def updated_ema(state: TrainState, params, batch_stats, decay: float):
-  """(ema_params, ema_batch_stats) after this step; unchanged (None) when the EMA is off."""
+def updated_ema(state: TrainState, params, batch_stats, decay: float, step=None):
+  """(ema_params, ema_batch_stats) after this step; unchanged (None) when the EMA is off.
+  `step`: the EMA's own clock for its warm-up (default state.step)."""
   if decay <= 0:
     return state.ema_params, state.ema_batch_stats
-  d = ema_decay_at(state.step, decay)
+  d = ema_decay_at(state.step if step is None else step, decay)
   return (optim.ema_update(state.ema_params, params, d),
           optim.ema_update(state.ema_batch_stats, batch_stats, d))
 

@@ -173,8 +173,11 @@ class PseudoLabel(base.Method):
       metrics['pseudo_label_accuracy'] = jnp.mean(
           jnp.argmax(targets, -1) == batch['unlabeled']['label'])
 
+    # Offline, the EMA's warm-up starts with the student's first step: it would otherwise keep
+    # the untrained student's weights, d**n of them after n student steps.
+    ema_step = None if self.online else jnp.maximum(step - self.teacher_steps, 0)
     ema_params, ema_batch_stats = base.updated_ema(
-        state, *self.evaluated(state.params, state.batch_stats), self.ema_decay)
+        state, *self.evaluated(state.params, state.batch_stats), self.ema_decay, step=ema_step)
     return state.replace(step=step + 1, ema_params=ema_params,
                          ema_batch_stats=ema_batch_stats), metrics
 
