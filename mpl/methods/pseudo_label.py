@@ -7,8 +7,11 @@ online (rounds = 0), Lee 2013 "PseudoLabel" as in USB/TorchSSL. One network f; p
   mask = max softmax sg(f(w(x_u))) >= threshold
   loss = CE(y_l, f(x_l)) + weight * mean over the mu*B examples of mask * CE(yhat, f(s(x_u)))
   (masked examples still count in the denominator, as in FixMatch/UDA). x_l, w(x_u) and s(x_u)
-  go through one training-mode pass, FixMatch's convention. With identical views (TwoMoons) and
-  hard=False the unlabeled term has zero gradient (d/dz CE(sg(softmax z), z) = 0).
+  go through one training-mode pass, FixMatch's convention. USB/TorchSSL's PseudoLabel labels
+  and trains on one weak view; here the labels train the strong view, which makes this
+  FixMatch-like at its default threshold, 0.95 (with augment.strong='none' both views are the raw
+  inputs). With identical views (TwoMoons) and hard=False the unlabeled term has zero gradient
+  (d/dz CE(sg(softmax z), z) = 0).
 
 offline (rounds >= 1), teacher -> student, Noisy Student's loop. Networks {'teacher', 'student'}:
   1. steps [0, teacher_steps): the teacher trains on CE(y_l, T(x_l)); the student is untouched.
