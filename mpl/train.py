@@ -730,16 +730,18 @@ def format_changes(changed: dict[str, list]) -> str:
   return '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())
 
 
+def as_saved(config: ml_collections.ConfigDict) -> dict:
+  """`config` as WORKDIR/config.json holds it (tuples as lists, other values as strings)."""
+  return json.loads(json.dumps(config.to_dict(), default=str))
+
+
 def changes_from_saved_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """config_changes between WORKDIR/config.json (if readable) and `config`."""
+  """config_changes between WORKDIR/config.json and `config`; {} without a readable one."""
   path = workdir_path(workdir) / 'config.json'
   try:
-    saved = json.loads(path.read_text()) if path.exists() else None
-  except ValueError:
-    saved = None
-  if saved is None:
+    return config_changes(json.loads(path.read_text()), as_saved(config)) if path.exists() else {}
+  except ValueError:  # damaged: write_config replaces it
     return {}
-  return config_changes(saved, json.loads(json.dumps(config.to_dict(), default=str)))
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step: int | None):
@@ -747,7 +749,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str, resume_step: i
   continues, with a warning and a line in WORKDIR/config_changes.jsonl saying what changed at
   which step: config.json then holds the current config, and the history is not lost."""
   path = workdir_path(workdir) / 'config.json'
-  current = json.loads(json.dumps(config.to_dict(), default=str))  # tuples -> lists, as saved
+  current = as_saved(config)
   saved = None
   if resume_step is not None and path.exists():
     try:
