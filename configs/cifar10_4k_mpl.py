@@ -28,11 +28,11 @@ The official recipe (METHODS.md section 6; google-research/meta_pseudo_labels RE
 data_utils.py), built by `wrn28_2_mpl_config` below and shared with configs/svhn_1k_mpl.py:
   batch 128 labeled + mu 7 (896 unlabeled, one weak and one strong view each), 300k steps;
   teacher and student: SGD Nesterov 0.9, lr 0.1 x batch / 256 = 0.05, coupled weight decay 5e-4
-  (conv/dense kernels), no clipping; teacher: 5k warm-up then cosine; student: lr 0 for 3k
-  steps, 5k warm-up, cosine; label smoothing 0.15 (teacher's labeled loss, and the student's
-  loss on pseudo labels as the official code applies it); dense dropout 0.2; UDA temperature
-  0.7, threshold 0.6, weight 8 with a 5k-step linear ramp; RandAugment magnitude 16, 2 layers,
-  16x16 Cutout; student EMA 0.995 with decay min(0.995, (t+1)/(t+10)), evaluated.
+  (every variable but batch norm's, biases too), no clipping; teacher: 5k warm-up then cosine;
+  student: lr 0 for 3k steps, 5k warm-up, cosine; label smoothing 0.15 (teacher's labeled loss,
+  and the student's loss on pseudo labels as the official code applies it); dense dropout 0.2;
+  UDA temperature 0.7, threshold 0.6, weight 8 with a 5k-step linear ramp; RandAugment magnitude
+  16, 2 layers, 16x16 Cutout; student EMA 0.995 with decay min(0.995, (t+1)/(t+10)), evaluated.
   Weak view: flip + 4-pixel pad-and-crop with the padding filled with grey 128
   (`augment.pad_mode='constant'`, `augment.fill=128`: the official `_flip_and_jitter(x, 128)`;
   the same grey fills RandAugment's geometric ops and the Cutout box). As the official input,

@@ -22,8 +22,9 @@ Data the user must bring (both streamed by mpl/data/streaming.py, never held in 
   from the paper's by as much as that dataset differs from JFT. Without the argument
   `get_config` raises a ConfigError (except for `runlocal` / `standin`).
 
-Recipe: per step 4,096 labeled + 32,768 unlabeled images (mu = 8), 224x224, ResNet-50 teacher and
-student. The remaining values are the ImageNet-10% recipe of METHODS.md section 6 (see
+Recipe: per step 4,096 labeled + 32,768 unlabeled images (mu = 8; the batch this config was
+specified with, which METHODS.md does not restate: it gives a per-step batch only for L2),
+224x224, ResNet-50 teacher and student. The remaining values are the ImageNet-10% recipe of METHODS.md section 6 (see
 configs/imagenet10_mpl.py, including its augmentation: stream crop + flip, RandAugment with no
 extra pad-and-crop or Cutout, grey fill 128), which the sources do not restate for this run --
 UNVERIFIED for JFT: 1M steps; SGD Nesterov with lr x batch / 256 (teacher 0.15 -> 2.4, student

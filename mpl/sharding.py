@@ -73,6 +73,15 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
   data = config_lib.data_axis_size(config, len(devices))
   model = int(config.mesh.model)
   if data * model < len(devices):
+    # A process with no device in the mesh could not read the global state, and the others
+    # would wait for it in every collective.
+    left_out = sorted({d.process_index for d in devices}
+                      - {d.process_index for d in devices[:data * model]})
+    if left_out:
+      raise ConfigError(
+          f'config.mesh (data={data}, model={model}) uses {data * model} of the {len(devices)} '
+          f'devices and none of process(es) {left_out}: every process of a multi-host run must '
+          f'hold part of the mesh. Set mesh.data = -1 to use every device.')
     logging.warning('config.mesh uses %d of the %d devices (data=%d, model=%d).',
                     data * model, len(devices), data, model)
   return jax.make_mesh((data, model), ('data', 'model'), devices=devices[:data * model],

@@ -60,7 +60,7 @@ def load_data(config, workdir):
   `build` calls once the method and model are built: a config that fails there leaves no split
   behind to refuse its corrected rerun.
   """
-  data = datasets.load_from_config(config)
+  data = datasets.load_from_config(config, any_host=any_process)
   num_train = len(data.train_labels)
   num_labeled = num_train if config.num_labeled == -1 else int(config.num_labeled)
   if num_labeled > num_train:
@@ -353,6 +353,34 @@ def check_workdir(workdir: str) -> None:
                       f'directory this user can write to.') from e
 
 
+
+def check_workdir_shared(workdir: str) -> None:
+  """Multi-host runs: ConfigError on every host unless every host sees the lead's workdir.
+
+  The hosts decide from the files there whether to resume, and save each checkpoint together,
+  so the workdir must be one folder they all see (gs://..., NFS). On each VM's own disk
+  (`--workdir /tmp/run` on every worker) they would decide differently after a restart and
+  wait forever in their first collective, or save a checkpoint in pieces no host can restore.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  token = int(multihost_utils.broadcast_one_to_all(
+      np.int32(np.random.default_rng().integers(2**31 - 1))))  # the lead's, on every host
+  marker = workdir_path(workdir) / f'.hosts_see_this_workdir_{token}'
+  if jax.process_index() == 0:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text('')
+  multihost_utils.sync_global_devices('mpl: workdir marker written')
+  not_seen = any_process(not marker.exists())  # every host has looked once this returns
+  if jax.process_index() == 0:
+    marker.unlink(missing_ok=True)
+  if not_seen:
+    raise ConfigError(
+        f'--workdir {workdir}: some hosts do not see the folder the lead host (process 0) '
+        f'writes there: a multi-host run needs one workdir every host reads and writes, e.g. '
+        f'gs://BUCKET/run or a shared NFS path, not a path on each VM\'s own disk.')
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
   """Holds WORKDIR/.lock while a run trains there: the same command started again while the
@@ -593,11 +621,18 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   method_class = methods.get_method(config.method)
   stream = None
   if is_streaming(config) and config.data.standin != 'always':
+    missing = None
     try:
       stream = streaming.StreamingInput(config, mesh, method_class.uses_unlabeled)
-    except DataMissingError:  # corrupt data is an error, not missing
+    except DataMissingError as e:  # corrupt data is an error, not missing
+      missing = e
+    if any_process(missing is not None):  # missing on one host: on all (the same arrays)
       if config.data.standin == 'never':
-        raise
+        raise missing or datasets.missing_on_another_host(config.dataset)
+      if missing is None:
+        logging.warning('%s is missing on another host: every host uses the stand-in data.',
+                        config.dataset)
+      stream = None
   if stream is not None:
     if config.num_labeled != -1:
       raise ConfigError(
@@ -998,8 +1033,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   config_lib.validate(config, jax.device_count())  # a typo leaves no workdir behind
   with removed_if_unused(workdir):  # nor does a mistake found while building the run
+    bad_workdir = None
     if jax.process_index() == 0:
-      check_workdir(workdir)
+      try:
+        check_workdir(workdir)
+      except ConfigError as e:
+        bad_workdir = e
+    if any_process(bad_workdir is not None):  # every host stops, not only the lead
+      raise bad_workdir or ConfigError(f'--workdir {workdir} is not usable: the lead host '
+                                       f'(process 0) says why.')
+    check_workdir_shared(workdir)
     finished = check_resumable(config, workdir)
     return _train_and_evaluate(config, workdir, should_stop, finished)
 

@@ -23,22 +23,27 @@ from mpl import config_lib, sharding
 from mpl.data import streaming
 import tiny_tfds
 
-MESHES = ((2, 4), (1, 8), (4, 2))
+# (data, model, device order): 'torus' puts half of each process's devices in each data row, as
+# jax.make_mesh does on TPU v4 when a model-parallel group spans hosts.
+MESHES = ((2, 4, 'process'), (1, 8, 'process'), (4, 2, 'process'), (2, 4, 'torus'))
 builder = tiny_tfds.tiny_builder_class()(data_dir=tfds_dir)
 result = {}
-for data, model in MESHES:
+for data, model, order in MESHES:
     c = config_lib.base_config()
     c.dataset, c.data.streaming, c.data.image_size = 'tiny_images', True, 16
     c.data.labeled_split = c.data.eval_split = 'train'
     c.mesh.data, c.mesh.model = data, model
     c.batch_size = c.eval_batch_size = 8
-    mesh = sharding.make_mesh(c)
+    devices = jax.devices()
+    if order == 'torus':
+        devices = [devices[i] for i in (0, 1, 4, 5, 2, 3, 6, 7)]
+    mesh = sharding.make_mesh(c, devices)
     position = {d.id: [int(i) for i in np.argwhere(mesh.devices == d)[0]] for d in mesh.devices.flat}
     stream = streaming.StreamingInput(c, mesh, uses_unlabeled=False, builder=builder)
     stream.start(0)
     train_images = stream.next_batch()['labeled']['image']
     eval_images = next(stream.eval_batches())['image']
-    result[f'{data}x{model}'] = [
+    result[f'{data}x{model} {order}'] = [
         {'device': shard.device.id, 'position': position[shard.device.id],
          'train': tiny_tfds.example_ids(np.asarray(shard.data)),
          'eval': tiny_tfds.example_ids(np.asarray(e.data))}

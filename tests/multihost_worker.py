@@ -2,6 +2,8 @@
 
   python tests/multihost_worker.py PID NUM_PROCESSES PORT WORKDIR STOP_AT OUT.npz
 
+('{pid}' in WORKDIR is replaced by PID: each process its own workdir, as on unshared disks.)
+
 8 fake CPU devices split evenly over the processes; `jax.distributed.initialize` on localhost;
 trains the TwoMoons MPL config for 4 steps (checkpoints every 2). The LAST process alone asks to
 stop after step STOP_AT (as a SIGTERM reaching one host of a pod). Process 0 writes the final
@@ -10,6 +12,7 @@ checkpoint's parameters to OUT.npz; every process prints one "RESULT {json}" lin
 import os, sys
 pid, n, port, workdir, stop_at, out = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
                                        sys.argv[4], int(sys.argv[5]), sys.argv[6])
+workdir = workdir.replace('{pid}', str(pid))  # a folder of each host's own
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')  # the test's compile flags
                            + f' --xla_force_host_platform_device_count={8 // n}')
 os.environ['JAX_PLATFORMS'] = 'cpu'

@@ -152,6 +152,19 @@ def test_idx_reader_and_corruption(tmp_path):
   assert 'stand-in' in datasets.load_from_config(config).name
 
 
+
+def test_data_missing_on_another_host_counts_as_missing_on_every_host():
+  """Multi-host: a host that has the data must not train on it while another host trains on
+  stand-in arrays (the global arrays would differ per host): all fall back, or all stop."""
+  config = config_lib.base_config()  # Fashion-MNIST, which this host has
+  config.dataset, config.data.standin, config.data.source = 'fashion_mnist', 'if_missing', 'idx'
+  assert datasets.load_from_config(config).name == 'fashion_mnist'
+  another_host_lacks_it = lambda flag: True  # any_process when another host's flag is True
+  assert 'stand-in' in datasets.load_from_config(config, any_host=another_host_lacks_it).name
+  config.data.standin = 'never'
+  with pytest.raises(DataMissingError, match='missing on another host'):
+    datasets.load_from_config(config, any_host=another_host_lacks_it)
+
 # --------------------------------------------------------------------------------------------
 # Small sklearn datasets, names.
 
@@ -271,7 +284,7 @@ def tiny_builder(tmp_path_factory):
 
 def _stream(builder, **kw):
   args = dict(global_batch_size=8, image_size=16, data_dir=None, seed=0, train=False,
-              process_index=0, process_count=2, builder=builder)
+              shard=0, num_shards=2, builder=builder)
   args.update(kw)
   return streaming.make_streaming_iterator('tiny_images', 'train', **args)
 
@@ -287,25 +300,25 @@ def _ids(batches, batch_size=4):
 
 
 def test_streaming_eval_shards_disjoint(tiny_builder):
-  shard0, shard1 = list(_stream(tiny_builder)), list(_stream(tiny_builder, process_index=1))
+  shard0, shard1 = list(_stream(tiny_builder)), list(_stream(tiny_builder, shard=1))
   assert len(shard0) == len(shard1) == 4  # ceil(13 / 4): both hosts step together.
   ids0, ids1 = _ids(shard0), _ids(shard1)
   assert not set(ids0) & set(ids1)
   assert sorted(ids0 + ids1) == list(range(NUM_TINY))
-  # Processes 0 and 1 in one model-parallel group read the same (only) shard.
-  same = [list(_stream(tiny_builder, process_index=p, num_model_replicas=2)) for p in (0, 1)]
-  assert _ids(same[0], 8) == _ids(same[1], 8) and sorted(_ids(same[0], 8)) == list(range(NUM_TINY))
+  # The only shard holds everything.
+  whole = list(_stream(tiny_builder, num_shards=1))
+  assert sorted(_ids(whole, 8)) == list(range(NUM_TINY))
 
 
 def test_streaming_eval_takes_max_examples(tiny_builder):
   """The first ceil(max / shards) examples of each shard, in whole padded batches; one shard
   (here, two processes of one model-parallel group) takes exactly max."""
-  shards = [list(_stream(tiny_builder, process_index=p, max_examples=5)) for p in (0, 1)]
+  shards = [list(_stream(tiny_builder, shard=p, max_examples=5)) for p in (0, 1)]
   assert [len(s) for s in shards] == [1, 1]
   ids0, ids1 = _ids(shards[0]), _ids(shards[1])
   assert len(ids0) == len(ids1) == 3
   assert ids0 == _ids(list(_stream(tiny_builder)))[:3]  # the shard's first examples
-  one_shard = list(_stream(tiny_builder, num_model_replicas=2, max_examples=10))
+  one_shard = list(_stream(tiny_builder, num_shards=1, max_examples=10))
   assert len(one_shard) == 2 and len(_ids(one_shard, 8)) == 10
 
 
@@ -369,10 +382,45 @@ def test_streaming_split_names_are_checked(tiny_builder):
 def test_global_batch(tiny_builder):
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  local = next(_stream(tiny_builder, process_count=1))
-  batch = streaming.global_batch(local, sharding)
+  local = next(_stream(tiny_builder, num_shards=1))
+  batch = streaming.global_batch(local, sharding, num_shards=1)
   assert batch['image'].shape == (8, 16, 16, 3) and batch['image'].sharding == sharding
   np.testing.assert_array_equal(np.asarray(batch['label']), local['label'])
+  with pytest.raises(ValueError):  # a host batch that does not fit: an error, not a half batch
+    streaming.global_batch(local, sharding, num_shards=2)
+
+
+class _Device:
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
+def _layout(rows):
+  """A (data, model) mesh device array from the process of each device, row by row."""
+  return np.array([[_Device(p) for p in row] for row in rows], dtype=object)
+
+
+def test_data_shard_follows_the_mesh_rows_not_the_process_order():
+  # Process order, model parallelism inside each host (4 hosts x 2 devices, mesh 4 x 2).
+  layout = _layout([[0, 0], [1, 1], [2, 2], [3, 3]])
+  assert [streaming.data_shard(layout, p) for p in range(4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+  # A replica over two hosts (mesh 2 x 4): both hosts read its shard.
+  layout = _layout([[0, 0, 1, 1], [2, 2, 3, 3]])
+  assert [streaming.data_shard(layout, p) for p in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+  # TPU v4-like torus order (mesh 2 x 8, 4 hosts of 4 chips): every host has chips in both rows,
+  # so every host reads the whole batch.
+  layout = _layout([[0, 0, 1, 1, 2, 2, 3, 3], [0, 0, 1, 1, 2, 2, 3, 3]])
+  assert [streaming.data_shard(layout, p) for p in range(4)] == [(0, 1)] * 4
+  # Two hosts, each in two data rows of four.
+  layout = _layout([[0, 0], [0, 0], [1, 1], [1, 1]])
+  assert [streaming.data_shard(layout, p) for p in range(2)] == [(0, 2), (1, 2)]
+  # Rows a host cannot read as one block of the split.
+  with pytest.raises(ConfigError, match=r'process 0 in data rows \[0, 2\]'):
+    streaming.data_shard(_layout([[0], [1], [0], [1]]), 0)
+  with pytest.raises(ConfigError, match='consecutive rows'):  # 1 row vs 2 rows
+    streaming.data_shard(_layout([[0], [1], [1], [2]]), 0)
+  with pytest.raises(ConfigError, match='holds no device'):
+    streaming.data_shard(_layout([[0], [0]]), 1)
 
 
 @needs_tfds
@@ -403,7 +451,7 @@ def test_streaming_missing_imagenet(tmp_path):
   with pytest.raises(DataError, match='manual'):
     streaming.make_streaming_iterator(
         'imagenet2012', 'train', global_batch_size=8, image_size=224, data_dir=str(tmp_path),
-        seed=0, train=True, process_index=0, process_count=1)
+        seed=0, train=True, shard=0, num_shards=1)
 
 
 def test_no_tensorflow_at_import():

@@ -278,6 +278,20 @@ def test_rules_follow_the_config():
     sharding.logical_rules(config)
 
 
+
+def test_a_mesh_that_leaves_a_process_out_is_refused():
+  """On 2 hosts x 4 devices, a 4-device mesh would leave host 1 unable to read the state and
+  host 0 waiting for it: refused. Leaving out devices of a host that takes part only warns."""
+  class Device:
+    def __init__(self, process_index):
+      self.process_index = process_index
+  devices = [Device(0)] * 4 + [Device(1)] * 4
+  config = digits_config('mpl', 4, 1, '')
+  with pytest.raises(config_lib.ConfigError, match=r'none of process\(es\) \[1\]'):
+    sharding.make_mesh(config, devices)
+  mesh = sharding.make_mesh(config)  # one process (8 devices here): half of them is allowed
+  assert dict(mesh.shape) == {'data': 4, 'model': 1}
+
 def test_checkpoint_restores_onto_a_different_mesh_and_continues_identically(tmp_path):
   def config(data, model, total):
     return digits_config('supervised', data, model, 'width' if model > 1 else '',

@@ -23,15 +23,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run(num_processes, workdir, stop_at, out):
+def start(num_processes, workdir, stop_at, out):
   port = str(free_port())
   env = dict(os.environ, XLA_FLAGS=COMPILE_FLAGS)  # the worker adds its device count
-  procs = [subprocess.Popen([sys.executable, WORKER, str(pid), str(num_processes), port,
-                             workdir, str(stop_at), out],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-           for pid in range(num_processes)]
+  return [subprocess.Popen([sys.executable, WORKER, str(pid), str(num_processes), port,
+                            workdir, str(stop_at), out],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+          for pid in range(num_processes)]
+
+
+def run(num_processes, workdir, stop_at, out):
   results = []
-  for proc in procs:
+  for proc in start(num_processes, workdir, stop_at, out):
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
     line = next(l for l in output.splitlines() if l.startswith('RESULT '))
@@ -56,9 +59,21 @@ def test_two_hosts_stop_together_resume_and_match_one_host(tmp_path):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
 
 
+
+def test_hosts_that_do_not_share_the_workdir_stop_with_a_clear_error(tmp_path):
+  """Each host with its own workdir (a path on each VM's own disk): both stop before training,
+  saying why, instead of saving checkpoints in pieces and hanging when they resume."""
+  procs = start(2, str(tmp_path / 'host_{pid}'), 0, str(tmp_path / 'unused.npz'))
+  for proc in procs:
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and 'some hosts do not see the folder' in output, output[-3000:]
+  assert not os.path.exists(tmp_path / 'unused.npz')
+  assert not os.path.exists(tmp_path / 'host_0' / 'checkpoints')
+
 def test_streaming_input_across_hosts_follows_the_model_parallel_groups(tmp_path, monkeypatch):
   """2 hosts x 4 devices streaming a TFDS dataset, on meshes whose model-parallel groups lie
-  inside one host (2 x 4, 4 x 2) or span both (1 x 8): every device of a data row (one
+  inside one host (2 x 4, 4 x 2) or span both (1 x 8), and on a 2 x 4 mesh in a TPU v4-like
+  device order where each host has devices in both rows: every device of a data row (one
   model-parallel replica) holds the same examples, different rows hold different examples."""
   import pytest
   pytest.importorskip('tensorflow_datasets')
@@ -81,6 +96,7 @@ def test_streaming_input_across_hosts_follows_the_model_parallel_groups(tmp_path
     for mesh, devices in json.loads(line[len('RESULT '):]).items():
       shards.setdefault(mesh, []).extend(devices)
 
+  assert len(shards) == 4, sorted(shards)
   for mesh, devices in shards.items():
     data = int(mesh.split('x')[0])
     assert len(devices) == 8, mesh

@@ -548,7 +548,12 @@ def test_streaming_input_trains_and_evaluates(tmp_path):
   record = bench.bench_train_step(config, steps=2, warmup=1)
   assert record['image_shape'] == [16, 16, 3] and record['final_step'] == 3
   assert record['step_ms_median'] > 0
-
+  # Multi-host: data missing on another host is missing on this one too (all hosts stop, or all
+  # fall back to stand-in data), never real arrays here and stand-in arrays there.
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train, 'any_process', lambda flag: True)  # another host's flag is True
+    with pytest.raises(DataError, match='missing on another host'):
+      train.build(config, str(tmp_path / 'run'))
 
 # After Ctrl-C the process ends by SIGINT (-2), so that a shell loop over runs stops too.
 @pytest.mark.parametrize('signal_name, logged, status', [

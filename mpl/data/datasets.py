@@ -121,25 +121,41 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
   return InMemoryDataset(name=name, num_classes=num_classes, mean=mean, std=std, **arrays)
 
 
-def load_from_config(config) -> InMemoryDataset:
+def missing_on_another_host(name: str) -> DataMissingError:
+  return DataMissingError(
+      f'{name} is here but missing on another host (its log says how to provide it there): '
+      f'every host of a multi-host run needs the data.')
+
+
+def load_from_config(config, any_host: Callable[[bool], bool] = bool) -> InMemoryDataset:
   """The in-memory training/test set a config asks for (`config.dataset`, `config.data`).
 
   `config.data.standin`: 'never' (missing data is an error), 'if_missing' (random stand-in
   data of the right shapes when the real data is absent: the runlocal smoke tests of the paper
   configs) or 'always'.
+  `any_host(flag)`: True on every host if `flag` is True on any (multi-host runs pass
+  `train.any_process`): data missing on one host counts as missing on all, so that every host
+  holds the same arrays (or every host stops).
   """
   standin = config.data.standin
   if standin not in ('never', 'if_missing', 'always'):
     raise ConfigError(f"unknown data.standin {standin!r}; valid: 'never', 'if_missing', 'always'")
   streaming = bool(config.data.streaming) or config.dataset in STREAMING_DATASETS
   if standin != 'always' and not streaming:
+    data = missing = None
     try:
-      return load_dataset(config.dataset, data_dir=config.data.data_dir,
+      data = load_dataset(config.dataset, data_dir=config.data.data_dir,
                           image_size=config.data.image_size or None, source=config.data.source,
                           noise=config.data.noise, seed=config.data.seed)
-    except DataMissingError:  # corrupt data is an error, not missing
-      if standin == 'never':
-        raise
+    except DataMissingError as e:  # corrupt data is an error, not missing
+      missing = e
+    if not any_host(missing is not None):
+      return data
+    if standin == 'never':
+      raise missing or missing_on_another_host(config.dataset)
+    if missing is None:
+      logging.warning('%s is missing on another host: every host uses the stand-in data.',
+                      config.dataset)
   if standin == 'never':
     raise ConfigError(f'{config.dataset} is a streaming dataset: it cannot be loaded into '
                       f'memory (set data.standin for a smoke test on random data).')

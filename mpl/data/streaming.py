@@ -2,12 +2,15 @@
 
 One tf.data pipeline per host (process):
 
-* Sharding. Processes are grouped into data shards of `num_model_replicas` consecutive processes
-  (the processes that together hold one model-parallel replica, which must see the same data):
-  `num_shards = process_count // num_model_replicas`, and process `p` reads shard
-  `p // num_model_replicas` of `tfds.even_splits(split, num_shards)`. With the default
-  `num_model_replicas=1` every process reads its own disjoint shard. Each process yields
-  `global_batch_size // num_shards` examples per batch; `global_batch` assembles the global array.
+* Sharding. Every process reads the examples of the mesh's data rows that its devices sit in
+  (`data_shard`): the rows of a process must be consecutive, `k` of them, and then the
+  process reads shard `first row // k` of `num_shards = data rows // k` of
+  `tfds.even_splits(split, num_shards)`. Processes that share rows (a model-parallel replica
+  spread over several hosts) read the same shard; with model parallelism inside each host every
+  process reads its own. The rows come from the mesh's device order, not the process order: on
+  TPU v4 / v5p `jax.make_mesh` lays the mesh out along the physical torus, where one host's
+  chips may sit in several data rows. Each process yields `global_batch_size // num_shards`
+  examples per batch; `global_batch` assembles the global array.
 * Train (`train=True`): files and examples shuffled (seeded), repeated forever, Inception-style
   random-resized crop (area 8%-100%, aspect ratio 3/4-4/3) to `image_size`, random horizontal
   flip. The crop and flip use stateless ops keyed by (seed, shard, example counter), so a
@@ -42,15 +45,31 @@ _IMAGENET_MANUAL = (
     'directory into {where} (or pass --config.data.data_dir pointing at its parent).')
 
 
-def data_shard(process_index: int, process_count: int,
-               num_model_replicas: int = 1) -> tuple[int, int]:
-  """(shard index, number of shards) of a process; see the module docstring."""
-  if num_model_replicas < 1 or process_count % num_model_replicas:
-    raise ConfigError(f'num_model_replicas={num_model_replicas} must be >= 1 and divide the '
-                      f'process count {process_count}.')
-  if not 0 <= process_index < process_count:
-    raise ConfigError(f'process_index={process_index} is outside [0, {process_count}).')
-  return process_index // num_model_replicas, process_count // num_model_replicas
+def data_shard(mesh_devices: np.ndarray, process_index: int) -> tuple[int, int]:
+  """(shard index, number of shards) that process `process_index` reads, from the (data, model)
+  array of devices of the mesh (`mesh.devices`): the data rows holding its devices (see module
+  doc). ConfigError for a layout where a process's rows are not one aligned block, which a
+  batch split over 'data' cannot be read for."""
+  rows_of = {}
+  for row, devices in enumerate(np.asarray(mesh_devices).reshape(len(mesh_devices), -1)):
+    for device in devices:
+      rows_of.setdefault(device.process_index, set()).add(row)
+  if process_index not in rows_of:
+    raise ConfigError(f'process {process_index} holds no device of the mesh: every process of a '
+                      f'multi-host run must take part (set mesh.data = -1).')
+  num_rows = len(mesh_devices)
+  sizes = {len(rows) for rows in rows_of.values()}
+  size = max(sizes)
+  for process, rows in sorted(rows_of.items()):
+    first = min(rows)
+    if len(sizes) > 1 or rows != set(range(first, first + size)) or first % size:
+      raise ConfigError(
+          f'the mesh puts the devices of process {process} in data rows {sorted(rows)} (of '
+          f'{num_rows}); the streamed input needs every process in the same number of '
+          f'consecutive rows, k of them starting at a multiple of k. Another mesh.model may lay '
+          f'the hosts out in such blocks.')
+  rows = rows_of[process_index]
+  return min(rows) // size, num_rows // size
 
 
 def get_builder(name: str, data_dir: str | None):
@@ -68,8 +87,8 @@ def get_builder(name: str, data_dir: str | None):
 
 def make_streaming_iterator(name: str, split: str, *, global_batch_size: int, image_size: int,
                             data_dir: str | None, seed: int, train: bool,
-                            process_index: int | None = None, process_count: int | None = None,
-                            num_model_replicas: int = 1, builder: Any = None,
+                            shard: int | None = None, num_shards: int | None = None,
+                            builder: Any = None,
                             shuffle_buffer_size: int = 10_000,
                             eval_crop_fraction: float = 0.875,
                             max_examples: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -83,22 +102,23 @@ def make_streaming_iterator(name: str, split: str, *, global_batch_size: int, im
     data_dir: TFDS data dir (default `~/tensorflow_datasets`).
     seed: shuffling and augmentation seed.
     train: augmented infinite shuffled stream, or a single padded eval pass.
-    process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
-    num_model_replicas: consecutive processes that share one data shard (see module doc).
+    shard, num_shards: this process reads shard `shard` of `num_shards` equal parts of the split
+      (`data_shard`); default `jax.process_index()` of `jax.process_count()`.
     builder: an already prepared `tfds.core.DatasetBuilder` to read instead of `name`.
     shuffle_buffer_size: examples in the shuffle buffer (train).
     eval_crop_fraction: eval central crop side / resized shorter side.
     max_examples: eval only: at most ceil(max_examples / shards) examples of each shard, the
       first ones (0 = all): max_examples in all on one data shard.
   """
-  if process_index is None or process_count is None:
+  if shard is None or num_shards is None:
     import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  shard, num_shards = data_shard(process_index, process_count, num_model_replicas)
+    shard, num_shards = jax.process_index(), jax.process_count()
+  if not 0 <= shard < num_shards:
+    raise ConfigError(f'data shard {shard} is outside [0, {num_shards}).')
   if global_batch_size <= 0 or global_batch_size % num_shards:
     raise ConfigError(f'global_batch_size={global_batch_size} must be a positive multiple of '
-                      f'the {num_shards} data shards (process_count // num_model_replicas).')
+                      f'the {num_shards} data shards (the blocks of data rows the processes '
+                      f'hold).')
   batch = global_batch_size // num_shards
   tfds = datasets.import_tfds()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -157,10 +177,13 @@ def has_labels(builder) -> bool:
   return _keys(builder)[1] in builder.info.features
 
 
-def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, Any]:
-  """Per-host batch -> global `jax.Array`s (leading axis split as `sharding` says)."""
+def global_batch(local: dict[str, np.ndarray], sharding, num_shards: int) -> dict[str, Any]:
+  """Per-host batch -> global `jax.Array`s (leading axis split as `sharding` says). The global
+  shape is given, not inferred, so that a host batch that does not fit the sharding is an
+  error rather than a smaller array."""
   import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding, x, (x.shape[0] * num_shards,) + x.shape[1:]), local)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +301,7 @@ class StreamingInput:
     self.num_classes = self.builder.info.features['label'].num_classes
     self.image_size = config.data.image_size or 224
     # Processes holding one model-parallel replica read identical data.
-    self.num_model_replicas = max(1, config.mesh.model // jax.local_device_count())
+    self.shard, self.num_shards = data_shard(mesh.devices, jax.process_index())
     self.sharding = NamedSharding(mesh, P('data'))
     self._labeled = self._unlabeled = None
 
@@ -286,7 +309,7 @@ class StreamingInput:
     return make_streaming_iterator(
         builder.name, split, global_batch_size=batch, image_size=self.image_size,
         data_dir=self.config.data.data_dir, seed=seed, train=train, builder=builder,
-        num_model_replicas=self.num_model_replicas, max_examples=max_examples)
+        shard=self.shard, num_shards=self.num_shards, max_examples=max_examples)
 
   def start(self, step: int) -> None:
     """(Re)opens the training streams; the seed depends on the step a run (re)starts from."""
@@ -306,7 +329,7 @@ class StreamingInput:
       local['unlabeled'] = next(self._unlabeled)
       if not self.unlabeled_has_labels:
         del local['unlabeled']['label']
-    return global_batch(local, self.sharding)
+    return global_batch(local, self.sharding, self.num_shards)
 
   def eval_batches(self):
     """One pass over the eval split: global batches with a 'mask' of real examples; with
@@ -314,4 +337,4 @@ class StreamingInput:
     for local in self._stream(self.builder, self.config.data.eval_split,
                               self.config.eval_batch_size, 0, False,
                               max_examples=self.config.data.get('max_eval_examples', 0)):
-      yield global_batch(local, self.sharding)
+      yield global_batch(local, self.sharding, self.num_shards)

@@ -291,7 +291,8 @@ def training_set(config) -> datasets.InMemoryDataset:
   if config.data.streaming or config.dataset in datasets.STREAMING_DATASETS:
     raise ConfigError('reduced_mpl needs the in-memory input (batches carry training-set '
                       'indices there); the streaming input has no index.')
-  return datasets.load_from_config(config)
+  from mpl import train  # pylint: disable=g-import-not-at-top  (train imports the methods)
+  return datasets.load_from_config(config, any_host=train.any_process)
 
 
 def train_standin_teacher(model: nn.Module, prepare, images, labels, steps: int,
