@@ -11,22 +11,30 @@ temporary workdir unless --workdir is given), creates the state, lowers and comp
 train step once (ahead of time), reads XLA's cost and memory analysis of the compiled program,
 runs --warmup steps, then times --steps steps. Each timed step is ended by `block_until_ready`
 on the new state and metrics, so `step_ms_*` are per-step wall times (mean, median, min, max);
-blocking every step forgoes the overlap of dispatch with compute, which matters only for steps
-of a few milliseconds.
+blocking every step forgoes the overlap of the next step's dispatch with this step's compute.
+`step_ms_back_to_back` is that overlap kept, as the training loop runs: --steps more steps
+dispatched one after the other, one wait at the end, the total divided by --steps (the two
+differ by the host's dispatch time, which matters only for steps of a few milliseconds).
 `images_per_s` = (labeled + unlabeled images per step) / median step time; each unlabeled image
 gets a weak and a strong view, counted once.
 
-FLOPs: `compiled.cost_analysis()` of the SPMD program is that of ONE device's partition;
-`flops_per_step` multiplies it by the number of devices in the mesh (the whole-mesh count under
-data parallelism, including the partitioner's small overhead) and `achieved_tflops` =
-flops_per_step / median step time, for the whole mesh. XLA's cost analysis may count the body of
-a loop (`lax.scan`, e.g. RandAugment's layers) once. The networks have no loops, so at most the
-augmentation is undercounted, which is small next to the convolutions, except an EfficientNet
-with `scan_blocks=True` (the L2 config): each stage's scanned blocks count as one, and the figure
-is a lower bound (`--config.model.scan_blocks=False` counts them all).
+FLOPs: `flops_per_step` is the whole step's count as written (`flops_counted_on` 'program'): XLA's
+HLO cost analysis, run by the CPU backend on any machine, of the lowered program before SPMD
+partitioning and the backend's passes, so the same on every accelerator; `achieved_tflops` =
+flops_per_step / median step time, for the whole mesh. The compiled program's own count
+(`flops_per_step_compiled` = one device's partition, `flops_per_step_per_device`, times the
+devices; it counts work every device repeats, such as the update of replicated weights, once per
+device, and includes rematerialisation and the partitioner's overhead) is the fallback
+(`flops_counted_on` 'compiled') and a cross-check: on a GPU it leaves out the convolutions and
+dots (cuDNN / cuBLAS custom calls by then) and is far too low. XLA's cost analysis counts the
+body of a loop (`lax.scan`, e.g. RandAugment's layers) once. The networks have no loops, so at
+most the augmentation is undercounted, which is small next to the convolutions, except an
+EfficientNet with `scan_blocks=True` (the L2 config): each stage's scanned blocks count as one,
+and the figure is a lower bound (`--config.model.scan_blocks=False` counts them all).
 Memory: `memory_analysis` (per device: temporaries, arguments, outputs, aliased = donated) and the
-first local device's `memory_stats()['peak_bytes_in_use']` (null where the backend has no
-allocator statistics, e.g. CPU).
+first local device's `memory_stats()['peak_bytes_in_use']`, the process's peak up to the end of
+the timed steps (the resident dataset and compilation's scratch included; null where the backend
+has no allocator statistics, e.g. CPU).
 
 --profile DIR: then runs --profile_steps (3) more steps under the profiler, keeps the trace in
 DIR, and reports where the step's time goes (record key 'profile'; tables on stderr and in
@@ -111,6 +119,26 @@ def _total_flops(cost: Any) -> float | None:
   total = sum(f for f in flops if f > 0)
   return total if total > 0 else None
 
+
+
+def _program_flops(lowered) -> float | None:
+  """FLOPs of the whole step as written: XLA's HLO cost analysis, run by the CPU backend, of
+  the lowered program (every device's share, before SPMD partitioning and before the backend's
+  passes). This count does not depend on the accelerator: after GPU compilation convolutions
+  and dots are cuDNN / cuBLAS custom calls, which the compiled program's cost analysis counts
+  as nothing (jax-ml/jax#16008), and the CUDA plugin has no `Lowered.cost_analysis`.
+  None if neither the CPU count nor the backend's own works."""
+  try:
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    module = lowered.compiler_ir('hlo').as_hlo_module()
+    cpu = jax.local_devices(backend='cpu')[0].client
+    return _total_flops(_jax.hlo_module_cost_analysis(cpu, module))
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    return _total_flops(lowered.cost_analysis())
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 def _memory_analysis(compiled) -> dict[str, int] | None:
   """Per-device byte counts of the compiled program, or None where the backend has none."""
@@ -233,12 +261,7 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       compiled = lowered.compile()
       compile_s = time.perf_counter() - t0
       flops_per_device = _total_flops(compiled.cost_analysis())
-      # The program before XLA's backend passes: its count does not depend on how a backend
-      # reports fused convolutions and dots (GPU cost analyses have under-counted them).
-      try:
-        flops_lowered = _total_flops(lowered.cost_analysis())
-      except Exception:  # pylint: disable=broad-except
-        flops_lowered = None
+      flops_program = _program_flops(lowered)
       memory = _memory_analysis(compiled)
 
       for _ in range(warmup):
@@ -251,6 +274,14 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
+      # As training runs: each step dispatched while the previous one computes, one wait at
+      # the end (the loop reads metrics a step late).
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = compiled(state, next_input())
+      jax.block_until_ready((state, metrics))
+      back_to_back_s = (time.perf_counter() - t0) / steps
+      peak_bytes = _peak_bytes_in_use()   # before the profile compiles a second program
       profile = None
       if profile_dir is not None:   # after the timing: tracing slows the steps it records
         profile = _profile(lowered, compiled, experiment.mesh, state, next_input,
@@ -261,7 +292,8 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
   step_ms = _summary(times)
   median_s = step_ms['median'] / 1e3
   num_devices = int(experiment.mesh.size)
-  flops = flops_per_device * num_devices if flops_per_device else None
+  flops_compiled = flops_per_device * num_devices if flops_per_device else None
+  flops = flops_program or flops_compiled
   return {
       'mode': 'train_step',
       'config': name,
@@ -285,15 +317,18 @@ def bench_train_step(config, *, steps: int = 10, warmup: int = 2, name: str = ''
       'step_ms_median': step_ms['median'],
       'step_ms_min': step_ms['min'],
       'step_ms_max': step_ms['max'],
+      # `steps` more steps dispatched back to back, as the training loop runs them
+      'step_ms_back_to_back': 1e3 * back_to_back_s,
       'images_per_s': (config.batch_size + unlabeled) / median_s,
       'flops_per_step': flops,
+      'flops_counted_on': 'program' if flops_program else 'compiled',
+      'flops_per_step_compiled': flops_compiled,
       'flops_per_step_per_device': flops_per_device,
       'achieved_tflops': flops / median_s / 1e12 if flops else None,
-      'flops_per_step_lowered': flops_lowered,   # whole program, before XLA's backend passes
       # None: XLA's default (on GPUs, TF32 for float32 convolutions and dots)
       'default_matmul_precision': (str(jax.config.jax_default_matmul_precision)
                                    if jax.config.jax_default_matmul_precision else None),
-      'peak_bytes_in_use': _peak_bytes_in_use(),
+      'peak_bytes_in_use': peak_bytes,
       'memory_analysis': memory,
       'lower_s': lower_s,
       'compile_s': compile_s,
@@ -344,14 +379,15 @@ def bench_augment(config, *, steps: int = 10, warmup: int = 2,
     t0 = time.perf_counter()
     compiled = strong.lower(key, images).compile()
     compile_s = time.perf_counter() - t0
+    keys = jax.block_until_ready(list(jax.random.split(key, warmup + steps)))  # not timed
     for i in range(warmup):
-      out = compiled(jax.random.fold_in(key, i), images)
+      out = compiled(keys[i], images)
     if warmup:
       out.block_until_ready()
     times = []
     for i in range(steps):
       t0 = time.perf_counter()
-      out = compiled(jax.random.fold_in(key, warmup + i), images)
+      out = compiled(keys[warmup + i], images)
       out.block_until_ready()
       times.append(time.perf_counter() - t0)
   ms = _summary(times)

@@ -192,6 +192,19 @@ def unread_flags(method: str, argv) -> list[str]:
   return unread
 
 
+
+def with_method(config_arg: str, method: str) -> str:
+  """The --config argument `configs/x.py[:args]` with method=`method` set in its arguments
+  (replacing a method= it has: a key may be given once)."""
+  path, colon, args = config_arg.partition(':')
+  items = [item for item in args.split(',') if item] if colon else []
+  items = [f'method={method}' if item.split('=')[0].strip() == 'method' else item
+           for item in items]
+  if f'method={method}' not in items:
+    items.append(f'method={method}')
+  return f'{path}:{",".join(items)}'
+
+
 def check_choice(what: str, value: Any, choices) -> None:
   if value not in choices:
     raise ConfigError(f'unknown {what} {value!r}; valid choices: {sorted(choices)}')
@@ -351,11 +364,35 @@ def workdir_path(workdir: str) -> epath.Path:
   return epath.Path(os.path.abspath(workdir))
 
 
+
+# Blocks that hold a model's keyword arguments: any key the model takes (checked by the model).
+FREE_FORM_BLOCKS = ('model', 'teacher_model')
+
+
+def unknown_keys(config, reference, prefix: str = '') -> list[str]:
+  """Keys of `config` that `reference` (base_config()) lacks, as 'block.key', each with the
+  closest known key if there is one: a typo in a config file (`optimizer.warmup`) would else be
+  a key nothing reads."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  out = []
+  for key in config.keys():
+    if key not in reference:
+      close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+      out.append(f'{prefix}{key}' + (f' (did you mean {prefix}{close[0]}?)' if close else ''))
+    elif (key not in FREE_FORM_BLOCKS and isinstance(config[key], ml_collections.ConfigDict)
+          and isinstance(reference[key], ml_collections.ConfigDict)):
+      out += unknown_keys(config[key], reference[key], f'{prefix}{key}.')
+  return out
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks a finished config; raises ConfigError saying what is wrong and how to fix it."""
   # Imported here: the registries import JAX/Flax modules.
   from mpl import methods, models
   from mpl.data import datasets
+  unknown = unknown_keys(config, base_config())
+  if unknown:
+    raise ConfigError(f'unknown config key(s): {", ".join(unknown)}. Every key is listed with its '
+                      f'default in mpl/config_lib.py base_config().')
 
   check_choice('method', config.method, methods.METHODS)
   if not config.data.streaming:  # any prepared TFDS image dataset can be streamed

@@ -98,8 +98,7 @@ def main(argv):
   from mpl import config_lib  # pylint: disable=g-import-not-at-top
   for flag in config_lib.unread_flags(FLAGS.config.method, sys.argv):
     block = flag[len('--config.'):].split('.')[0]
-    config_arg = FLAGS['config'].config_filename
-    config_arg += f',method={block}' if ':' in config_arg else f':method={block}'
+    config_arg = config_lib.with_method(FLAGS['config'].config_filename, block)
     logging.warning('%s has no effect: method %r does not read the %r block. For a run of '
                     'method %r, set the method: --config %s (where the config takes it) or '
                     '--config.method=%s.', flag, FLAGS.config.method, block, block, config_arg,

@@ -18,6 +18,7 @@ Optimiser config (a ConfigDict, e.g. `config.optimizer` or `config.mpl.teacher_o
 
 from __future__ import annotations
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,6 +41,10 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int,
   if decay not in DECAYS:
     raise ConfigError(f'unknown lr decay {decay!r}; valid choices: {list(DECAYS)}')
   decay_steps = max(total_steps - wait - warmup, 1)
+  if warmup and wait + warmup >= total_steps:
+    logging.warning('lr schedule: wait_steps=%d + warmup_steps=%d >= total_steps=%d: the lr never '
+                    'reaches its peak %g and never decays (scale the warm-up with the run).',
+                    wait, warmup, total_steps, base_lr)
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)

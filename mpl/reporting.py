@@ -128,10 +128,13 @@ def without_log_message(prefix: str):
 
 
 def format_duration(seconds: float) -> str:
-  """12 s -> '12s', 250 s -> '4m10s', 7000 s -> '1h56m': readable ETAs for long runs."""
+  """12 s -> '12s', 250 s -> '4m10s', 7000 s -> '1h56m', 11 days -> '11d00h': readable ETAs for
+  long runs."""
   seconds = max(0, int(round(seconds)))
   hours, rest = divmod(seconds, 3600)
   minutes, secs = divmod(rest, 60)
+  if hours >= 24:
+    return f'{hours // 24}d{hours % 24:02d}h'
   if hours:
     return f'{hours}h{minutes:02d}m'
   return f'{minutes}m{secs:02d}s' if minutes else f'{secs}s'
@@ -143,15 +146,20 @@ class Progress:
   def __init__(self, total_steps: int, writer: Writer, every_secs: float = 30.0):
     self.total = total_steps
     self.every_secs = every_secs
+    self.writer = writer
     self.clu = None
-    if writer.clu is not None:
-      from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-      self.clu = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer.clu,
-                                                 every_secs=every_secs, every_steps=None)
+    self._started = False   # the writer opens at the first step: a finished run opens none
     self._last_time = None
     self._last_step = None
 
   def __call__(self, step: int) -> None:
+    if not self._started:
+      self._started = True
+      if self.writer.clu is not None:
+        from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+        self.clu = periodic_actions.ReportProgress(
+            num_train_steps=self.total, writer=self.writer.clu, every_secs=self.every_secs,
+            every_steps=None)
     if self.clu is not None:
       self.clu(step)
       return

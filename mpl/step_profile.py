@@ -19,7 +19,10 @@ device ran for the step is charged its time, per step, to
   - a stage: the `jax.named_scope`s the update wraps its stages in, read from the op's metadata
     (MPL: views, teacher_forward, pseudo_labels, h_pass (f_old), student_step,
     student_step/h_pass (f_new), teacher_step, ema; the loop: batch), with ' (backward)' for ops
-    of a gradient. Ops with no metadata (layout copies the compiler added; on a CPU, the weight
+    of a gradient. A fusion of ops of several stages (the end of the strong view fused into the
+    teacher's input) is charged to 'stage_a + stage_b', not to its root's stage alone: a
+    stage's share of the step is then between its own row and its own row plus those it is
+    part of. Ops with no metadata (layout copies the compiler added; on a CPU, the weight
     gradients it rewrites) take the stage of the nearest op they feed, else of one they read.
     '(unscoped)': outside every scope (the metrics); '(several stages)': ops XLA merged
     across stages (a combined all-reduce of several stages' gradients).
@@ -193,26 +196,28 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str]]:
   """
   instructions, computations = parse_hlo(hlo_text)
 
-  def computed(name: str, seen: set[str]) -> tuple[set[str], set[str], str]:
-    """Opcodes, custom-call targets and the first op_name found in what `name` computes."""
+  def computed(name: str, seen: set[str]) -> tuple[set[str], set[str], list[str]]:
+    """Opcodes, custom-call targets and the op_names (its own first, then the root's side
+    first) of what `name` computes."""
     inst = instructions[name]
-    opcodes, targets, op_name = {inst.opcode}, {inst.target} - {''}, inst.op_name
+    opcodes, targets = {inst.opcode}, {inst.target} - {''}
+    op_names = [inst.op_name] if inst.op_name else []
     if inst.opcode in ('fusion', 'call', 'async-start'):
       for computation in inst.called:
         if computation in seen:
           continue
         seen.add(computation)
         for member in reversed(computations.get(computation, ())):   # the root first
-          sub_ops, sub_targets, sub_name = computed(member, seen)
+          sub_ops, sub_targets, sub_names = computed(member, seen)
           opcodes |= sub_ops
           targets |= sub_targets
-          op_name = op_name or sub_name
+          op_names += sub_names
       opcodes -= {'fusion', 'call', 'async-start'}   # wrappers: the kind of what they wrap
-    return opcodes, targets, op_name
+    return opcodes, targets, op_names
 
   table, named = {}, {}
   for name, inst in instructions.items():
-    opcodes, targets, op_name = computed(name, set())
+    opcodes, targets, op_names = computed(name, set())
     if inst.opcode in ('while', 'conditional'):
       kind = 'control flow'
     elif inst.opcode == 'call' and any(c.startswith('command_buffer') for c in inst.called):
@@ -220,8 +225,10 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str]]:
     else:
       kind = _kind_of_opcodes(opcodes, targets)
     table[name] = kind
-    if op_name:
-      named[name] = stage_of(op_name)
+    if op_names:
+      named[name] = stage_of(op_names[0])
+      if inst.opcode == 'fusion':
+        named[name] = fused_stage(named[name], {stage_of(n) for n in op_names})
 
   # Nameless ops: the stage of the nearest named op downstream (breadth first), else upstream.
   users = collections.defaultdict(list)
@@ -249,6 +256,18 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str]]:
     out[name] = (kind, stage or UNSCOPED)
   return out
 
+
+
+def fused_stage(own: str, stages: set[str]) -> str:
+  """The stage of a fusion whose ops come from `stages` (`own`: its root's): XLA fuses across
+  the stages' boundaries (the end of the strong view into the teacher's input), and charging the
+  whole kernel to the root's stage would hide the others' share. A fusion of several stages is
+  'stage_a + stage_b' (sorted; ' (backward)' if its root is a gradient op); ops outside every
+  scope and the forward/backward halves of one stage do not count as another stage."""
+  bases = {stage.removesuffix(BACKWARD) for stage in stages} - {UNSCOPED, SEVERAL}
+  if len(bases) <= 1:
+    return own
+  return ' + '.join(sorted(bases)) + (BACKWARD if own.endswith(BACKWARD) else '')
 
 def module_name(hlo_text: str) -> str:
   match = re.match(r'\s*HloModule\s+([\w.\-]+)', hlo_text)

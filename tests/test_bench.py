@@ -12,6 +12,7 @@ import sys
 import importlib.util
 
 import jax
+import pytest
 
 from conftest import COMPILE_FLAGS
 from mpl import bench
@@ -22,11 +23,12 @@ TRAIN_FIELDS = ('config', 'method', 'dataset', 'model', 'dtype', 'h_dtype', 'pha
                 'global_batch_labeled', 'global_batch_unlabeled', 'devices', 'device_kind',
                 'platform', 'mesh', 'timing',
                 'step_ms_mean', 'step_ms_median', 'images_per_s', 'flops_per_step',
-                'achieved_tflops', 'flops_per_step_lowered', 'default_matmul_precision',
+                'achieved_tflops', 'flops_counted_on', 'flops_per_step_compiled',
+                'step_ms_back_to_back', 'default_matmul_precision',
                 'peak_bytes_in_use', 'memory_analysis', 'compile_s')
 POSITIVE = ('global_batch_labeled', 'global_batch_unlabeled', 'devices', 'step_ms_mean',
             'step_ms_median', 'images_per_s', 'flops_per_step', 'flops_per_step_per_device',
-            'achieved_tflops', 'flops_per_step_lowered', 'compile_s')
+            'achieved_tflops', 'flops_per_step_compiled', 'step_ms_back_to_back', 'compile_s')
 
 
 def load_config(name, arg=None):
@@ -46,10 +48,15 @@ def _check_train_record(record, config, steps):
   assert record['h_dtype'] == config.mpl.h_dtype
   assert record['global_batch_unlabeled'] == config.batch_size * config.mu
   assert record['devices'] == jax.device_count()
-  # Cost analysis is per device; the record scales it to the whole mesh.
-  assert record['flops_per_step'] == record['flops_per_step_per_device'] * record['devices']
+  # The compiled program's cost analysis is per device; the record scales it to the mesh, which
+  # counts work every device repeats (the update of replicated weights) once per device. The
+  # program's count (before partitioning) is the whole step's, each operation once.
+  assert (record['flops_per_step_compiled']
+          == record['flops_per_step_per_device'] * record['devices'])
+  assert record['flops_counted_on'] == 'program'
+  assert record['flops_per_step'] <= record['flops_per_step_compiled']
   assert record['step_ms_min'] <= record['step_ms_median'] <= record['step_ms_max']
-  assert record['final_step'] == record['warmup'] + steps
+  assert record['final_step'] == record['warmup'] + 2 * steps  # timed, then back to back
   assert record['memory_analysis']['argument_bytes'] > 0
   assert record['peak_bytes_in_use'] is None or record['peak_bytes_in_use'] > 0
   json.dumps(record)  # one JSON line
@@ -173,7 +180,6 @@ def test_tpu_out_of_memory_verdict_is_read_from_the_compiler_message():
 
 
 def test_tpu_target_without_libtpu_says_how_to_install_it(monkeypatch):
-  import pytest
   from mpl.errors import ConfigError
   real_find_spec = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec',
@@ -186,7 +192,6 @@ def test_tpu_target_without_libtpu_says_how_to_install_it(monkeypatch):
 
 def test_dry_run_compiles_for_a_tpu_when_libtpu_is_installed():
   """Ahead-of-time compilation by libtpu on this CPU machine (not installed in CI: skipped)."""
-  import pytest
   if importlib.util.find_spec('libtpu') is None:
     pytest.skip('libtpu is not installed (pip install "jax[tpu]==<jax version>")')
   config = load_config('two_moons.py', 'method=mpl,runlocal')
@@ -195,3 +200,19 @@ def test_dry_run_compiles_for_a_tpu_when_libtpu_is_installed():
   assert record['per_device']['temp_bytes'] > 0
   assert list(record['fits']) == ['TPU v3 (16 GiB per device)'] and record['fits'][
       'TPU v3 (16 GiB per device)']
+
+
+def test_program_flops_count_convolutions_without_the_backends_own_analysis(monkeypatch):
+  """On a GPU the compiled program's cost analysis leaves out cuDNN convolutions, and the CUDA
+  plugin has no Lowered.cost_analysis: the bench counts the lowered program on the CPU backend,
+  which gives the compiled CPU program's count here (every MAC of a SAME convolution)."""
+  conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  lowered = jax.jit(conv).lower(jax.numpy.ones((8, 16, 16, 4)), jax.numpy.ones((3, 3, 4, 32)))
+  want = bench._total_flops(lowered.compile().cost_analysis())
+  macs = 8 * 32 * 4 * sum(len([d for d in (-1, 0, 1) if 0 <= i + d < 16]) for i in range(16)) ** 2
+  assert want == 2 * macs
+  def no_lowered_cost_analysis(self):
+    raise NotImplementedError('Lowered.cost_analysis not implemented on platform cuda')
+  monkeypatch.setattr(type(lowered), 'cost_analysis', no_lowered_cost_analysis)
+  assert bench._program_flops(lowered) == want

@@ -46,6 +46,25 @@ def test_kinds_and_stages_of_a_compiled_gradient():
   assert kinds <= set(step_profile.KINDS), kinds
 
 
+
+def test_a_fusion_across_stages_is_charged_to_all_of_them():
+  """The end of one stage fused into the next stage's first op: the kernel is charged to both
+  ('teacher_forward + views'), not to the stage of its root alone."""
+  def step(x, w):
+    with jax.named_scope('views'):
+      x = jnp.where(x > 0.5, x * 2.0, 1.0 - x)
+    with jax.named_scope('teacher_forward'):
+      return jnp.sum(jnp.tanh(x) @ w)
+
+  x, w = jnp.ones((64, 32)), jnp.ones((32, 16))
+  stages = {stage for _, stage in step_profile.op_table(_compiled_text(step, x, w)).values()}
+  assert 'teacher_forward + views' in stages, stages
+  assert step_profile.fused_stage('teacher_step' + BACKWARD, {
+      'teacher_step' + BACKWARD, 'teacher_step', UNSCOPED}) == 'teacher_step' + BACKWARD
+  assert step_profile.fused_stage('student_step' + BACKWARD, {
+      'student_step' + BACKWARD, 'student_step/h_pass'}) == (
+          'student_step + student_step/h_pass' + BACKWARD)
+
 @pytest.mark.parametrize('op_name, stage', [
     ('jit(train_step)/teacher_forward/jvp(WideResNet)/block_1/conv/conv_general_dilated',
      'teacher_forward'),
@@ -264,7 +283,7 @@ def test_bench_profiles_the_mpl_step(tmp_path):
   profile = record['profile']
   assert os.path.isfile(profile['trace'])
   assert (tmp_path / 'profile' / 'profile.txt').read_text().startswith('per step (2 profiled)')
-  assert record['final_step'] == 1 + 1 + 2   # the profiled steps run after the timed ones
+  assert record['final_step'] == 1 + 2 * 1 + 2   # the profiled steps run after the timed ones
   assert profile['compiler_options'] == {}    # on a CPU: the timed program itself
   assert profile['notes'] == []
   # Every op the device ran is one of this program's, and the tables add up.
@@ -302,7 +321,7 @@ def test_bench_profiles_a_program_compiled_with_the_profile_options(option, appl
   profile = record['profile']
   assert profile['compiler_options'] == ({option: ''} if applied else {})
   warmup_of_the_new_program = 1 if applied else 0
-  assert record['final_step'] == 1 + 1 + warmup_of_the_new_program + 2
+  assert record['final_step'] == 1 + 2 * 1 + warmup_of_the_new_program + 2
   assert 'student_step' in profile['by_stage'], profile['by_stage']
   assert ('compiling with' in caplog.text) != applied, caplog.text
   text = (tmp_path / 'profile' / 'profile.txt').read_text()
@@ -317,7 +336,7 @@ def test_a_failed_profile_keeps_the_timed_figures(tmp_path, monkeypatch):
   record = bench.bench_train_step(config, steps=2, warmup=1, workdir=str(tmp_path / 'w'),
                                   profile_dir=str(tmp_path / 'profile'))
   assert record['profile'] == {'error': 'ValueError: a trace this code does not know'}
-  assert record['step_ms_median'] > 0 and record['final_step'] == 3
+  assert record['step_ms_median'] > 0 and record['final_step'] == 1 + 2 * 2
 
 
 def test_bench_cli_refuses_profile_with_augment_only():

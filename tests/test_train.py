@@ -211,6 +211,21 @@ def test_parse_arg_rejects_unknown_keys():
     load_config('two_moons.py', 'method=mpl,method=supervised')
 
 
+def test_a_key_nothing_reads_is_refused():
+  """A typo in a config file (not a --config flag, which ml_collections checks) is a new key
+  that nothing reads: refused, with the key it was probably meant to be. A model block takes
+  the model's own options."""
+  config = load_config('two_moons.py', 'method=mpl')
+  config.optimizer.warmup = 5000
+  config.mpl.teacher_optimzer = config.mpl.teacher_optimizer
+  with pytest.raises(ConfigError, match=r'mpl.teacher_optimzer \(did you mean mpl.teacher_optimizer'
+                     r'\?\), optimizer.warmup \(did you mean optimizer.warmup_steps\?\)'):
+    config_lib.validate(config, jax.device_count())
+  config = load_config('two_moons.py', 'method=mpl')
+  config.model.hidden_sizes = (4, 4)
+  config_lib.validate(config, jax.device_count())
+
+
 # --- training ---------------------------------------------------------------------------------
 
 
@@ -469,6 +484,10 @@ def test_flags_for_another_methods_block_are_named_as_unread(tmp_path):
   assert config_lib.unread_flags('supervised', argv) == argv[1:3] + argv[4:5]
   assert config_lib.unread_flags('mpl', argv) == [argv[2], argv[4]]
   assert config_lib.unread_flags('pseudo_label', argv) == [argv[1], argv[4]]
+  # The suggested --config argument sets the method once (a key given twice is refused).
+  assert (config_lib.with_method('configs/two_moons.py:method=supervised,labels=6', 'mpl')
+          == 'configs/two_moons.py:method=mpl,labels=6')
+  assert config_lib.with_method('configs/two_moons.py', 'mpl') == 'configs/two_moons.py:method=mpl'
   # What the user sees: one warning per flag, naming the fix, before anything else is checked
   # (here a bad total_steps then stops the run, before it compiles anything).
   command = [sys.executable, '-m', 'mpl.main', '--config', 'configs/two_moons.py:runlocal',
@@ -546,7 +565,7 @@ def test_streaming_input_trains_and_evaluates(tmp_path):
   # The benchmark times the same step on streamed batches.
   from mpl import bench  # pylint: disable=g-import-not-at-top
   record = bench.bench_train_step(config, steps=2, warmup=1)
-  assert record['image_shape'] == [16, 16, 3] and record['final_step'] == 3
+  assert record['image_shape'] == [16, 16, 3] and record['final_step'] == 1 + 2 * 2
   assert record['step_ms_median'] > 0
   # Multi-host: data missing on another host is missing on this one too (all hosts stop, or all
   # fall back to stand-in data), never real arrays here and stand-in arrays there.
@@ -732,8 +751,11 @@ def test_resume_with_another_config_records_what_changed(tmp_path, monkeypatch):
   overrides = {'checkpoint_every': 4, 'eval_every': 4, 'log_every': 2}
   train.train_and_evaluate(moons('labels=6', total_steps=4, **overrides), workdir)
   changes = os.path.join(workdir, 'config_changes.jsonl')
+  events = lambda: sorted(f for f in os.listdir(workdir) if f.startswith('events.'))
+  first_events = events()
   train.train_and_evaluate(moons('labels=6', total_steps=4, **overrides), workdir)
   assert not os.path.exists(changes)  # the same config: nothing to record
+  assert events() == first_events  # nothing trained: no new (empty) TensorBoard file
 
   # Continued, the finished run's summary.json goes: until the longer run ends, a tool would
   # take it for this run's result.
@@ -753,7 +775,7 @@ def test_resume_with_another_config_records_what_changed(tmp_path, monkeypatch):
   # A config whose checkpoint does not fit stops with a clear error naming what changed, and
   # leaves the record alone (no TensorBoard file either).
   saved = open(os.path.join(workdir, 'config.json')).read()
-  events = sorted(f for f in os.listdir(workdir) if f.startswith('events.'))
+  events_before = events()
   unraisable = []
   monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
   with pytest.raises(ConfigError, match=r'does not fit this config .*: params/classifier/kernel '
@@ -767,7 +789,7 @@ def test_resume_with_another_config_records_what_changed(tmp_path, monkeypatch):
   assert not unraisable, unraisable  # no half-done Orbax reads left behind
   assert open(os.path.join(workdir, 'config.json')).read() == saved
   assert len(open(changes).readlines()) == 1
-  assert sorted(f for f in os.listdir(workdir) if f.startswith('events.')) == events
+  assert events() == events_before
 
   # The run is finished: another config would train nothing and relabel its summary. (A key
   # its config.json lacks, from a newer version of the code, is not a change.)
@@ -835,8 +857,9 @@ def test_config_changes_names_added_and_removed_keys():
 
 def test_eta_reads_as_hours_minutes_seconds():
   from mpl import reporting
-  assert [reporting.format_duration(s) for s in (0, 12.4, 250, 3600, 7000, -3)] == [
-      '0s', '12s', '4m10s', '1h00m', '1h56m', '0s']
+  assert [reporting.format_duration(s) for s in (0, 12.4, 250, 3600, 7000, -3, 86399,
+                                                  11 * 86400 + 5 * 3600)] == [
+      '0s', '12s', '4m10s', '1h00m', '1h56m', '0s', '23h59m', '11d05h']
 
 
 def test_a_second_run_in_a_busy_workdir_stops_at_once(tmp_path):
