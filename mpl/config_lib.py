@@ -253,7 +253,7 @@ def _check_optimizer(key: str, opt: Any) -> None:
   check_choice(f'{key}.name', opt.get('name', 'sgd'), optim.OPTIMIZERS)
   check_choice(f'{key}.decay', opt.get('decay', 'cosine'), optim.DECAYS)
   value = lambda name: opt.get(name) or 0  # None, like 0: off (mpl.optim reads it so)
-  check_range(f'{key}.lr', value('lr'), at_least=0)
+  check_range(f'{key}.lr', value('lr'), at_least=0, below=float('inf'))
   check_range(f'{key}.momentum', value('momentum'), at_least=0, below=1)
   check_range(f'{key}.weight_decay', value('weight_decay'), at_least=0)
   check_range(f'{key}.clip_norm', value('clip_norm'), at_least=0, why='(0: no clipping)')

@@ -359,7 +359,8 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     ({'data.max_eval_examples': -1}, 'max_eval_examples must be >= 0'),
     ({'finetune.steps': 2, 'finetune.batch_size': 0}, 'finetune.batch_size must be >= 1'),
     # Values outside their meaning, which would otherwise train nonsense without an error.
-    ({'optimizer.lr': -0.1}, r'config.optimizer.lr must be >= 0, got -0.1'),
+    ({'optimizer.lr': -0.1}, r'config.optimizer.lr must be in \[0, inf\), got -0.1'),
+    ({'optimizer.lr': float('inf')}, r'config.optimizer.lr must be in \[0, inf\), got inf'),
     ({'optimizer.momentum': 1.5}, r'optimizer.momentum must be in \[0, 1\)'),
     ({'optimizer.clip_norm': -1.0}, r'optimizer.clip_norm must be >= 0.*no clipping'),
     ({'optimizer.decay': 'cosin'}, r"unknown optimizer.decay 'cosin'"),
