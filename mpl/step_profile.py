@@ -22,7 +22,8 @@ device ran for the step is charged its time, per step, to
     of a gradient. A fusion of ops of several stages (the end of the strong view fused into the
     teacher's input) is charged to 'stage_a + stage_b', not to its root's stage alone: a
     stage's share of the step is then between its own row and its own row plus those it is
-    part of. Ops with no metadata (layout copies the compiler added; on a CPU, the weight
+    part of (the text table sums these fusions in one line and gives each stage's part in them
+    as '+ fused'; the record's by_stage lists each). Ops with no metadata (layout copies the compiler added; on a CPU, the weight
     gradients it rewrites) take the stage of the nearest op they feed, else of one they read.
     '(unscoped)': outside every scope (the metrics); '(several stages)': ops XLA merged
     across stages (a combined all-reduce of several stages' gradients).
@@ -505,10 +506,27 @@ def format_summary(summary: dict[str, Any]) -> str:
   if summary.get('compiler_options'):
     lines.append('traced program compiled with ' + ', '.join(
         f'{k}={v!r}' for k, v in summary['compiler_options'].items()))
-  for title, table in (('kind', summary['by_kind']), ('stage', summary['by_stage'])):
-    lines.append(f'\n{"by " + title:<34} {"ms/step":>9} {"share":>7}')
-    lines += [f'{name:<34} {row["ms"]:>9.3f} {100 * row["share"]:>6.1f}%'
-              for name, row in table.items()]
+  lines.append(f'\n{"by kind":<34} {"ms/step":>9} {"share":>7}')
+  lines += [f'{name:<34} {row["ms"]:>9.3f} {100 * row["share"]:>6.1f}%'
+            for name, row in summary['by_kind'].items()]
+  # Fusions across stages ('a + b', see fused_stage) in one line; each stage's column '+ fused'
+  # is its part in them (at most: the time of the fusions it is in).
+  single = {k: v for k, v in summary['by_stage'].items() if ' + ' not in k}
+  fused = {k: v for k, v in summary['by_stage'].items() if ' + ' in k}
+  members = {k: set(k.removesuffix(BACKWARD).split(' + ')) for k in fused}
+  lines.append(f'\n{"by stage":<34} {"ms/step":>9} {"share":>7} {"+ fused":>9}')
+  bases = {name.removesuffix(BACKWARD) for name in single}
+  for name in sorted(set().union(*members.values()) - bases):   # only ever fused into others
+    single[name] = {'ms': 0.0, 'share': 0.0}
+  for name, row in single.items():
+    extra = sum(fused[k]['ms'] for k in fused if name.removesuffix(BACKWARD) in members[k])
+    lines.append(f'{name:<34} {row["ms"]:>9.3f} {100 * row["share"]:>6.1f}%' +
+                 (f' {"+" + format(extra, ".3f"):>9}' if extra else ''))
+  if fused:
+    ms = sum(row['ms'] for row in fused.values())
+    share = sum(row['share'] for row in fused.values())
+    lines.append(f'{"fused across stages (" + str(len(fused)) + " kinds)":<34} {ms:>9.3f} '
+                 f'{100 * share:>6.1f}%')
   lines.append(f'\n{"heaviest ops":<34} {"ms/step":>9} {"share":>7}  kind, stage')
   lines += [f'{row["op"][:34]:<34} {row["ms"]:>9.3f} {100 * row["share"]:>6.1f}%  '
             f'{row["kind"]}, {row["stage"]}' for row in summary['top_ops']]

@@ -5,6 +5,7 @@ The kinds and stages are read from real compiled programs and real traces; the b
 """
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -273,6 +274,13 @@ def test_summary_sums_per_step():
   top = summary['top_ops'][0]
   assert (top['op'], top['kind'], top['runs_per_step']) == ('conv.1', 'convolution', 1)
   assert 'student_step' in step_profile.format_summary(summary)
+  # A fusion across stages is one row of its own, and a part of each stage's '+ fused' column.
+  table['fusion.2'] = ('elementwise', 'student_step + views')
+  text = step_profile.format_summary(step_profile.summarize(events, table, steps=2,
+                                                            wall_s=20e-3))
+  assert re.search(r'student_step +3\.000 +60\.0% +\+1\.000\n', text), text
+  assert re.search(r'views +0\.000 +0\.0% +\+1\.000\n', text), text
+  assert re.search(r'fused across stages \(1 kinds\) +1\.000 +20\.0%', text), text
 
 
 def test_bench_profiles_the_mpl_step(tmp_path):
