@@ -288,7 +288,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   check_range('finetune.steps', config.finetune.steps, at_least=0, why='(0: no finetune stage)')
   if config.finetune.steps > 0:
     check_range('finetune.batch_size', config.finetune.batch_size, at_least=1)
-    check_range('finetune.lr', config.finetune.lr, at_least=0)
+    check_range('finetune.lr', config.finetune.lr, at_least=0, below=float('inf'))
   _check_model('model', config.model)
   _check_optimizer('optimizer', config.optimizer)
 

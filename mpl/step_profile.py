@@ -96,6 +96,7 @@ class Instruction:
   target: str                  # custom_call_target, '' if none
   op_name: str                 # metadata op_name: the JAX name stack, '' if none
   operands: tuple[str, ...]    # names it reads (instructions of the same computation)
+  scalar: bool = False         # its result is one number (f32[]: an lr, a loss weight)
 
 
 _INSTRUCTION = re.compile(r'^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
@@ -159,7 +160,8 @@ def parse_hlo(hlo_text: str) -> tuple[dict[str, Instruction], dict[str, list[str
                      if n not in called)
     instructions[name] = Instruction(
         opcode=_opcode(rest), called=tuple(called), target=target.group(1) if target else '',
-        op_name=op_name.group(1) if op_name else '', operands=operands)
+        op_name=op_name.group(1) if op_name else '', operands=operands,
+        scalar=re.match(r'[a-z]\w*\[\]', rest) is not None)
     computations[current].append(name)
   return instructions, computations
 
@@ -197,12 +199,12 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str]]:
   """
   instructions, computations = parse_hlo(hlo_text)
 
-  def computed(name: str, seen: set[str]) -> tuple[set[str], set[str], list[str]]:
-    """Opcodes, custom-call targets and the op_names (its own first, then the root's side
-    first) of what `name` computes."""
+  def computed(name: str, seen: set[str]) -> tuple[set[str], set[str], list[tuple[str, bool]]]:
+    """Opcodes, custom-call targets and the (op_name, scalar) of what `name` computes (its own
+    first, then the root's side first)."""
     inst = instructions[name]
     opcodes, targets = {inst.opcode}, {inst.target} - {''}
-    op_names = [inst.op_name] if inst.op_name else []
+    op_names = [(inst.op_name, inst.scalar)] if inst.op_name else []
     if inst.opcode in ('fusion', 'call', 'async-start'):
       for computation in inst.called:
         if computation in seen:
@@ -227,9 +229,10 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str]]:
       kind = _kind_of_opcodes(opcodes, targets)
     table[name] = kind
     if op_names:
-      named[name] = stage_of(op_names[0])
-      if inst.opcode == 'fusion':
-        named[name] = fused_stage(named[name], {stage_of(n) for n in op_names})
+      named[name] = stage_of(op_names[0][0])
+      if inst.opcode == 'fusion':   # a number from another stage (an lr) does not count
+        named[name] = fused_stage(named[name], {stage_of(n) for n, scalar in op_names
+                                                if not scalar})
 
   # Nameless ops: the stage of the nearest named op downstream (breadth first), else upstream.
   users = collections.defaultdict(list)
@@ -264,7 +267,8 @@ def fused_stage(own: str, stages: set[str]) -> str:
   the stages' boundaries (the end of the strong view into the teacher's input), and charging the
   whole kernel to the root's stage would hide the others' share. A fusion of several stages is
   'stage_a + stage_b' (sorted; ' (backward)' if its root is a gradient op); ops outside every
-  scope and the forward/backward halves of one stage do not count as another stage."""
+  scope, the forward/backward halves of one stage and (see op_table) single numbers, such as
+  an lr another stage computed, do not count as another stage."""
   bases = {stage.removesuffix(BACKWARD) for stage in stages} - {UNSCOPED, SEVERAL}
   if len(bases) <= 1:
     return own
@@ -515,11 +519,12 @@ def format_summary(summary: dict[str, Any]) -> str:
   fused = {k: v for k, v in summary['by_stage'].items() if ' + ' in k}
   members = {k: set(k.removesuffix(BACKWARD).split(' + ')) for k in fused}
   lines.append(f'\n{"by stage":<34} {"ms/step":>9} {"share":>7} {"+ fused":>9}')
-  bases = {name.removesuffix(BACKWARD) for name in single}
-  for name in sorted(set().union(*members.values()) - bases):   # only ever fused into others
+  only_fused = {m + (BACKWARD if k.endswith(BACKWARD) else '') for k in fused for m in members[k]}
+  for name in sorted(only_fused - set(single)):   # a stage only ever fused into others
     single[name] = {'ms': 0.0, 'share': 0.0}
   for name, row in single.items():
-    extra = sum(fused[k]['ms'] for k in fused if name.removesuffix(BACKWARD) in members[k])
+    extra = sum(fused[k]['ms'] for k in fused if name.removesuffix(BACKWARD) in members[k]
+                and k.endswith(BACKWARD) == name.endswith(BACKWARD))
     lines.append(f'{name:<34} {row["ms"]:>9.3f} {100 * row["share"]:>6.1f}%' +
                  (f' {"+" + format(extra, ".3f"):>9}' if extra else ''))
   if fused:

@@ -23,9 +23,11 @@ from mpl import config_lib, sharding
 from mpl.data import streaming
 import tiny_tfds
 
-# (data, model, device order): 'torus' puts half of each process's devices in each data row, as
-# jax.make_mesh does on TPU v4 when a model-parallel group spans hosts.
-MESHES = ((2, 4, 'process'), (1, 8, 'process'), (4, 2, 'process'), (2, 4, 'torus'))
+# (data, model, device order): 'torus' lays the devices out as jax.make_mesh may on TPU v4: on
+# 2 x 4 half of each process's devices in each data row, on 4 x 2 each process in every other
+# row (rows 0, 2 and 1, 3).
+MESHES = ((2, 4, 'process'), (1, 8, 'process'), (4, 2, 'process'), (2, 4, 'torus'),
+          (4, 2, 'torus'))
 builder = tiny_tfds.tiny_builder_class()(data_dir=tfds_dir)
 result = {}
 for data, model, order in MESHES:

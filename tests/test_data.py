@@ -414,11 +414,14 @@ def test_data_shard_follows_the_mesh_rows_not_the_process_order():
   # Two hosts, each in two data rows of four.
   layout = _layout([[0, 0], [0, 0], [1, 1], [1, 1]])
   assert [streaming.data_shard(layout, p) for p in range(2)] == [(0, 2), (1, 2)]
-  # Rows a host cannot read as one block of the split.
-  with pytest.raises(ConfigError, match=r'process 0 in data rows \[0, 2\]'):
-    streaming.data_shard(_layout([[0], [1], [0], [1]]), 0)
-  with pytest.raises(ConfigError, match='consecutive rows'):  # 1 row vs 2 rows
-    streaming.data_shard(_layout([[0], [1], [1], [2]]), 0)
+  # TPU v4-like interleaving with data parallelism: each host's rows are not next to each other.
+  layout = _layout([[0], [1], [0], [1]])
+  assert [streaming.data_shard(layout, p) for p in range(2)] == [(0, 2), (1, 2)]
+  # Layouts no split into shards fits: rows shared in part, or more rows for one process.
+  with pytest.raises(ConfigError, match=r'either the same rows or none in common'):
+    streaming.data_shard(_layout([[0, 2], [0, 1], [1, 2]]), 0)
+  with pytest.raises(ConfigError, match=r'rows per process: \{0: \[0\], 1: \[1, 2\]'):
+    streaming.data_shard(_layout([[0], [1], [1]]), 0)
   with pytest.raises(ConfigError, match='holds no device'):
     streaming.data_shard(_layout([[0], [0]]), 1)
 

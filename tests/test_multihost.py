@@ -72,9 +72,10 @@ def test_hosts_that_do_not_share_the_workdir_stop_with_a_clear_error(tmp_path):
 
 def test_streaming_input_across_hosts_follows_the_model_parallel_groups(tmp_path, monkeypatch):
   """2 hosts x 4 devices streaming a TFDS dataset, on meshes whose model-parallel groups lie
-  inside one host (2 x 4, 4 x 2) or span both (1 x 8), and on a 2 x 4 mesh in a TPU v4-like
-  device order where each host has devices in both rows: every device of a data row (one
-  model-parallel replica) holds the same examples, different rows hold different examples."""
+  inside one host (2 x 4, 4 x 2) or span both (1 x 8), and in TPU v4-like device orders where
+  each host has devices in both rows of a 2 x 4 mesh, or in rows 0, 2 / 1, 3 of a 4 x 2 mesh:
+  every device of a data row (one model-parallel replica) holds the same examples, different
+  rows hold different examples."""
   import pytest
   pytest.importorskip('tensorflow_datasets')
   monkeypatch.syspath_prepend(os.path.dirname(WORKER))
@@ -96,7 +97,7 @@ def test_streaming_input_across_hosts_follows_the_model_parallel_groups(tmp_path
     for mesh, devices in json.loads(line[len('RESULT '):]).items():
       shards.setdefault(mesh, []).extend(devices)
 
-  assert len(shards) == 4, sorted(shards)
+  assert len(shards) == 5, sorted(shards)
   for mesh, devices in shards.items():
     data = int(mesh.split('x')[0])
     assert len(devices) == 8, mesh

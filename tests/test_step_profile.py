@@ -66,6 +66,18 @@ def test_a_fusion_across_stages_is_charged_to_all_of_them():
       'student_step' + BACKWARD, 'student_step/h_pass'}) == (
           'student_step + student_step/h_pass' + BACKWARD)
 
+  # A number another stage computed (an lr, a loss weight) fused into a stage's kernel does not
+  # make it a fusion across stages.
+  def update(w, g):
+    with jax.named_scope('schedule'):
+      lr = 0.1 * jnp.cos(jnp.sum(w) * 0.0)
+    with jax.named_scope('student_step'):
+      return w - lr * jnp.tanh(g)
+
+  w = jnp.ones((64, 32))
+  stages = {stage for _, stage in step_profile.op_table(_compiled_text(update, w, w)).values()}
+  assert 'student_step' in stages and not any(' + ' in stage for stage in stages), stages
+
 @pytest.mark.parametrize('op_name, stage', [
     ('jit(train_step)/teacher_forward/jvp(WideResNet)/block_1/conv/conv_general_dilated',
      'teacher_forward'),
@@ -281,6 +293,13 @@ def test_summary_sums_per_step():
   assert re.search(r'student_step +3\.000 +60\.0% +\+1\.000\n', text), text
   assert re.search(r'views +0\.000 +0\.0% +\+1\.000\n', text), text
   assert re.search(r'fused across stages \(1 kinds\) +1\.000 +20\.0%', text), text
+  # A backward fusion is part of the backward rows only.
+  table['fusion.2'] = ('elementwise', 'student_step + views' + BACKWARD)
+  text = step_profile.format_summary(step_profile.summarize(events, table, steps=2,
+                                                            wall_s=20e-3))
+  assert re.search(r'student_step +3\.000 +60\.0%\n', text), text
+  assert re.search(r'views \(backward\) +0\.000 +0\.0% +\+1\.000\n', text), text
+  assert re.search(r'student_step \(backward\) +0\.000 +0\.0% +\+1\.000\n', text), text
 
 
 def test_bench_profiles_the_mpl_step(tmp_path):

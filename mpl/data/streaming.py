@@ -3,13 +3,13 @@
 One tf.data pipeline per host (process):
 
 * Sharding. Every process reads the examples of the mesh's data rows that its devices sit in
-  (`data_shard`): the rows of a process must be consecutive, `k` of them, and then the
-  process reads shard `first row // k` of `num_shards = data rows // k` of
-  `tfds.even_splits(split, num_shards)`. Processes that share rows (a model-parallel replica
-  spread over several hosts) read the same shard; with model parallelism inside each host every
-  process reads its own. The rows come from the mesh's device order, not the process order: on
-  TPU v4 / v5p `jax.make_mesh` lays the mesh out along the physical torus, where one host's
-  chips may sit in several data rows. Each process yields `global_batch_size // num_shards`
+  (`data_shard`): processes with devices in the same rows (a model-parallel replica spread
+  over several hosts) read the same shard, and each set of rows is one shard of
+  `tfds.even_splits(split, num_shards)`; with model parallelism inside each host every process
+  reads its own. The rows come from the mesh's device order, not the process order: on TPU v4 /
+  v5p `jax.make_mesh` lays the mesh out along the physical torus, where one host's chips may sit
+  in several rows, not next to each other (`make_array_from_process_local_data` puts a host's
+  examples in its rows in order). Each process yields `global_batch_size // num_shards`
   examples per batch; `global_batch` assembles the global array.
 * Train (`train=True`): files and examples shuffled (seeded), repeated forever, Inception-style
   random-resized crop (area 8%-100%, aspect ratio 3/4-4/3) to `image_size`, random horizontal
@@ -47,9 +47,10 @@ _IMAGENET_MANUAL = (
 
 def data_shard(mesh_devices: np.ndarray, process_index: int) -> tuple[int, int]:
   """(shard index, number of shards) that process `process_index` reads, from the (data, model)
-  array of devices of the mesh (`mesh.devices`): the data rows holding its devices (see module
-  doc). ConfigError for a layout where a process's rows are not one aligned block, which a
-  batch split over 'data' cannot be read for."""
+  array of devices of the mesh (`mesh.devices`): processes whose devices sit in the same data
+  rows read the same shard, one shard per such set of rows, numbered by their first row (see
+  module doc). ConfigError for a layout where two processes' rows overlap without being the
+  same, or where processes hold different numbers of rows: no split into shards fits it."""
   rows_of = {}
   for row, devices in enumerate(np.asarray(mesh_devices).reshape(len(mesh_devices), -1)):
     for device in devices:
@@ -57,19 +58,15 @@ def data_shard(mesh_devices: np.ndarray, process_index: int) -> tuple[int, int]:
   if process_index not in rows_of:
     raise ConfigError(f'process {process_index} holds no device of the mesh: every process of a '
                       f'multi-host run must take part (set mesh.data = -1).')
-  num_rows = len(mesh_devices)
-  sizes = {len(rows) for rows in rows_of.values()}
-  size = max(sizes)
-  for process, rows in sorted(rows_of.items()):
-    first = min(rows)
-    if len(sizes) > 1 or rows != set(range(first, first + size)) or first % size:
-      raise ConfigError(
-          f'the mesh puts the devices of process {process} in data rows {sorted(rows)} (of '
-          f'{num_rows}); the streamed input needs every process in the same number of '
-          f'consecutive rows, k of them starting at a multiple of k. Another mesh.model may lay '
-          f'the hosts out in such blocks.')
-  rows = rows_of[process_index]
-  return min(rows) // size, num_rows // size
+  groups = sorted({frozenset(rows) for rows in rows_of.values()}, key=min)
+  if len({len(g) for g in groups}) > 1 or sum(map(len, groups)) != len(set().union(*groups)):
+    raise ConfigError(
+        f'the mesh puts the processes\' devices in data rows that a streamed input cannot split '
+        f'into equal shards (rows per process: '
+        f'{ {p: sorted(r) for p, r in sorted(rows_of.items())[:8]} }): processes must hold the '
+        f'same number of rows, and two processes either the same rows or none in common. '
+        f'Another mesh.model may lay the hosts out so.')
+  return groups.index(frozenset(rows_of[process_index])), len(groups)
 
 
 def get_builder(name: str, data_dir: str | None):
