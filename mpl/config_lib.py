@@ -558,8 +558,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 def saved_run_config(saved: dict) -> ml_collections.ConfigDict:
   """A run's config.json as a ConfigDict, keys added to `base_config` since then filled with
-  today's defaults, so that tools can rebuild the run (a default may differ from what the code
-  did then: runs older than `mpl.h_pass` measured h the 'official' way)."""
+  today's defaults and keys it no longer has dropped (nothing reads them), so that tools can
+  rebuild the run (a default may differ from what the code did then: runs older than
+  `mpl.h_pass` measured h the 'official' way)."""
   config = ml_collections.ConfigDict(saved)
 
   def fill(target, defaults):
@@ -567,8 +568,10 @@ def saved_run_config(saved: dict) -> ml_collections.ConfigDict:
       if key not in target:
         target[key] = copy.deepcopy(value)
       elif isinstance(value, ml_collections.ConfigDict) and isinstance(
-          target[key], ml_collections.ConfigDict):
+          target[key], ml_collections.ConfigDict) and key not in FREE_FORM_BLOCKS:
         fill(target[key], value)
+    for key in [key for key in target.keys() if key not in defaults]:
+      del target[key]
 
   fill(config, base_config())
   return config

@@ -224,6 +224,16 @@ def test_a_key_nothing_reads_is_refused():
   config = load_config('two_moons.py', 'method=mpl')
   config.model.hidden_sizes = (4, 4)
   config_lib.validate(config, jax.device_count())
+  # A run's saved config.json, read by tools (launch/h_noise.py) after the code changed: keys
+  # added since then get today's defaults, keys removed since then are dropped.
+  saved = json.loads(config.to_json())
+  saved['removed_key'], saved['optimizer']['removed_too'] = 1, 2
+  del saved['mpl']['h_pass']
+  rebuilt = config_lib.saved_run_config(saved)
+  assert 'removed_key' not in rebuilt and 'removed_too' not in rebuilt.optimizer
+  assert rebuilt.mpl.h_pass == config_lib.base_config().mpl.h_pass
+  assert list(rebuilt.model.hidden_sizes) == [4, 4]
+  config_lib.validate(rebuilt, jax.device_count())
 
 
 # --- training ---------------------------------------------------------------------------------
