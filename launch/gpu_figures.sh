@@ -13,7 +13,8 @@
 # The device tool returns at most 8 files from $OUT: each mode writes results.jsonl (one JSON
 # line per result, the first one naming the GPU, backend and jax version), errors.txt (what
 # failed or was skipped), logs.tgz (every log, packed again after each step, so a command cut
-# short still returns them) and its own few files (below). Each mode ends its work by $BUDGET s
+# short still returns them) and its own few files (below; speed: summary.txt, the figures in a
+# few lines, from launch/speed_summary.py). Each mode ends its work by $BUDGET s
 # (default 540: inside a 580 s call): every step gets at most $RUN_TIMEOUT s (default 240) and
 # what is left, and a step that cannot get 30 s is skipped (errors.txt says so).
 # Runs go to $RUNS/NAME (default /tmp/runs); a mode refuses to start where one of its runs
@@ -240,6 +241,9 @@ case "${1:-}" in
     # has the default, 'float32').
     bench bench_h_model --config $BENCH_CONFIG --steps $BENCH_STEPS --config.data.standin=always \
       --config.model.dtype=bfloat16 --config.mpl.h_dtype=model
+    # The figures in a few lines (also the end of the device tool's output_tail).
+    "$PY" -m launch.speed_summary "$OUT/results.jsonl" | tee "$OUT/summary.txt" ||
+      note "speed_summary failed"
     ;;
   compare)
     runs=(fm1000_supervised fm1000_mpl_{official_release,first_order,exact})

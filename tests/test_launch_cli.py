@@ -1,6 +1,7 @@
 """Command lines of launch/two_moons_figure.py, launch/gpu_figures.sh and `mpl.data.augment`:
 bad arguments stop with `error: ...` and status 2 before any work."""
 
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,35 @@ def test_gpu_figures_keeps_a_finished_run(tmp_path):
   result = _gpu_figures('compare', tmp_path=tmp_path, OVERWRITE='1')
   assert 'finished run' not in result.stderr
   assert (finished / 'summary.json').exists()
+
+
+def test_speed_summary_gives_the_issue_figures(tmp_path):
+  """The GPU script's records -> a few lines: step times, FLOPs, the augmentation's share of
+  the profiled step (alone, and with the fusions it shares), images/s, accuracies."""
+  from launch import speed_summary
+  bench = {'mode': 'train_step', 'name': 'bench_bfloat16', 'dtype': 'bfloat16',
+           'step_ms_median': 30.0, 'step_ms_back_to_back': 29.0, 'images_per_s': 34133.0,
+           'flops_per_step': 3.66e12, 'flops_counted_on': 'program', 'achieved_tflops': 122.0,
+           'memory_analysis': {'temp_bytes': 2**31}, 'peak_bytes_in_use': None,
+           'profile': {'wall_ms': 30.5, 'busy_ms': 28.0, 'op_ms': 28.0, 'notes': [],
+                       'by_kind': {'convolution': {'ms': 20.0, 'share': 0.714}},
+                       'by_stage': {'teacher_forward': {'ms': 20.0, 'share': 0.714},
+                                    'views': {'ms': 1.4, 'share': 0.05},
+                                    'teacher_forward + views': {'ms': 0.56, 'share': 0.02},
+                                    'student_step + views (backward)': {'ms': 0.28,
+                                                                        'share': 0.01}}}}
+  run = {'run': 'fashion_all_cnn', 'model': 'cnn', 'num_labeled': -1, 'steps': 4000,
+         'wall_s': 95.0, 'final': {'accuracy': 0.927}, 'best': {'accuracy': 0.93, 'step': 3500}}
+  path = tmp_path / 'results.jsonl'
+  path.write_text('\n'.join(json.dumps(r) for r in (
+      {'setup': {'mode': 'speed', 'gpu': 'H200', 'backend': 'gpu', 'jax': '0.11.2'}}, bench,
+      run)) + '\n{"cut short')
+  lines = speed_summary.summary([json.loads(l) for l in path.read_text().splitlines()[:-1]])
+  text = '\n'.join(lines)
+  assert 'bench_bfloat16 bfloat16     30.00 ms/step (back to back 29.00)' in text, text
+  assert '3.660 TFLOP/step (program), 122.0 TFLOP/s, temp 2.00 GiB, peak -' in text, text
+  assert "1.400 ms/step = 5.0% of op time, up to 8.0% with the fusions it shares" in text, text
+  assert 'fashion_all_cnn cnn labels all: final 92.70%, best 93.00% (step 3500)' in text, text
+  result = subprocess.run([sys.executable, '-m', 'launch.speed_summary', str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0 and result.stdout.strip() == text, result.stderr
