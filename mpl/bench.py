@@ -120,7 +120,6 @@ def _total_flops(cost: Any) -> float | None:
   return total if total > 0 else None
 
 
-
 def _program_flops(lowered) -> float | None:
   """FLOPs of the whole step as written: XLA's HLO cost analysis, run by the CPU backend, of
   the lowered program (every device's share, before SPMD partitioning and before the backend's
@@ -144,6 +143,7 @@ def _program_flops(lowered) -> float | None:
     return _total_flops(lowered.cost_analysis())
   except Exception:  # pylint: disable=broad-except
     return None
+
 
 def _memory_analysis(compiled) -> dict[str, int] | None:
   """Per-device byte counts of the compiled program, or None where the backend has none."""

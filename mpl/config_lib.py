@@ -192,7 +192,6 @@ def unread_flags(method: str, argv) -> list[str]:
   return unread
 
 
-
 def with_method(config_arg: str, method: str) -> str:
   """The --config argument `configs/x.py[:args]` with method=`method` set in its arguments
   (replacing a method= it has: a key may be given once)."""
@@ -364,7 +363,6 @@ def workdir_path(workdir: str) -> epath.Path:
   return epath.Path(os.path.abspath(workdir))
 
 
-
 # Blocks that hold a model's keyword arguments: any key the model takes (checked by the model).
 FREE_FORM_BLOCKS = ('model', 'teacher_model')
 
@@ -383,6 +381,7 @@ def unknown_keys(config, reference, prefix: str = '') -> list[str]:
           and isinstance(reference[key], ml_collections.ConfigDict)):
       out += unknown_keys(config[key], reference[key], f'{prefix}{key}.')
   return out
+
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks a finished config; raises ConfigError saying what is wrong and how to fix it."""

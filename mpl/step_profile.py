@@ -261,7 +261,6 @@ def op_table(hlo_text: str) -> dict[str, tuple[str, str]]:
   return out
 
 
-
 def fused_stage(own: str, stages: set[str]) -> str:
   """The stage of a fusion whose ops come from `stages` (`own`: its root's): XLA fuses across
   the stages' boundaries (the end of the strong view into the teacher's input), and charging the
@@ -273,6 +272,7 @@ def fused_stage(own: str, stages: set[str]) -> str:
   if len(bases) <= 1:
     return own
   return ' + '.join(sorted(bases)) + (BACKWARD if own.endswith(BACKWARD) else '')
+
 
 def module_name(hlo_text: str) -> str:
   match = re.match(r'\s*HloModule\s+([\w.\-]+)', hlo_text)

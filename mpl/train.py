@@ -353,7 +353,6 @@ def check_workdir(workdir: str) -> None:
                       f'directory this user can write to.') from e
 
 
-
 def check_workdir_shared(workdir: str) -> None:
   """Multi-host runs: ConfigError on every host unless every host sees the lead's workdir.
 
@@ -380,6 +379,7 @@ def check_workdir_shared(workdir: str) -> None:
         f'--workdir {workdir}: some hosts do not see the folder the lead host (process 0) '
         f'writes there: a multi-host run needs one workdir every host reads and writes, e.g. '
         f'gs://BUCKET/run or a shared NFS path, not a path on each VM\'s own disk.')
+
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
