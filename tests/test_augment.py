@@ -345,6 +345,22 @@ def test_cutout_paints_one_clipped_square():
   assert full > 20
 
 
+def test_the_strong_view_ends_with_its_cutout():
+  """strong_view's own Cutout (after RandAugment; no RandAugment layers here): on black images
+  each output holds one grey square of at most cutout_size, usually whole; none without it."""
+  images = jnp.zeros((64, 16, 16, 2), jnp.uint8)
+  out = np.asarray(augment.strong_view(KEY, images, num_layers=0, cutout_size=6))
+  full = 0
+  for o in out:
+    ys, xs = np.nonzero(o[..., 0])
+    assert np.all(o[ys, xs] == 128)
+    hgt, wid = np.ptp(ys) + 1, np.ptp(xs) + 1
+    assert len(ys) == hgt * wid and 3 <= hgt <= 6 and 3 <= wid <= 6  # One rectangle.
+    full += hgt == wid == 6
+  assert full > 20
+  assert not np.any(augment.strong_view(KEY, images, num_layers=0, cutout_size=0))
+
+
 def test_cutmix_mixes_labels_by_area():
   b, h, w = 32, 16, 12
   x = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None, None] / b, (b, h, w, 3))

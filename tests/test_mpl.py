@@ -589,16 +589,23 @@ def test_uda_masks_on_the_weak_view_predicts_the_strong_one_and_ramps_up():
 
 def test_student_learns_label_smoothed_pseudo_labels():
   """mpl.student_label_smoothing 0.15: the student's step (SGD lr 1) is minus the gradient of
-  CE(0.85 one_hot(yhat) + 0.15 / K, S(s(x_u)))."""
+  CE(0.85 one_hot(yhat) + 0.15 / K, S(s(x_u))), yhat = argmax T(s(x_u)): labels and inputs both
+  from the strong view (distinct from the weak one here, and labelled otherwise by the teacher
+  on some examples)."""
   method = make_method('first_order', student_lr=1.0)
   method.config.mpl.student_label_smoothing = 0.15
   batch = moons_batch()
+  x_l, x_w = batch['labeled']['image'], batch['unlabeled']['image']
+  x_s = -x_w[::-1]
+  method.views = lambda rng, batch: (x_l, x_w, x_s)
   state = init_state(method, batch)
   new_state, metrics = method.update(state, batch)
 
-  x_u = batch['unlabeled']['image']
+  x_u = x_s
   pseudo = jnp.argmax(mlp_apply(method, state.params['teacher'], x_u), -1)
   assert 0 < int(jnp.sum(pseudo)) < len(pseudo)   # both classes among the pseudo labels
+  on_weak = jnp.argmax(mlp_apply(method, state.params['teacher'], x_w), -1)
+  assert bool(jnp.any(on_weak != pseudo))   # labels from the weak view would differ
   targets = 0.85 * jax.nn.one_hot(pseudo, 2) + 0.15 / 2
   student_loss = lambda p: jnp.mean(base.soft_cross_entropy(mlp_apply(method, p, x_u), targets))
   student = state.params['student']
@@ -606,3 +613,17 @@ def test_student_learns_label_smoothed_pseudo_labels():
                              rtol=1e-5)
   assert_trees_close(new_state.params['student'],
                      sgd_step(student, jax.grad(student_loss)(student)))
+
+
+def test_the_ema_follows_the_student():
+  """ema_decay 0.99: after the first update (step 0, decay min(0.99, 1 / 10) = 0.1) the EMA is
+  0.1 x the initial student + 0.9 x the updated student, not the teacher's."""
+  method = make_method('first_order', student_lr=1.0)
+  method.ema_decay = 0.99
+  batch = moons_batch()
+  state = init_state(method, batch)
+  new_state, _ = method.update(state, batch)
+  old, new = state.params['student'], new_state.params['student']
+  assert max_abs_difference(old, new) > 1e-3 and max_abs_difference(new, new_state.params[
+      'teacher']) > 1e-3
+  assert_trees_close(new_state.ema_params, jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, old, new))

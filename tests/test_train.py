@@ -336,6 +336,24 @@ def test_epoch_stream_visits_every_index_once_per_epoch():
   assert all(np.bincount(big[1:25], minlength=6) >= 3)
 
 
+def test_a_batch_takes_labeled_examples_from_the_labeled_pool_only():
+  """sample_batch: the labeled half comes from labeled_idx, the unlabeled from unlabeled_idx,
+  each image with its own label and index (a mix-up would leak labels or mislabel images)."""
+  images = np.arange(40, dtype=np.float32).reshape(20, 2) * np.array([1.0, -1.0], np.float32)
+  arrays = {'images': jnp.asarray(images), 'labels': jnp.arange(20, dtype=jnp.int32) % 3,
+            'labeled_idx': jnp.asarray([1, 4, 7, 9], jnp.int32),
+            'unlabeled_idx': jnp.asarray([0, 2, 3, 5, 6, 8, 10, 11], jnp.int32)}
+  for step in range(4):
+    batch = train.sample_batch(arrays, step, jax.random.PRNGKey(step), 3, 6)
+    for part, pool in (('labeled', arrays['labeled_idx']), ('unlabeled', arrays['unlabeled_idx'])):
+      index = np.asarray(batch[part]['index'])
+      assert set(index.tolist()) <= set(np.asarray(pool).tolist()), (part, index)
+      np.testing.assert_array_equal(batch[part]['image'], images[index])
+      np.testing.assert_array_equal(batch[part]['label'], index % 3)
+    assert batch['labeled']['index'].shape == (3,) and batch['unlabeled']['index'].shape == (6,)
+  assert 'unlabeled' not in train.sample_batch(arrays, 0, jax.random.PRNGKey(0), 3, 0)
+
+
 def test_non_finite_loss_stops_with_step_and_term(tmp_path):
   config = moons('labels=-1', **{'optimizer.lr': 1e30, 'model.activation': 'relu',
                                  'model.initializer': 'lecun'})
