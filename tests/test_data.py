@@ -179,6 +179,15 @@ def test_unknown_dataset_lists_names():
 def test_two_moons_and_digits():
   m = datasets.load_dataset('two_moons', noise=0.1, seed=3)
   assert m.train_images.shape == (2000, 2) and m.train_images.dtype == np.float32
+  # noise and seed are used: without noise every point lies on its moon's unit half circle
+  exact = datasets.load_dataset('two_moons', noise=0.0, seed=3)
+  x, y = exact.train_images, exact.train_labels
+  np.testing.assert_allclose(np.hypot(x[y == 0, 0], x[y == 0, 1]), 1.0, atol=1e-6)
+  np.testing.assert_allclose(np.hypot(x[y == 1, 0] - 1.0, x[y == 1, 1] - 0.5), 1.0, atol=1e-6)
+  assert np.abs(np.hypot(m.train_images[:, 0], m.train_images[:, 1]) - 1.0)[
+      m.train_labels == 0].max() > 0.1
+  assert not np.array_equal(datasets.load_dataset('two_moons', noise=0.1, seed=4).train_images,
+                            m.train_images)
   np.testing.assert_array_equal(m.train_images, m.test_images)
   assert m.train_labels.dtype == np.int32 and m.num_classes == 2 and m.mean == (0.,)
   d = datasets.load_dataset('digits', image_size=12)

@@ -80,6 +80,21 @@ def test_lr_schedule_constant_unscaled():
                                err_msg=f'lr at step {step}')
 
 
+
+def test_lr_schedule_linear_and_fixmatch_cosine():
+  """After 2 wait + 4 warm-up steps, K = 20 - 6 = 14 decay steps at progress k / K:
+  'linear' lr (1 - k / K); 'fixmatch_cosine' lr cos(7 pi k / (16 K)) (FixMatch's schedule,
+  which ends at lr cos(7 pi / 16) = 0.195 lr, not 0)."""
+  for decay, factor in (('linear', lambda k: 1 - k / 14),
+                        ('fixmatch_cosine', lambda k: np.cos(7 * np.pi * k / (16 * 14)))):
+    schedule = optim.learning_rate_schedule(
+        opt_config(lr=0.1, scale_lr_by_batch=False, wait_steps=2, warmup_steps=4, decay=decay),
+        total_steps=20, batch_size=128)
+    for step, expected in [(1, 0.0), (3, 0.05), (5, 0.1)] + [
+        (6 + k, 0.1 * factor(k)) for k in (0, 3, 7, 13, 14)] + [(40, 0.1 * factor(14))]:
+      np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5, atol=1e-8,
+                                 err_msg=f'{decay}: lr at step {step}')
+
 # -- optimiser ---------------------------------------------------------------------------------
 
 # A tiny network named like the real models (mpl/models/cnn.py): conv and dense parameters are
@@ -108,11 +123,12 @@ GRADS = [  # one gradient per step
 LRS = [0.05, 0.1]
 
 
-def reference_sgd(lrs, momentum, weight_decay, clip_norm):
-  """Plain numpy: TF's Nesterov MomentumOptimizer on the gradient of loss + wd * l2_loss(p) (i.e.
-  g + wd * p for decayed p), the whole gradient clipped to global norm clip_norm (0 = off).
+def reference_sgd(lrs, momentum, weight_decay, clip_norm, nesterov=True):
+  """Plain numpy: TF's (Nesterov) MomentumOptimizer on the gradient of loss + wd * l2_loss(p)
+  (i.e. g + wd * p for decayed p), the whole gradient clipped to global norm clip_norm (0 = off).
 
-    accum <- momentum * accum + g;   p <- p - lr * (g + momentum * accum)
+    accum <- momentum * accum + g;   p <- p - lr * (g + momentum * accum)   (Nesterov)
+                                     p <- p - lr * accum                    (plain momentum)
   """
   params = {k: v.astype(np.float64) for k, v in PARAMS.items()}
   accum = {k: np.zeros_like(v) for k, v in params.items()}
@@ -123,7 +139,24 @@ def reference_sgd(lrs, momentum, weight_decay, clip_norm):
       g = {k: v * clip_norm / norm for k, v in g.items()}
     for k in params:
       accum[k] = momentum * accum[k] + g[k]
-      params[k] = params[k] - lr * (g[k] + momentum * accum[k])
+      params[k] = params[k] - lr * ((g[k] + momentum * accum[k]) if nesterov else accum[k])
+  return params
+
+
+def reference_adam(lrs, weight_decay, decoupled, b1=0.9, b2=0.999, eps=1e-8):
+  """Plain numpy Adam. Coupled (name 'adam'): the gradient g + wd * p goes through Adam.
+  Decoupled (AdamW): p <- p - lr * (adam(g) + wd * p). Decay on the decayed params only."""
+  params = {k: v.astype(np.float64) for k, v in PARAMS.items()}
+  m = {k: np.zeros_like(v) for k, v in params.items()}
+  v = {k: np.zeros_like(p) for k, p in params.items()}
+  for t, (lr, grads) in enumerate(zip(lrs, GRADS), start=1):
+    for k in params:
+      decay = weight_decay * params[k] if k in DECAYED else 0.0
+      g = grads[k] + (0.0 if decoupled else decay)
+      m[k] = b1 * m[k] + (1 - b1) * g
+      v[k] = b2 * v[k] + (1 - b2) * g ** 2
+      step = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+      params[k] = params[k] - lr * (step + (decay if decoupled else 0.0))
   return params
 
 
@@ -148,9 +181,9 @@ def run_optimizer(opt, grads_per_step, boxed=False):
   return {k: np.asarray(v) for k, v in flat.items()}
 
 
-def assert_params_close(actual, expected):
+def assert_params_close(actual, expected, atol=1e-7):
   for k in PARAMS:
-    np.testing.assert_allclose(actual[k], expected[k], rtol=1e-5, atol=1e-7, err_msg=str(k))
+    np.testing.assert_allclose(actual[k], expected[k], rtol=1e-5, atol=atol, err_msg=str(k))
 
 
 def test_weight_decay_coupled_nesterov_and_masked():
@@ -177,6 +210,20 @@ def test_sgd_nesterov_weight_decay_two_steps(boxed):
                    decay='constant')
   expected = reference_sgd(LRS, momentum=0.9, weight_decay=0.05, clip_norm=0.0)
   assert_params_close(run_optimizer(opt, GRADS, boxed), expected)
+
+
+def test_plain_momentum_adam_and_adamw():
+  """nesterov=False is TF's plain momentum; 'adam' puts the coupled decay through Adam,
+  'adamw' decays the weights outside it (each once, batch norm exempt)."""
+  common = dict(lr=0.1, scale_lr_by_batch=False, weight_decay=0.05, warmup_steps=2,
+                decay='constant')
+  assert_params_close(run_optimizer(opt_config(nesterov=False, **common), GRADS),
+                      reference_sgd(LRS, momentum=0.9, weight_decay=0.05, clip_norm=0.0,
+                                    nesterov=False))
+  for name, decoupled in (('adam', False), ('adamw', True)):
+    # float32 Adam: m / sqrt(v) of small gradients is accurate to ~1e-6 (the decay is 1e-2)
+    assert_params_close(run_optimizer(opt_config(name=name, **common), GRADS),
+                        reference_adam(LRS, weight_decay=0.05, decoupled=decoupled), atol=1e-5)
 
 
 def test_global_norm_clipping_after_weight_decay():

@@ -414,3 +414,45 @@ def test_label_smoothing_on_the_labeled_cross_entropy(where):
     params, new_params = state.params['student'], new_state.params['student']
     grads = written_grad(method, params, batch, x_u, targets, smoothing=smoothing)
   assert_trees_close(new_params, sgd_step(params, grads))
+
+
+def test_each_phase_decays_its_lr_over_its_own_length():
+  """Cosine decay: the teacher's schedule spans teacher_steps, the student's a round (the last,
+  longest one: 11 - 2 = 9 student steps in rounds of 4 and 5), each restarting per round."""
+  config = make_config(rounds=2, teacher_steps=2)
+  config.total_steps = 11
+  config.optimizer.decay = 'cosine'
+  method = make(config)
+  cosine = lambda step, length: LR * (1 + np.cos(np.pi * step / length)) / 2
+  for step in range(2):
+    np.testing.assert_allclose(float(method.teacher_lr(step)), cosine(step, 2), rtol=1e-5)
+  for step in range(5):
+    np.testing.assert_allclose(float(method.student_lr(step)), cosine(step, 5), rtol=1e-5)
+  # Through the updates: the lr a round's steps log restarts with the round.
+  state, batch = init_state(method, moons_batch()), moons_batch()
+  logged = []
+  for step in range(11):
+    state, metrics = update(method, state, batch)
+    logged.append(float(metrics['lr']))
+  np.testing.assert_allclose(logged, [cosine(s, 2) for s in range(2)] +
+                             [cosine(s, 5) for s in range(4)] +
+                             [cosine(s, 5) for s in range(5)], rtol=1e-5, atol=1e-7)
+
+
+def test_a_new_round_takes_the_students_batch_statistics_too():
+  """Noisy Student with batch norm: at a round switch the teacher becomes the student whole,
+  weights and batch statistics, and the student's optimiser starts afresh."""
+  config = make_config(rounds=2, teacher_steps=2)
+  model = models.get_model('cnn', 2, features=(4,))
+  method = PseudoLabel(config, model, base.DataInfo(num_classes=2, mean=(0.0,), std=(1.0,),
+                                                    is_image=True))
+  state = sharding.strip_boxes(method.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 1))))
+  bump = lambda tree: jax.tree.map(lambda x: x + 1.0, tree)
+  state = state.replace(
+      params={**state.params, 'student': bump(state.params['student'])},
+      batch_stats={**state.batch_stats, 'student': bump(state.batch_stats['student'])})
+  assert jax.tree.leaves(state.batch_stats['student'])   # the CNN has batch statistics
+  new = method.start_round(state)
+  assert_trees_equal(new.params['teacher'], state.params['student'])
+  assert_trees_equal(new.batch_stats['teacher'], state.batch_stats['student'])
+  assert_trees_equal(new.opt_state['student'], method.student_tx.init(state.params['student']))

@@ -239,6 +239,31 @@ def test_reduced_teacher_step_with_label_smoothing_written_out():
                new_state.params['teacher'], expected)
 
 
+
+def test_student_learns_smoothed_pseudo_labels_on_the_strong_view(monkeypatch):
+  """The student's step (SGD lr 1) is minus the gradient of
+  CE(0.85 one_hot(yhat) + 0.15 / K, S(s(x_u))) with yhat = argmax T_r(p_u): its inputs are the
+  strong view (distinct from the weak one here), its targets come from the table."""
+  method = make_method(student_lr=1.0)
+  method.config.reduced_mpl.student_label_smoothing = 0.15
+  batch = moons_batch()
+  x_w = batch['unlabeled']['image']
+  x_s = -x_w[::-1]
+  monkeypatch.setattr(base, 'unlabeled_views', lambda config, rng, images: (x_w, x_s))
+  state = init_state(method, batch)
+  new_state, metrics = method.update(state, batch)
+
+  p_u = method.teacher_probs[np.asarray(batch['unlabeled']['index'])]
+  targets = 0.85 * jax.nn.one_hot(np.argmax(p_u, -1), 2) + 0.15 / 2  # T_r(p_u) = p_u at init
+  loss = lambda p, x: jnp.mean(base.soft_cross_entropy(student_apply(method, p, x), targets))
+  student = state.params['student']
+  assert abs(float(loss(student, x_s)) - float(loss(student, x_w))) > 1e-3  # the views differ
+  np.testing.assert_allclose(float(metrics['loss_student']), float(loss(student, x_s)),
+                             rtol=1e-5)
+  expected = jax.tree.map(lambda p, g: p - g, student, jax.grad(loss)(student, x_s))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               new_state.params['student'], expected)
+
 def test_select_teacher_picks_the_configured_network():
   net = lambda v: {'w': np.full(2, v, np.float32)}
   mpl_state = {'params': {'teacher': net(1), 'student': net(2)},
