@@ -305,7 +305,7 @@ def test_baseline_is_a_moving_average_of_h():
                              rtol=1e-6)
 
 
-def test_sampled_pseudo_labels_follow_the_teacher_distribution():
+def test_sampled_pseudo_labels_vary_from_step_to_step():
   method = make_method('first_order', pseudo_label='sample')
   batch = moons_batch(n_u=16)
   state = init_state(method, batch)
