@@ -411,6 +411,34 @@ def _views_config(**augment_overrides):
   return config
 
 
+
+def test_every_augment_setting_of_the_config_reaches_the_views():
+  """Every key of config.augment, each off its default, is what the views are made with (a
+  dropped key would silently train at the default: magnitude 16, reflect padding, grey fill)."""
+  from mpl.methods import base  # pylint: disable=g-import-not-at-top
+  settings = dict(strong='fixmatch', magnitude=7.0, num_layers=1, cutout_size=5, pad=3,
+                  pad_mode='symmetric', flip=False, fill=40)
+  config = _views_config(labeled='weak', **settings)
+  x = jnp.asarray(_image(12, (16, 12, 12, 3)))
+  weak_rng, strong_rng = jax.random.split(KEY)
+  weak, strong = base.unlabeled_views(config, KEY, x)
+  jitter = dict(pad=3, pad_mode='symmetric', flip=False, fill=40)
+  np.testing.assert_array_equal(weak, augment.weak_view(weak_rng, x, **jitter))
+  np.testing.assert_array_equal(strong, augment.strong_view(
+      strong_rng, x, variant='fixmatch', magnitude=7.0, num_layers=1, cutout_size=5, **jitter))
+  np.testing.assert_array_equal(base.labeled_view(config, KEY, x),
+                                augment.weak_view(KEY, x, **jitter))
+  # And each setting matters here: with any one back at its default the strong view differs.
+  defaults = config_lib_defaults()
+  for key in settings:
+    changed = _views_config(labeled='weak', **{**settings, key: defaults[key]})
+    assert not np.array_equal(base.unlabeled_views(changed, KEY, x)[1], strong), key
+
+
+def config_lib_defaults():
+  from mpl import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.base_config().augment.to_dict()
+
 def test_strong_view_built_on_the_weak_view_shares_its_crop():
   from mpl.methods import base  # pylint: disable=g-import-not-at-top
   x = jnp.asarray(_image(10, (32, 8, 8, 1)))

@@ -5,6 +5,7 @@ import os
 import sys
 
 import ml_collections
+import pytest
 
 from launch import compare_runs
 from mpl import train
@@ -272,3 +273,16 @@ def test_bad_run_arguments_say_what_is_wrong(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith('error: ') and message in err, err
   assert not os.path.exists(out)
+
+
+def test_results_are_the_final_best_and_median_of_the_last_20_evaluations():
+  """A run's row: its last, best and median-of-the-last-20 evaluations up to the step compared
+  (the best, 0.9 at step 30, is outside the last 20 at step 240, inside them at step 200)."""
+  curve = [(10 * i, 0.9 if i == 3 else 0.01 * i) for i in range(25)]
+  teacher = [(10 * i, 0.5 + 0.01 * i) for i in range(25)]
+  result = compare_runs.results_up_to({'ema': curve, 'teacher': teacher}, 'ema', last_step=240)
+  assert result == pytest.approx({'final': 0.24, 'best': 0.9, 'median_last_20': 0.145,
+                                  'teacher_final': 0.74})
+  earlier = compare_runs.results_up_to({'ema': curve, 'teacher': teacher}, 'ema', last_step=200)
+  assert earlier == pytest.approx({'final': 0.2, 'best': 0.9, 'median_last_20': 0.115,
+                                   'teacher_final': 0.7})

@@ -1,6 +1,7 @@
 """Meta Pseudo Labels: the three feedback modes against their mathematical definitions."""
 
 import importlib.util
+import json
 import os
 
 import jax
@@ -359,6 +360,13 @@ def test_finetune_stage_follows_mpl_and_resumes(tmp_path):
   assert summary['before_finetune']['steps'] == 10
   assert summary['final']['accuracy'] == summary['history'][-1]['raw']['accuracy']
   assert os.path.exists(tmp_path / 'summary.json')
+  # 'final' and 'history' are the finetune stage's (its own evaluations), not the MPL stage's.
+  assert summary['history'] != summary['before_finetune']['history']
+  finetune_evals = [row for row in map(json.loads, open(tmp_path / 'finetune' / 'metrics.jsonl'))
+                    if 'eval/raw_accuracy' in row]
+  assert summary['final']['accuracy'] == pytest.approx(finetune_evals[-1]['eval/raw_accuracy'])
+  assert [h['raw']['accuracy'] for h in summary['history']] == pytest.approx(
+      [row['eval/raw_accuracy'] for row in finetune_evals])
   # The resumed finetune stage continues exactly: the same network and evaluations as a run
   # that was never stopped.
   straight = train.train_and_evaluate(config(), str(tmp_path / 'straight'))

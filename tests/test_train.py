@@ -120,6 +120,21 @@ def test_summary_reports_top1_and_top5_of_the_same_evaluation():
   assert summary['median_last_20']['top5'] == 0.9
 
 
+def test_summary_best_and_median_of_each_model_over_the_last_20_evaluations():
+  """Each model's best is its own best evaluation (raw and EMA peak at different steps), and
+  median_last_20 is the median of exactly the last 20 evaluations."""
+  config = moons('labels=6')
+  # 25 evaluations: EMA accuracy 0.01 * i, best at the last; raw best at step 30 (i = 3).
+  evals = [{'step': 10 * i, 'ema': {'accuracy': 0.01 * i},
+            'raw': {'accuracy': 0.9 if i == 3 else 0.001 * i}} for i in range(25)]
+  summary = train.summarize(config, evals, wall_s=1.0, steps=240, num_labeled=6)
+  assert (summary['best']['accuracy'], summary['best']['step']) == (0.24, 240)
+  assert summary['best']['accuracy_raw'] == 0.9 and summary['best']['step_raw'] == 30
+  # The last 20 are i = 5..24: medians 0.145 (EMA) and 0.0145 (raw; i = 3 is outside them).
+  assert summary['median_last_20']['accuracy'] == pytest.approx(0.145)
+  assert summary['median_last_20']['accuracy_raw'] == pytest.approx(0.0145)
+
+
 class _TableMethod:
   """Predicts a fixed table of logits: the image is the row index."""
 
@@ -177,6 +192,24 @@ def test_finetune_starts_from_the_evaluated_student(tmp_path, ema_decay):
     with pytest.raises(AssertionError):
       assert_trees_equal(finetuned, other)
 
+
+
+def test_finetune_stage_is_the_papers_recipe():
+  """The finetune stage's config: supervised on the labeled split, finetune.batch_size and
+  finetune.lr (unscaled, constant), SGD Nesterov 0.9 without weight decay or clipping, no EMA,
+  and no further finetune stage of its own."""
+  config = load_config('cifar10_4k_mpl.py', 'runlocal')
+  config.finetune.update(dict(steps=7, batch_size=24, lr=3e-5))
+  ft = train.finetune_config(config)
+  assert (ft.method, ft.batch_size, ft.total_steps, ft.ema_decay, ft.finetune.steps) == (
+      'supervised', 24, 7, 0.0, 0)
+  o = ft.optimizer
+  assert (o.name, o.lr, o.scale_lr_by_batch, o.momentum, o.nesterov, o.weight_decay, o.clip_norm,
+          o.wait_steps, o.warmup_steps, o.decay) == ('sgd', 3e-5, False, 0.9, True, 0.0, 0.0,
+                                                     0, 0, 'constant')
+  assert ft.eval_every <= 7 and ft.checkpoint_every <= 7
+  assert (ft.num_labeled, ft.dataset, ft.model.to_dict()) == (
+      config.num_labeled, config.dataset, config.model.to_dict())
 
 def test_finetune_state_is_made_around_the_student_without_a_random_init(tmp_path):
   """The finetune stage's first state is the one a fresh init makes (same rng, step, optimizer
