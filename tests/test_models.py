@@ -2,6 +2,7 @@
 import functools
 import os
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -140,6 +141,48 @@ def test_official_wrn_structure_and_init():
     assert w.shape == (128, 10) and np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
     assert np.all(params['classifier']['bias'] == 0)
 
+
+
+def test_wrn_layers_behave_as_the_official_ones(monkeypatch):
+    """What each layer of a (small) WRN does in a training pass, not only its fields: every
+    batch norm normalises with its batch's statistics and epsilon 1e-3 and moves its running
+    statistics by 1 - 0.99 towards them; every activation is a leaky ReLU of slope 0.2; dropout
+    acts on the pooled features, before the classifier."""
+    model = get_model('wrn', 10, depth=10, width=1, dropout_rate=0.5)
+    x = _images()
+    variables = model.init(jax.random.key(0), x)
+    norms, slopes, dropout_inputs = [], [], []
+    leaky_relu = nn.leaky_relu
+
+    def recording_leaky_relu(y, negative_slope=0.01):
+        slopes.append(negative_slope)
+        return leaky_relu(y, negative_slope=negative_slope)
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == '__call__' and isinstance(context.module, nn.BatchNorm):
+            norms.append((context.module, np.asarray(args[0], np.float64), np.asarray(out)))
+        if context.method_name == '__call__' and isinstance(context.module, nn.Dropout):
+            dropout_inputs.append(np.ndim(args[0]))
+        return out
+
+    monkeypatch.setattr(nn, 'leaky_relu', recording_leaky_relu)
+    with nn.intercept_methods(interceptor):
+        _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                 rngs={'dropout': jax.random.key(1)})
+    stats = flax.traverse_util.flatten_dict(nn.unbox(updates['batch_stats']))
+    assert len(norms) == len({path[:-1] for path in stats}) >= 5
+    for module, inputs, outputs in norms:
+        assert (module.momentum, module.epsilon) == (0.99, 1e-3)
+        mean, var = inputs.mean((0, 1, 2)), inputs.var((0, 1, 2))
+        path = tuple(module.scope.path[1:]) if module.scope.path[0] == 'batch_stats' else tuple(
+            module.scope.path)
+        np.testing.assert_allclose(stats[path + ('mean',)], 0.01 * mean, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(stats[path + ('var',)], 0.99 + 0.01 * var, rtol=1e-4)
+        np.testing.assert_allclose(outputs, (inputs - mean) / np.sqrt(var + 1e-3),
+                                   rtol=1e-3, atol=1e-4)   # scale 1, bias 0 at init
+    assert slopes and all(s == 0.2 for s in slopes), slopes
+    assert dropout_inputs == [2]
 
 def test_resnet50_zero_init_last_bn_scale():
     _, variables = _initialised('resnet50')
