@@ -6,6 +6,7 @@ on stand-in weights and the real initialisers are checked on a single block.
 """
 import functools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -222,6 +223,44 @@ def test_b0_train_step():
     changed = {p for p, a, b in zip(paths, old, new) if not np.allclose(a, b)}
     assert {p for p in paths if 'var' in p or not ('expand_bn' in p or 'head_bn' in p)} <= changed
 
+
+
+def test_layers_behave_as_the_official_ones(monkeypatch):
+    """What each layer of a small EfficientNet does in a training pass: every batch norm
+    normalises with its batch's statistics and epsilon 1e-3 and moves its running statistics by
+    1 - 0.99 towards them; the activation is swish, once per batch norm but the blocks' project
+    norms, and once in each block's squeeze-excitation (as many as the batch norms in all)."""
+    model = EfficientNet(10, width_coefficient=0.25, depth_coefficient=0.5, small_images=True,
+                         dropout_rate=0.0, stochastic_depth_rate=0.0)
+    x = _images(n=4, size=16)
+    variables = model.init(jax.random.key(0), x)
+    norms, swishes = [], []
+    swish = nn.swish
+
+    def recording_swish(y):
+        swishes.append(y.shape)
+        return swish(y)
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == '__call__' and isinstance(context.module, nn.BatchNorm):
+            norms.append((context.module, np.asarray(args[0], np.float64), np.asarray(out)))
+        return out
+
+    monkeypatch.setattr(nn, 'swish', recording_swish)
+    with nn.intercept_methods(interceptor):
+        _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    stats = flax.traverse_util.flatten_dict(nn.unbox(updates['batch_stats']))
+    assert len(norms) == len({path[:-1] for path in stats}) >= 10
+    for module, inputs, outputs in norms:
+        assert (module.momentum, module.epsilon) == (0.99, 1e-3)
+        mean, var = inputs.mean((0, 1, 2)), inputs.var((0, 1, 2))
+        path = tuple(module.scope.path)
+        np.testing.assert_allclose(stats[path + ('mean',)], 0.01 * mean, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(stats[path + ('var',)], 0.99 + 0.01 * var, rtol=1e-4)
+        np.testing.assert_allclose(outputs, (inputs - mean) / np.sqrt(var + 1e-3),
+                                   rtol=1e-3, atol=1e-4)   # scale 1, bias 0 at init
+    assert len(swishes) == len(norms)
 
 def test_block_init():
     """B0's last block (192 -> 1152 -> 320 channels, 3x3), really initialised."""
