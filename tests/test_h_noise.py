@@ -79,6 +79,8 @@ def test_with_a_moving_student_the_difference_is_the_noise_alone(moving_student_
   official, paired = result['per_key']['official'], result['per_key']['paired']
   np.testing.assert_allclose(official['f_new'], paired['f_new'], rtol=1e-6)
   assert all(h != 0.0 for h in paired['h'])
+  for mode in (official, paired):   # h is the labeled loss's fall: f_old - f_new
+    np.testing.assert_allclose(mode['h'], np.subtract(mode['f_old'], mode['f_new']), rtol=1e-6)
   noise = np.subtract(official['h'], paired['h'])
   assert np.all(np.abs(noise) > 1e-6)
   np.testing.assert_allclose(result['stats']['official_minus_paired']['std'], np.std(noise),
