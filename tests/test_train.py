@@ -171,6 +171,20 @@ def test_evaluation_counts_each_test_example_once_top1_and_top5():
                                     np.sum(np.any(top5[:5] == labels[:5, None], axis=1)), 5])
 
 
+
+def test_max_eval_examples_evaluates_the_first_examples_of_the_test_set(tmp_path):
+  """data.max_eval_examples (in memory): the first N test examples, each counted once (padded to
+  whole batches, the padding masked out); 0 keeps the whole test set."""
+  config = moons('labels=6', **{'data.max_eval_examples': 130, 'eval_batch_size': 64})
+  experiment = train.build(config, str(tmp_path / 'a'))
+  images, labels, mask = (np.asarray(a) for a in experiment.eval_set)
+  assert images.shape[:2] == (3, 64) and mask.sum() == 130 and mask.reshape(-1)[:130].all()
+  np.testing.assert_array_equal(images.reshape(-1, 2)[:130], experiment.data.test_images[:130])
+  np.testing.assert_array_equal(labels.reshape(-1)[:130], experiment.data.test_labels[:130])
+  config.data.max_eval_examples = 0
+  whole = train.build(config, str(tmp_path / 'b')).eval_set[2]
+  assert np.asarray(whole).sum() == len(experiment.data.test_labels) == 2000
+
 @pytest.mark.parametrize('ema_decay', [0.9, 0.0])
 def test_finetune_starts_from_the_evaluated_student(tmp_path, ema_decay):
   """The finetune stage's network is the MPL stage's evaluated student: its EMA when there is
