@@ -117,3 +117,42 @@ def test_streaming_input_across_hosts_follows_the_model_parallel_groups(tmp_path
       if kind == 'eval':
         examples = [i for held in rows.values() for i in held[0]]
         assert len(set(examples)) == len(examples) == 8, (mesh, rows)
+
+
+MAKE_ONCE = r'''
+import os, sys, time
+pid, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+os.environ['JAX_PLATFORMS'] = 'cpu'
+import jax
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
+                           process_id=pid)
+sys.path.insert(0, os.getcwd())
+from mpl.data import datasets
+marker = os.path.join(folder, 'built')
+
+def make():
+  with open(os.path.join(folder, 'makers'), 'a') as f:
+    f.write(f'{pid}\n')
+  time.sleep(1.0)   # every host has looked by now
+  open(marker, 'w').close()
+
+# A gs:// path: no lock to share. Every host returns only once it is made.
+datasets.run_once_across_processes('gs://bucket/data/.lock', lambda: os.path.exists(marker), make)
+print('RESULT', os.path.exists(marker), flush=True)
+'''
+
+
+def test_hosts_of_a_run_build_a_dataset_once_without_a_lock(tmp_path):
+  """A TFDS dataset missing on a gs:// data_dir: the hosts of one run cannot share a file lock
+  there, so the lead builds it while the others wait (they all used to build it at once, and
+  all but one failed when TFDS renamed its folder into place)."""
+  port = str(free_port())
+  env = dict(os.environ, XLA_FLAGS=COMPILE_FLAGS)
+  procs = [subprocess.Popen([sys.executable, '-c', MAKE_ONCE, str(pid), port, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(WORKER)))
+           for pid in range(2)]
+  for proc in procs:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and 'RESULT True' in output, output[-3000:]
+  assert (tmp_path / 'makers').read_text() == '0\n'

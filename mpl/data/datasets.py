@@ -335,7 +335,7 @@ def _fashion_mnist(data_dir: str | None, source: str) -> dict[str, np.ndarray]:
 def _fashion_mnist_tfds(data_dir: str | None) -> dict[str, np.ndarray]:
   """TFDS `fashion_mnist` from `data_dir`, built from the local IDX files when missing."""
   builder = tfds_builder('fashion_mnist', data_dir)
-  if not is_prepared(builder):
+  if not is_prepared(builder) or _jax_process_count() > 1:   # hosts of a run: all, see below
     # Runs started together on a fresh machine would otherwise all build it, and all but the
     # first fail when TFDS renames its finished folder into place.
     run_once_across_processes(
@@ -355,14 +355,29 @@ def _fashion_mnist_tfds(data_dir: str | None) -> dict[str, np.ndarray]:
   return out
 
 
+def _jax_process_count() -> int:
+  """The processes of this (multi-host) JAX run; 1 without JAX imported (a tool, a test)."""
+  jax = sys.modules.get('jax')
+  return jax.process_count() if jax is not None else 1
+
+
 def run_once_across_processes(lock_path: str, done: Callable[[], bool],
                               make: Callable[[], Any]) -> None:
   """Calls `make()` unless `done()`, holding an exclusive lock on `lock_path` meanwhile.
 
   Processes that wait for the lock check `done()` again once they hold it, so `make` runs once
-  however many processes ask together. A remote path (`gs://...`) cannot be locked: there each
-  process checks and makes on its own.
+  however many processes ask together. The hosts of a multi-host JAX run need no lock (a
+  `gs://` path has none, nor some shared filesystems): every host must call this, the lead
+  (process 0) makes, and the others wait for it at a barrier. Otherwise a remote path cannot
+  be locked: there each process checks and makes on its own.
   """
+  if _jax_process_count() > 1:
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0 and not done():
+      make()
+    multihost_utils.sync_global_devices(f'mpl: made {lock_path}')
+    return
   if done():
     return
   if '://' in lock_path:
