@@ -139,20 +139,32 @@ def make():
 # A gs:// path: no lock to share. Every host returns only once it is made.
 datasets.run_once_across_processes('gs://bucket/data/.lock', lambda: os.path.exists(marker), make)
 print('RESULT', os.path.exists(marker), flush=True)
+
+def fail():
+  raise OSError('no space left on device')
+
+try:   # the lead fails: every host stops (none waits forever)
+  datasets.run_once_across_processes('gs://bucket/other/.lock', lambda: False, fail)
+except Exception as e:
+  print('FAILED', type(e).__name__, e, flush=True)
 '''
 
 
 def test_hosts_of_a_run_build_a_dataset_once_without_a_lock(tmp_path):
   """A TFDS dataset missing on a gs:// data_dir: the hosts of one run cannot share a file lock
   there, so the lead builds it while the others wait (they all used to build it at once, and
-  all but one failed when TFDS renamed its folder into place)."""
+  all but one failed when TFDS renamed its folder into place); if the lead fails, all stop."""
   port = str(free_port())
   env = dict(os.environ, XLA_FLAGS=COMPILE_FLAGS)
   procs = [subprocess.Popen([sys.executable, '-c', MAKE_ONCE, str(pid), port, str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(WORKER)))
            for pid in range(2)]
+  outputs = []
   for proc in procs:
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and 'RESULT True' in output, output[-3000:]
+    outputs.append(output)
   assert (tmp_path / 'makers').read_text() == '0\n'
+  assert 'FAILED OSError no space left on device' in outputs[0], outputs[0][-3000:]
+  assert 'FAILED DataError the lead host (process 0) could not make' in outputs[1], outputs[1]

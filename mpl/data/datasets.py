@@ -368,15 +368,24 @@ def run_once_across_processes(lock_path: str, done: Callable[[], bool],
   Processes that wait for the lock check `done()` again once they hold it, so `make` runs once
   however many processes ask together. The hosts of a multi-host JAX run need no lock (a
   `gs://` path has none, nor some shared filesystems): every host must call this, the lead
-  (process 0) makes, and the others wait for it at a barrier. Otherwise a remote path cannot
-  be locked: there each process checks and makes on its own.
+  (process 0) makes, and the others wait for it (and stop with it if it fails). Otherwise a
+  remote path cannot be locked: there each process checks and makes on its own.
   """
   if _jax_process_count() > 1:
     import jax  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    error = None
     if jax.process_index() == 0 and not done():
-      make()
-    multihost_utils.sync_global_devices(f'mpl: made {lock_path}')
+      try:
+        make()
+      except Exception as e:  # pylint: disable=broad-except  (raised below, on every host)
+        error = e
+    failed = multihost_utils.process_allgather(np.asarray(error is not None)).any()
+    if error is not None:
+      raise error
+    if failed:
+      raise DataError(f'the lead host (process 0) could not make what {lock_path} guards; its '
+                      f'log says why.')
     return
   if done():
     return
