@@ -24,9 +24,10 @@ Data the user must bring (both streamed by mpl/data/streaming.py, never held in 
 
 Recipe: per step 4,096 labeled + 32,768 unlabeled images (mu = 8; the batch this config was
 specified with, which METHODS.md does not restate: it gives a per-step batch only for L2),
-224x224, ResNet-50 teacher and student. The remaining values are the ImageNet-10% recipe of METHODS.md section 6 (see
-configs/imagenet10_mpl.py, including its augmentation: stream crop + flip, RandAugment with no
-extra pad-and-crop or Cutout, grey fill 128), which the sources do not restate for this run --
+224x224, ResNet-50 teacher and student. The remaining values are the ImageNet-10% recipe of
+METHODS.md section 6 (see configs/imagenet10_mpl.py, including its augmentation: stream crop +
+flip, RandAugment with no extra pad-and-crop or Cutout, grey fill 128), which the sources do not
+restate for this run --
 UNVERIFIED for JFT: 1M steps; SGD Nesterov with lr x batch / 256 (teacher 0.15 -> 2.4, student
 0.1 -> 1.6), 5k warm-ups, student wait 20k, cosine; weight decay 1e-4; clipping 5.0; label
 smoothing 0.1; dropout 0.1; UDA temperature 0.5 / threshold 0.6 / weight 20 / ramp 50k;

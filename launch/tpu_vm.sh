@@ -188,9 +188,6 @@ do_run() {
   if [[ $WORKDIR != gs://* && $WORKDIR != /* ]]; then
     say "warning: WORKDIR=$WORKDIR is relative: on a pod slice every worker would write its own" \
         "copy (and setup deletes ~/$REMOTE_DIR). Use gs://bucket/path or a shared mount."
-  elif [[ $WORKDIR != gs://* ]]; then
-    say "note: WORKDIR=$WORKDIR must be a mount every worker shares; on each VM's own disk the" \
-        "run stops at the start on a multi-host slice (mpl checks that every host sees it)."
   fi
   local main arg
   main="\$HOME/$REMOTE_VENV/bin/python -m mpl.main --config $(printf %q "$CONFIG")"

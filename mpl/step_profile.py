@@ -23,8 +23,9 @@ device ran for the step is charged its time, per step, to
     teacher's input) is charged to 'stage_a + stage_b', not to its root's stage alone: a
     stage's share of the step is then between its own row and its own row plus those it is
     part of (the text table sums these fusions in one line and gives each stage's part in them
-    as '+ fused'; the record's by_stage lists each). Ops with no metadata (layout copies the compiler added; on a CPU, the weight
-    gradients it rewrites) take the stage of the nearest op they feed, else of one they read.
+    as '+ fused'; the record's by_stage lists each). Ops with no metadata (layout copies the
+    compiler added; on a CPU, the weight gradients it rewrites) take the stage of the nearest
+    op they feed, else of one they read.
     '(unscoped)': outside every scope (the metrics); '(several stages)': ops XLA merged
     across stages (a combined all-reduce of several stages' gradients).
 

@@ -626,13 +626,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
       stream = streaming.StreamingInput(config, mesh, method_class.uses_unlabeled)
     except DataMissingError as e:  # corrupt data is an error, not missing
       missing = e
-    if any_process(missing is not None):  # missing on one host: on all (the same arrays)
-      if config.data.standin == 'never':
-        raise missing or datasets.missing_on_another_host(config.dataset)
-      if missing is None:
-        logging.warning('%s is missing on another host: every host uses the stand-in data.',
-                        config.dataset)
-      stream = None
+    if datasets.missing_on_some_host(config.dataset, missing, config.data.standin, any_process):
+      stream = None   # every host on the stand-in data, not only those that lack the real one
   if stream is not None:
     if config.num_labeled != -1:
       raise ConfigError(

@@ -333,31 +333,28 @@ def test_weak_view_is_a_flip_and_a_crop_of_the_padded_image():
   assert all(np.array_equal(o, i) or np.array_equal(o, i[:, ::-1]) for o, i in zip(no_pad, x))
 
 
-def test_cutout_paints_one_clipped_square():
-  out = np.asarray(augment.cutout(KEY, jnp.zeros((64, 16, 16, 2), jnp.uint8), 6))
+def assert_one_grey_square_each(out, size=6):
+  """Each of the 64 black images holds one grey rectangle, cut at the border to no less than half
+  of `size`, most of them whole."""
   full = 0
-  for o in out:
+  for o in np.asarray(out):
     ys, xs = np.nonzero(o[..., 0])
     assert np.all(o[ys, xs] == 128)
     hgt, wid = np.ptp(ys) + 1, np.ptp(xs) + 1
-    assert len(ys) == hgt * wid and 3 <= hgt <= 6 and 3 <= wid <= 6  # One rectangle.
-    full += hgt == wid == 6
+    assert len(ys) == hgt * wid and size // 2 <= hgt <= size and size // 2 <= wid <= size
+    full += hgt == wid == size
   assert full > 20
+
+
+def test_cutout_paints_one_clipped_square():
+  assert_one_grey_square_each(augment.cutout(KEY, jnp.zeros((64, 16, 16, 2), jnp.uint8), 6))
 
 
 def test_the_strong_view_ends_with_its_cutout():
   """strong_view's own Cutout (after RandAugment; no RandAugment layers here): on black images
   each output holds one grey square of at most cutout_size, usually whole; none without it."""
   images = jnp.zeros((64, 16, 16, 2), jnp.uint8)
-  out = np.asarray(augment.strong_view(KEY, images, num_layers=0, cutout_size=6))
-  full = 0
-  for o in out:
-    ys, xs = np.nonzero(o[..., 0])
-    assert np.all(o[ys, xs] == 128)
-    hgt, wid = np.ptp(ys) + 1, np.ptp(xs) + 1
-    assert len(ys) == hgt * wid and 3 <= hgt <= 6 and 3 <= wid <= 6  # One rectangle.
-    full += hgt == wid == 6
-  assert full > 20
+  assert_one_grey_square_each(augment.strong_view(KEY, images, num_layers=0, cutout_size=6))
   assert not np.any(augment.strong_view(KEY, images, num_layers=0, cutout_size=0))
 
 
@@ -429,15 +426,11 @@ def test_every_augment_setting_of_the_config_reaches_the_views():
   np.testing.assert_array_equal(base.labeled_view(config, KEY, x),
                                 augment.weak_view(KEY, x, **jitter))
   # And each setting matters here: with any one back at its default the strong view differs.
-  defaults = config_lib_defaults()
+  from mpl import config_lib  # pylint: disable=g-import-not-at-top
+  defaults = config_lib.base_config().augment
   for key in settings:
     changed = _views_config(labeled='weak', **{**settings, key: defaults[key]})
     assert not np.array_equal(base.unlabeled_views(changed, KEY, x)[1], strong), key
-
-
-def config_lib_defaults():
-  from mpl import config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.base_config().augment.to_dict()
 
 def test_strong_view_built_on_the_weak_view_shares_its_crop():
   from mpl.methods import base  # pylint: disable=g-import-not-at-top

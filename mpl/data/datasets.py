@@ -121,10 +121,20 @@ def load_dataset(name: str, *, data_dir: str | None = None, image_size: int | No
   return InMemoryDataset(name=name, num_classes=num_classes, mean=mean, std=std, **arrays)
 
 
-def missing_on_another_host(name: str) -> DataMissingError:
-  return DataMissingError(
-      f'{name} is here but missing on another host (its log says how to provide it there): '
-      f'every host of a multi-host run needs the data.')
+def missing_on_some_host(name: str, missing: DataMissingError | None, standin: str,
+                         any_host: Callable[[bool], bool]) -> bool:
+  """Whether `name` is missing on any host of the run (`missing`: this host's error, if it
+  lacks the data), so that every host falls back to stand-in data together; raises instead
+  when data.standin is 'never'."""
+  if not any_host(missing is not None):
+    return False
+  if standin == 'never':
+    raise missing or DataMissingError(
+        f'{name} is here but missing on another host (its log says how to provide it there): '
+        f'every host of a multi-host run needs the data.')
+  if missing is None:
+    logging.warning('%s is missing on another host: every host uses the stand-in data.', name)
+  return True
 
 
 def load_from_config(config, any_host: Callable[[bool], bool] = bool) -> InMemoryDataset:
@@ -149,13 +159,8 @@ def load_from_config(config, any_host: Callable[[bool], bool] = bool) -> InMemor
                           noise=config.data.noise, seed=config.data.seed)
     except DataMissingError as e:  # corrupt data is an error, not missing
       missing = e
-    if not any_host(missing is not None):
+    if not missing_on_some_host(config.dataset, missing, standin, any_host):
       return data
-    if standin == 'never':
-      raise missing or missing_on_another_host(config.dataset)
-    if missing is None:
-      logging.warning('%s is missing on another host: every host uses the stand-in data.',
-                      config.dataset)
   if standin == 'never':
     raise ConfigError(f'{config.dataset} is a streaming dataset: it cannot be loaded into '
                       f'memory (set data.standin for a smoke test on random data).')
