@@ -70,6 +70,57 @@ def test_bench_train_step_reports_every_field(tmp_path):
   assert record['config'] == 'two_moons:mpl'
 
 
+def _fake_clock(monkeypatch, durations):
+  """bench's perf_counter, each (start, end) pair of calls `durations` apart in turn (seconds):
+  what the bench times is then known exactly."""
+  import types
+  calls, now = [0], [100.0]
+  def perf_counter():
+    if calls[0] % 2:
+      now[0] += durations[calls[0] // 2]
+    calls[0] += 1
+    return now[0]
+  monkeypatch.setattr(bench, 'time', types.SimpleNamespace(perf_counter=perf_counter))
+
+
+def test_bench_train_step_figures_follow_from_the_step_times(tmp_path, monkeypatch):
+  """Milliseconds, the median (of the sorted times), the back-to-back time per step, and
+  images/s and TFLOP/s of the median step, with every unlabeled image counted."""
+  # Lowering, compiling, 3 timed steps (4, 1 and 2 ms), then 3 steps back to back in 6 ms.
+  _fake_clock(monkeypatch, [0.5, 2.0, 0.004, 0.001, 0.002, 0.006])
+  config = load_config('two_moons.py', 'method=mpl,runlocal')
+  record = bench.bench_train_step(config, steps=3, warmup=1, workdir=str(tmp_path))
+  assert (record['lower_s'], record['compile_s']) == pytest.approx((0.5, 2.0))
+  assert record['step_ms_median'] == pytest.approx(2.0)
+  assert record['step_ms_mean'] == pytest.approx(7 / 3)
+  assert (record['step_ms_min'], record['step_ms_max']) == pytest.approx((1.0, 4.0))
+  assert record['step_ms_back_to_back'] == pytest.approx(2.0)
+  images = config.batch_size * (1 + config.mu)
+  assert record['images_per_s'] == pytest.approx(images / 2e-3)
+  assert record['achieved_tflops'] == pytest.approx(record['flops_per_step'] / 2e-3 / 1e12)
+
+
+def test_bench_of_a_supervised_step_counts_its_labeled_images_only(tmp_path, monkeypatch):
+  """A method that reads no unlabeled batch: config.mu is not in its images/s."""
+  _fake_clock(monkeypatch, [0.5, 2.0, 0.004, 0.004])
+  config = load_config('two_moons.py', 'method=supervised,runlocal')
+  config.mu = 4
+  record = bench.bench_train_step(config, steps=1, warmup=1, workdir=str(tmp_path))
+  assert record['global_batch_unlabeled'] == 0
+  assert record['images_per_s'] == pytest.approx(config.batch_size / 4e-3)
+
+
+def test_bench_augment_only_images_per_s_is_the_batch_over_the_median_time(monkeypatch):
+  _fake_clock(monkeypatch, [1.5, 0.030, 0.010, 0.020])   # compile, then 3 calls
+  config = load_config('fashion_mnist.py', 'method=mpl,runlocal')
+  record = bench.bench_augment(config, steps=3, warmup=1)
+  assert record['compile_s'] == pytest.approx(1.5)
+  assert record['batch_ms_median'] == pytest.approx(20.0)
+  assert record['batch_ms_mean'] == pytest.approx(20.0)
+  assert (record['batch_ms_min'], record['batch_ms_max']) == pytest.approx((10.0, 30.0))
+  assert record['images_per_s'] == pytest.approx(config.batch_size * config.mu / 0.020)
+
+
 def test_bench_augment_only_times_the_strong_view():
   config = load_config('fashion_mnist.py', 'method=mpl,runlocal')
   record = bench.bench_augment(config, steps=2, warmup=1)
@@ -162,6 +213,19 @@ def test_dry_run_command_line_creates_its_fake_devices(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   record = json.loads(out.stdout.strip().splitlines()[-1])
   assert record['mesh'] == {'data': 2, 'model': 2}
+
+
+def test_dry_run_fits_leaves_10_percent_of_each_accelerators_gib_free(monkeypatch):
+  """`fits`: the per-device total within 90 % of the accelerator's memory, counted in GiB
+  (2**30 bytes), not GB."""
+  config = load_config('two_moons.py', 'method=mpl,runlocal')
+  total = bench.dry_run(config, mesh_shape=(1, 1))['per_device_total_bytes']
+  gib = total / 2**30
+  monkeypatch.setattr(bench, 'ACCELERATOR_MEMORY_GIB', {
+      'roomy': gib / 0.85, 'tight': gib / 0.95, 'too small': gib * 0.99})
+  record = bench.dry_run(config, mesh_shape=(1, 1))
+  assert record['per_device_total_bytes'] == total
+  assert record['fits'] == {'roomy': True, 'tight': False, 'too small': False}
 
 
 def test_tpu_out_of_memory_verdict_is_read_from_the_compiler_message():

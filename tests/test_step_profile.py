@@ -197,6 +197,9 @@ def test_a_command_buffer_is_its_own_kind():
      ('cudnn-conv.12', 'jit_step')),
     ({'annotation': 'Thunk:#name=%fusion.4,hlo_op=fusion.4,unique_hlo_op_id=17#'},
      ('fusion.4', None)),
+    # Thunks nested in a loop's: the kernel is the innermost op's, not the loop's.
+    ({'annotation': 'XlaModule:#hlo_module=jit_step,program_id=5#::Thunk:#hlo_op=while.3#::'
+                    'Thunk:#hlo_op=loop_add_fusion.7#'}, ('loop_add_fusion.7', 'jit_step')),
     ({'annotation': 'some_user_range'}, (None, None)),
     ({'correlation_id': 7}, (None, None)),
 ])
@@ -269,6 +272,19 @@ def test_a_trace_without_the_device_says_so():
   with_gpu = types.SimpleNamespace(planes=[_plane('/device:GPU:0', ('Stream #7', []))])
   assert step_profile._trace_notes(with_gpu, [], 'gpu') == [
       'no op of this program is in the trace']
+
+
+def test_an_op_ending_with_the_op_around_it_is_counted_once():
+  """A child that ends exactly when its parent ends (the last op of a called computation) is
+  still inside it: the parent is left out, its time is not counted twice."""
+  events = [_event('call.1', 0, 100), _event('fusion.2', 60, 40), _event('fusion.3', 200, 10)]
+  leaves = step_profile.leaf_events(events)
+  assert sorted(e.op for e in leaves) == ['fusion.2', 'fusion.3']
+  table = {'call.1': ('other', 'views'), 'fusion.2': ('elementwise', 'views'),
+           'fusion.3': ('elementwise', 'ema')}
+  summary = step_profile.summarize(events, table, steps=1, wall_s=1e-3)
+  assert summary['op_ms'] == pytest.approx(50e-6)
+  assert summary['by_stage']['views']['ms'] == pytest.approx(40e-6)
 
 
 def test_summary_sums_per_step():

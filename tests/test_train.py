@@ -362,6 +362,28 @@ def test_resume_after_preemption_equals_uninterrupted_run(tmp_path):
   assert resumed['history'] == straight_summary['history']
 
 
+def test_a_run_keeps_its_last_keep_checkpoints_checkpoints(tmp_path):
+  train.train_and_evaluate(moons('labels=6', total_steps=7, eval_every=7, checkpoint_every=2,
+                                 log_every=7, keep_checkpoints=3), str(tmp_path))
+  with train.Checkpoints(str(tmp_path), keep=1, read_only=True) as checkpoints:
+    assert checkpoints.all_steps() == [4, 6, 7]   # every 2 steps, and the last
+
+
+def test_wall_time_in_the_summary_adds_up_every_session(tmp_path):
+  """A resumed run's wall_s counts the sessions before it (saved with each checkpoint), not
+  only the time since its last checkpoint."""
+  import time
+  config = lambda: moons('labels=6', total_steps=4, eval_every=2, checkpoint_every=2,
+                         log_every=2)
+  def slow_then_stop(step):
+    time.sleep(1.0)
+    return step == 1
+  first = train.train_and_evaluate(config(), str(tmp_path), should_stop=slow_then_stop)
+  assert first['stopped_at'] == 1 and first['wall_s'] >= 1.0
+  resumed = train.train_and_evaluate(config(), str(tmp_path))
+  assert resumed['steps'] == 4 and resumed['wall_s'] >= first['wall_s']
+
+
 def test_sharded_run_equals_single_device_run(tmp_path):
   overrides = {'total_steps': 5, 'eval_every': 5, 'checkpoint_every': 5}
   one = train.train_and_evaluate(moons('labels=-1', **{**overrides, 'mesh.data': 1}),
@@ -461,6 +483,11 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
     ({'data.streaming': True}, 'scikit-learn'),
     ({'data.noise': -1.0}, 'data.noise must be >= 0'),
     ({'num_labeled': -2}, r'num_labeled must be -1 \(every example labeled\) or a positive'),
+    ({'num_labeled': 0}, r'num_labeled must be -1 \(every example labeled\) or a positive'),
+    ({'checkpoint_every': 0}, 'checkpoint_every must be positive'),
+    ({'log_every': 0}, 'log_every must be positive'),
+    ({'eval_every': 0}, 'eval_every must be positive'),
+    ({'mesh.model': 3, 'total_steps': 2}, 'mesh.model=3 does not divide the 8 available'),
     ({'finetune.steps': -5}, 'finetune.steps must be >= 0'),
     ({'sharding_rules': (('features', 'modle'),)}, "mesh axes are 'data', 'model'"),
     ({'sharding_rules': (('featurez', 'model'),)}, "logical axis name.*'featurez'"),
@@ -474,6 +501,25 @@ def test_bad_config_fails_before_training(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
     train.train_and_evaluate(moons('labels=-1', **overrides), str(tmp_path))
   assert set(os.listdir(tmp_path)) <= {'run', '.lock'}
+
+
+def test_bounds_that_are_valid_values_are_accepted():
+  """The inclusive ends of each range are settings a run may use: FixMatch's official magnitude
+  10 (the value the error message asks for), thresholds and a baseline decay of 1, a fill of
+  255; one step past them is refused."""
+  config = load_config('digits.py', 'method=mpl,runlocal')
+  config.augment.strong, config.augment.magnitude = 'fixmatch', 10
+  config.augment.fill = 255
+  config.mpl.uda_threshold, config.mpl.baseline_decay = 1.0, 1.0
+  config.pseudo_label.threshold = 1.0
+  config_lib.validate(config, jax.device_count())
+  for key, value, message in (('magnitude', 11, 'magnitude = 11'),
+                              ('magnitude', 1, 'magnitude = 1'),
+                              ('fill', 256, r'augment.fill must be in \[0, 255\], got 256')):
+    bad = config.copy_and_resolve_references()
+    bad.augment[key] = value
+    with pytest.raises(ConfigError, match=message):
+      config_lib.validate(bad, jax.device_count())
 
 
 def test_optimizer_settings_left_none_are_off():
@@ -765,6 +811,21 @@ def test_finetune_stage_after_a_one_network_method(tmp_path):
   assert (tmp_path / 'config.json').read_text() == recorded
 
 
+def test_the_wall_time_of_a_run_with_a_finetune_stage_is_both_stages(tmp_path):
+  """summary.json's wall_s is the MPL stage's (before_finetune.wall_s) plus the finetune
+  stage's own (saved with its checkpoints), not the finetune stage's alone."""
+  import orbax.checkpoint as ocp
+  config = moons('labels=6', total_steps=4, eval_every=4, checkpoint_every=4,
+                 **{'finetune.steps': 2, 'finetune.batch_size': 8})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  with train.Checkpoints(str(tmp_path / 'finetune'), keep=1, read_only=True) as checkpoints:
+    finetune_meta = checkpoints.manager.restore(
+        checkpoints.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  assert finetune_meta['wall_s'] > 0
+  assert summary['wall_s'] == pytest.approx(
+      summary['before_finetune']['wall_s'] + finetune_meta['wall_s'], abs=0.011)
+
+
 def test_epoch_stream_is_int32_safe_at_large_steps():
   """Steps where step * batch_size overflows int32 still give valid, epoch-consistent batches."""
   key = jax.random.PRNGKey(0)
@@ -933,9 +994,56 @@ def test_config_changes_names_added_and_removed_keys():
 
 def test_eta_reads_as_hours_minutes_seconds():
   from mpl import reporting
-  assert [reporting.format_duration(s) for s in (0, 12.4, 250, 3600, 7000, -3, 86399,
+  assert [reporting.format_duration(s) for s in (0, 12.4, 250, 3600, 7000, -3, 86399, 86400,
                                                   11 * 86400 + 5 * 3600)] == [
-      '0s', '12s', '4m10s', '1h00m', '1h56m', '0s', '23h59m', '11d05h']
+      '0s', '12s', '4m10s', '1h00m', '1h56m', '0s', '23h59m', '1d00h', '11d05h']
+
+
+def test_a_resume_keeps_the_metrics_of_the_step_it_resumes_from(tmp_path):
+  """The rows of the checkpoint's own step (its log and eval lines) stay: the resumed run
+  starts after it and would not write them again. Only later rows, and a cut line, go."""
+  from mpl import reporting
+  writer = reporting.JsonlWriter(str(tmp_path))
+  for step in (1, 2, 2, 3):
+    writer.write_scalars(step, {'loss': float(step)})
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 4, "eval/ra')
+  writer.drop_after(2)
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [row['step'] for row in rows] == [1, 2, 2]
+
+
+def test_metrics_on_an_object_store_keep_their_history_after_a_resume(tmp_path):
+  """Where the file cannot be appended to (gs://) it is rewritten whole at every write: the
+  lines kept when a resumed run drops those past its checkpoint stay in it."""
+  from mpl import reporting
+  writer = reporting.JsonlWriter(str(tmp_path))
+  writer.remote = True   # as for gs://, on a local folder
+  for step in (1, 2, 3):
+    writer.write_scalars(step, {'loss': float(step)})
+  writer.drop_after(2)   # resumed from the checkpoint at step 2
+  writer.write_scalars(3, {'loss': 30.0})
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert rows == [{'step': 1, 'loss': 1.0}, {'step': 2, 'loss': 2.0}, {'step': 3, 'loss': 30.0}]
+
+
+def test_progress_without_clu_logs_the_rate_and_the_time_left(monkeypatch, caplog):
+  """Without TensorFlow (no clu writer) the progress line's rate is over the steps since the
+  last line, and its ETA is the steps left (not all steps) at that rate."""
+  import logging
+  import types
+  from mpl import reporting
+  now = [1000.0]
+  monkeypatch.setattr(reporting, 'time', types.SimpleNamespace(time=lambda: now[0]))
+  progress = reporting.Progress(100, types.SimpleNamespace(clu=None), every_secs=10)
+  with caplog.at_level(logging.INFO):
+    progress(10)       # the first call starts the clock
+    now[0] += 5
+    progress(15)       # under every_secs: no line
+    now[0] += 15
+    progress(50)       # 40 steps in 20 s: 2 steps/s, 50 steps left
+  lines = [r.getMessage() for r in caplog.records if 'steps/s' in r.getMessage()]
+  assert lines == ['50/100 steps (50.0%), 2.00 steps/s, ETA 25s'], lines
 
 
 def test_a_second_run_in_a_busy_workdir_stops_at_once(tmp_path):
