@@ -201,6 +201,18 @@ def test_two_moons_and_digits():
   np.testing.assert_allclose(native.std, [x.std()], rtol=1e-9)
 
 
+def test_two_moons_from_a_config_uses_its_data_seed_and_noise():
+  config = config_lib.base_config()
+  config.dataset, config.data.standin, config.data.image_size = 'two_moons', 'never', 0
+  config.data.seed, config.data.noise = 5, 0.2
+  data = datasets.load_from_config(config)
+  want = datasets.load_dataset('two_moons', noise=0.2, seed=5)
+  np.testing.assert_array_equal(data.train_images, want.train_images)
+  np.testing.assert_array_equal(data.train_labels, want.train_labels)
+  assert not np.array_equal(data.train_images,
+                            datasets.load_dataset('two_moons', noise=0.2, seed=0).train_images)
+
+
 def test_standin_data_holds_the_configs_labeled_split():
   # The paper configs' benchmarks run on stand-in pixels: CIFAR-10-4K's split must fit.
   config = config_lib.base_config()
@@ -211,6 +223,22 @@ def test_standin_data_holds_the_configs_labeled_split():
   assert np.all(np.bincount(data.train_labels[labeled]) == 400)
   config.num_labeled = -1   # all: the small default
   assert len(datasets.load_from_config(config).train_labels) == datasets.STANDIN_TRAIN_SIZE
+
+
+def test_standin_data_has_balanced_labels_the_configs_image_size_and_seed():
+  config = config_lib.base_config()
+  config.dataset, config.num_labeled, config.data.standin = 'cifar100', -1, 'always'
+  config.data.image_size = 40
+  data = datasets.load_from_config(config)
+  assert data.train_images.shape == (512, 40, 40, 3) and data.test_images.shape[1:] == (40, 40, 3)
+  np.testing.assert_array_equal(np.bincount(data.train_labels, minlength=100),
+                                np.bincount(np.arange(512) % 100))  # as even as 512 / 100 allows
+  np.testing.assert_array_equal(np.bincount(data.test_labels, minlength=100),
+                                np.bincount(np.arange(256) % 100))
+  again = datasets.load_from_config(config)
+  np.testing.assert_array_equal(again.train_images, data.train_images)
+  config.data.seed = 1
+  assert not np.array_equal(datasets.load_from_config(config).train_images, data.train_images)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +258,31 @@ def test_split_balance_and_determinism():
   idx_b = split.labeled_indices(LABELS, 253, 10, seed=1)
   assert not np.array_equal(idx_a, idx_b)
   np.testing.assert_array_equal(split.labeled_indices(LABELS, -1, 10, 0), np.arange(750))
+
+
+def test_split_draws_each_class_and_its_extra_labels_at_random_by_seed():
+  # No remainder (100 = 10 x 10): the seed alone must change which examples of a class are taken.
+  draws = [split.labeled_indices(LABELS, 100, 10, seed=s) for s in range(4)]
+  for idx_s in draws:
+    np.testing.assert_array_equal(np.bincount(LABELS[idx_s], minlength=10), [10] * 10)
+  assert len({tuple(d) for d in draws}) == 4
+  # Not the first examples of each class.
+  first = np.sort(np.concatenate([np.flatnonzero(LABELS == c)[:10] for c in range(10)]))
+  assert not any(np.array_equal(d, first) for d in draws)
+  # The 3 remaining labels go to classes the seed chooses, not always the same ones.
+  extra = {tuple(np.flatnonzero(np.bincount(LABELS[split.labeled_indices(LABELS, 253, 10, s)],
+                                            minlength=10) == 26)) for s in range(8)}
+  assert len(extra) > 1, extra
+
+
+def test_split_remainder_goes_only_to_classes_with_examples_to_spare():
+  # Class 0 has exactly 30 examples: 303 labels are 30 per class plus 3 extra for 3 of the 9
+  # classes with more; every seed must give 303 distinct indices, 30 of them in class 0.
+  for seed in range(12):
+    idx_s = split.labeled_indices(LABELS, 303, 10, seed=seed)
+    assert len(idx_s) == len(np.unique(idx_s)) == 303, seed
+    counts = np.bincount(LABELS[idx_s], minlength=10)
+    assert counts[0] == 30 and set(counts[1:]) == {30, 31} and counts.sum() == 303, (seed, counts)
 
 
 def test_split_errors():
@@ -349,6 +402,24 @@ def test_streaming_train(tiny_builder):
     _stream(tiny_builder, global_batch_size=7)
 
 
+def test_streaming_train_shards_draw_their_own_augmentation(tiny_builder, monkeypatch):
+  """The crop of a host's i-th example is keyed by (seed, shard, i): two hosts do not crop their
+  examples alike. (The crop is replaced by a flat image whose value shows its seed.)"""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def crop_showing_its_seed(encoded, image_size, seed):
+    del encoded
+    return tf.fill((image_size, image_size, 3), tf.cast(tf.math.floormod(seed[0], 251), tf.uint8))
+
+  monkeypatch.setattr(streaming, '_random_resized_crop', crop_showing_its_seed)
+  def crop_seeds(shard):
+    batch = next(_stream(tiny_builder, train=True, shard=shard))
+    return [int(image[0, 0, 0]) for image in batch['image']]
+
+  assert crop_seeds(0) != crop_seeds(1), (crop_seeds(0), crop_seeds(1))
+  assert crop_seeds(0) == crop_seeds(0)
+
+
 def _ids_of(batches):
   return [i for b in batches for i in tiny_tfds.example_ids(b['image'])]
 
@@ -379,6 +450,46 @@ def test_streaming_input_omits_the_labels_an_unlabeled_dataset_lacks(tiny_builde
     assert ('label' in batch['unlabeled']) == has_labels
     assert batch['unlabeled']['image'].shape == (8, 16, 16, 3)
     assert batch['labeled']['label'].shape == (8,)
+
+
+def test_streaming_input_gives_mu_times_more_unlabeled_examples_from_its_own_shuffle(tiny_builder):
+  """Global batches are split over 'data' (one example per device), the unlabeled batch is
+  batch_size * mu examples, and the unlabeled stream is shuffled apart from the labeled one
+  even when both read the same split."""
+  c = config_lib.base_config()
+  c.dataset, c.data.streaming, c.data.image_size = 'tiny_images', True, 16
+  c.data.labeled_split = c.data.unlabeled_split = c.data.eval_split = 'train'
+  c.batch_size, c.mu = 8, 2
+  mesh = sharding.make_mesh(c)
+  stream = streaming.StreamingInput(c, mesh, uses_unlabeled=True, builder=tiny_builder)
+  stream.start(0)
+  batch = stream.next_batch()
+  labeled, unlabeled = batch['labeled']['image'], batch['unlabeled']['image']
+  assert labeled.shape == (8, 16, 16, 3) and unlabeled.shape == (16, 16, 16, 3)
+  for array in (labeled, unlabeled, batch['labeled']['label']):
+    assert array.sharding.spec == jax.sharding.PartitionSpec('data'), array.sharding
+    assert array.sharding.shard_shape(array.shape)[0] == array.shape[0] // 8
+  labeled_ids = tiny_tfds.example_ids(np.asarray(labeled))
+  unlabeled_ids = tiny_tfds.example_ids(np.asarray(unlabeled))
+  assert len(set(labeled_ids)) == 8 and len(set(unlabeled_ids)) == 16
+  assert labeled_ids != unlabeled_ids[:8], (labeled_ids, unlabeled_ids)
+
+
+def test_streaming_input_resumed_at_another_step_draws_fresh_batches(tiny_builder):
+  """A restart from step s reopens the streams with a seed of (seed, s): the same batches for
+  the same step, other ones for another step (not a replay of the run's first batches)."""
+  c = config_lib.base_config()
+  c.dataset, c.data.streaming, c.data.image_size = 'tiny_images', True, 16
+  c.data.labeled_split = c.data.eval_split = 'train'
+  c.batch_size = 8
+  stream = streaming.StreamingInput(c, sharding.make_mesh(c), uses_unlabeled=False,
+                                    builder=tiny_builder)
+  def first_ids(step):
+    stream.start(step)
+    return tiny_tfds.example_ids(np.asarray(stream.next_batch()['labeled']['image']))
+  at_0 = first_ids(0)
+  assert first_ids(0) == at_0
+  assert first_ids(100) != at_0
 
 
 def test_streaming_split_names_are_checked(tiny_builder):

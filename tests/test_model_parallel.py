@@ -278,6 +278,48 @@ def test_rules_follow_the_config():
     sharding.logical_rules(config)
 
 
+def test_height_partition_splits_the_height_not_the_width():
+  rules = dict(sharding.logical_rules(digits_config('mpl', 2, 4, 'height')))
+  assert rules['height'] == 'model' and rules['width'] is None
+  assert list(rules).index('height') < list(rules).index('channels')
+
+
+def test_config_sharding_rules_override_the_tensor_parallel_ones():
+  config = digits_config('mpl', 2, 4, 'width', sharding_rules=(('channels', None),
+                                                               ('classes', ('data', 'model'))))
+  rules = dict(sharding.logical_rules(config))
+  assert rules['channels'] is None and rules['classes'] == ('data', 'model')
+  assert rules['width'] == 'model' and rules['features'] == 'model'  # the others stay
+
+
+def test_a_weight_the_mesh_does_not_divide_is_split_along_its_inputs_or_replicated():
+  """On a (2, 4) mesh: 12 classes split over 'model'; 10 do not, so the freed 'model' axis goes
+  to the kernel's 64 inputs; a bias of 10 classes is replicated; unannotated leaves too."""
+  import flax.linen as nn
+  config = digits_config('mpl', 2, 4, '')
+  mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
+  names = ('features_in', 'classes')
+  assert sharding.fitted_names(names, (64, 12), mesh, rules) == names
+  assert sharding.fitted_names(names, (64, 10), mesh, rules) == ('features_in', None)
+  assert sharding.fitted_names(names, (63, 10), mesh, rules) == (None, None)
+  box = lambda shape, names: nn.Partitioned(jax.ShapeDtypeStruct(shape, np.float32), names)
+  state = {'split': box((64, 12), names), 'inputs': box((64, 10), names),
+           'bias': box((10,), ('classes',)), 'step': jax.ShapeDtypeStruct((), np.int32)}
+  specs = {k: s.spec for k, s in sharding.state_shardings(state, mesh, rules).items()}
+  P = jax.sharding.PartitionSpec
+  assert specs == {'split': P(None, 'model'), 'inputs': P('model', None), 'bias': P(None),
+                   'step': P()}, specs
+
+
+def test_batches_are_split_over_data_and_copied_over_model():
+  config = digits_config('mpl', 2, 4, '')
+  mesh = sharding.make_mesh(config)
+  batch = sharding.batch_sharding(mesh, ndim=4)
+  assert batch.spec == jax.sharding.PartitionSpec('data')
+  assert batch.shard_shape((8, 16, 16, 3)) == (4, 16, 16, 3)
+  assert dict(mesh.shape) == {'data': 2, 'model': 4}
+
+
 
 def test_a_mesh_that_leaves_a_process_out_is_refused():
   """On 2 hosts x 4 devices, a 4-device mesh would leave host 1 unable to read the state and

@@ -456,3 +456,88 @@ def test_a_new_round_takes_the_students_batch_statistics_too():
   assert_trees_equal(new.params['teacher'], state.params['student'])
   assert_trees_equal(new.batch_stats['teacher'], state.batch_stats['student'])
   assert_trees_equal(new.opt_state['student'], method.student_tx.init(state.params['student']))
+
+
+# --------------------------------------------------------------------------------------------
+# The supervised baseline's own state: randomness per step, batch statistics, EMA.
+
+
+def supervised_cnn(**config_overrides):
+  config = make_config(rounds=0)
+  config.update(config_overrides)
+  model = models.get_model('cnn', 2, features=(4,))
+  info = base.DataInfo(num_classes=2, mean=(0.5,), std=(0.25,), is_image=True)
+  return Supervised(config, model, info)
+
+
+def image_batch(n=8, size=6, seed=0):
+  rng = np.random.default_rng(seed)
+  return {'labeled': {'image': jnp.asarray(rng.integers(0, 256, (n, size, size, 1)), jnp.uint8),
+                      'label': jnp.asarray(np.arange(n) % 2, jnp.int32)}}
+
+
+def test_supervised_step_draws_new_randomness_at_each_step():
+  """The step's dropout comes from fold_in(state.rng, state.step): the same state gives the same
+  update at the same step and another one at the next step (a key reused every step would
+  drop the same units throughout training)."""
+  config = make_config(rounds=0)
+  model = models.get_model('mlp', 2, hidden_sizes=(8, 8), activation='tanh',
+                           initializer='lecun', dropout_rate=0.5)
+  method = Supervised(config, model, base.DataInfo(num_classes=2, mean=(0.0,), std=(1.0,),
+                                                   is_image=False))
+  batch = moons_batch()
+  state = init_state(method, batch)
+  at_0 = update(method, state, batch)[0].params
+  assert_trees_equal(at_0, update(method, state, batch)[0].params)
+  at_1 = update(method, state.replace(step=jnp.int32(1)), batch)[0].params
+  differences = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                                             at_0, at_1))
+  assert max(differences) > 1e-4, differences
+
+
+def test_supervised_step_keeps_the_batch_statistics_of_its_forward_pass():
+  method, batch = supervised_cnn(), image_batch()
+  state = sharding.strip_boxes(method.init(jax.random.PRNGKey(0), batch['labeled']['image'][:1]))
+  new_state, _ = update(method, state, batch)
+  _, expected = base.apply_train(method.model, state.params, state.batch_stats,
+                                 method.prepare(batch['labeled']['image']), jax.random.PRNGKey(1))
+  assert jax.tree.leaves(expected)
+  assert_trees_close(new_state.batch_stats, expected)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_state.batch_stats),
+                                                   jax.tree.leaves(state.batch_stats)))
+
+
+def test_supervised_ema_follows_the_new_weights_and_is_what_ema_evaluates():
+  """After step 0 the EMA decay is min(decay, 1 / 10): ema = 0.1 init + 0.9 new, for the
+  weights and the batch statistics; eval_variables' 'ema' is that average, 'raw' the weights."""
+  method, batch = supervised_cnn(ema_decay=0.999), image_batch()
+  state = sharding.strip_boxes(method.init(jax.random.PRNGKey(0), batch['labeled']['image'][:1]))
+  new_state, _ = update(method, state, batch)
+  mix = lambda old, new: jax.tree.map(lambda o, n: 0.1 * o + 0.9 * n, old, new)
+  assert_trees_close(new_state.ema_params, mix(state.params, new_state.params))
+  assert_trees_close(new_state.ema_batch_stats, mix(state.batch_stats, new_state.batch_stats))
+  evaluated = method.eval_variables(new_state)
+  assert set(evaluated) == {'raw', 'ema'}
+  assert_trees_equal(evaluated['ema']['params'], new_state.ema_params)
+  assert_trees_equal(evaluated['ema']['batch_stats'], new_state.ema_batch_stats)
+  assert_trees_equal(evaluated['raw']['params'], new_state.params)
+  assert not np.allclose(jax.tree.leaves(new_state.ema_params)[0],
+                         jax.tree.leaves(new_state.params)[0])
+
+
+def test_supervised_logs_the_lr_its_step_applies():
+  """Cosine decay over 6 steps, plain SGD: each step moves the weights by lr * grad, and the
+  'lr' it logs is that lr (not the next step's)."""
+  config = make_config(rounds=0)
+  config.total_steps, config.optimizer.decay = 6, 'cosine'
+  method, batch = make(config, Supervised), moons_batch()
+  state = init_state(method, batch)
+  for _ in range(4):
+    grads = written_grad(method, state.params, batch)
+    new_state, metrics = update(method, state, batch)
+    applied = jax.tree.map(lambda old, new, g: (old - new) / g, state.params, new_state.params,
+                           grads)
+    kernel = applied['classifier']['kernel']
+    np.testing.assert_allclose(kernel, float(metrics['lr']), rtol=1e-3)
+    state = new_state
+  assert float(metrics['lr']) < 0.5 * LR  # the schedule really decays
