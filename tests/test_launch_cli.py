@@ -29,6 +29,7 @@ def no_training(monkeypatch):
     (['--steps', '-5'], '--steps -5'),
     (['--methods', 'supervised,mlp'], "unknown 'mlp'"),       # used to train supervised first
     (['--methods', ','], '--methods names no method'),
+    (['--methods', 'mpl,supervised,mpl'], 'names a method twice'),
     (['--set', 'optimizer.lrr=0.1'], "optimizer has no key 'lrr'; its keys: clip_norm"),
     (['--set', 'optimizer.lr'], 'expected KEY=VALUE'),
     (['--set', 'optimizer.lr=abc'], 'expected a number'),
@@ -150,3 +151,133 @@ def test_speed_summary_gives_the_issue_figures(tmp_path):
   result = subprocess.run([sys.executable, '-m', 'launch.speed_summary', str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0 and result.stdout.strip() == text, result.stderr
+
+
+@pytest.mark.parametrize('run', ['fashion_all_cnn', 'fashion_all_wrn'])
+def test_gpu_figures_speed_keeps_each_of_its_finished_runs(run, tmp_path):
+  finished = tmp_path / 'runs' / run
+  finished.mkdir(parents=True)
+  (finished / 'summary.json').write_text('{}')
+  result = _gpu_figures('speed', tmp_path=tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.startswith(f'error: a finished run (summary.json) is in {finished}')
+  assert (finished / 'summary.json').exists()
+
+
+def _profiled_bench(**profile):
+  profile = {'wall_ms': 31.0, 'busy_ms': 25.0, 'op_ms': 20.0, 'notes': [],
+             'by_kind': {'convolution': {'ms': 12.0, 'share': 0.6},
+                         'elementwise': {'ms': 4.0, 'share': 0.2},
+                         'reduction': {'ms': 2.0, 'share': 0.1},
+                         'copy': {'ms': 1.0, 'share': 0.05},
+                         'collective': {'ms': 1.0, 'share': 0.05}},
+             'by_stage': {'teacher_forward': {'ms': 15.0, 'share': 0.75},
+                          'views': {'ms': 2.0, 'share': 0.1},
+                          'teacher_forward + views': {'ms': 1.0, 'share': 0.05}}, **profile}
+  return {'mode': 'train_step', 'name': 'bench_bfloat16', 'dtype': 'bfloat16',
+          'step_ms_median': 30.0, 'step_ms_back_to_back': 29.0, 'images_per_s': 34133.0,
+          'flops_per_step': None, 'achieved_tflops': None, 'memory_analysis': None,
+          'peak_bytes_in_use': 3 * 2**30, 'profile': profile}
+
+
+def test_speed_summary_profile_shares_are_percent_of_op_time_not_busy_time():
+  from launch import speed_summary
+  lines = speed_summary.summary([_profiled_bench()])
+  text = '\n'.join(lines)
+  assert lines[0].endswith('34,133 images/s, FLOPs unknown, temp -, peak 3.00 GiB'), text
+  # wall, then busy; the four heaviest kinds of op, in percent of op time
+  assert lines[1] == ('  profile (bench_bfloat16): wall 31.00 ms, busy 25.00 ms per step; by kind: '
+                      'convolution 60%, elementwise 20%, reduction 10%, copy 5%'), text
+  # views 2 ms of 20 ms op time (not of the 25 ms busy); with its fusion 3 ms
+  assert lines[2] == ("  strong augmentation (stage 'views'): 2.000 ms/step = 10.0% of op time, "
+                      "up to 15.0% with the fusions it shares (1.000 ms)"), text
+
+
+def test_speed_summary_gives_the_share_of_views_fused_whole_into_other_stages():
+  """On a GPU XLA may fuse all of the strong view into the teacher's input: no 'views' row,
+  its share is then between 0 and that of the fusions."""
+  from launch import speed_summary
+  bench = _profiled_bench(by_stage={'teacher_forward': {'ms': 17.0, 'share': 0.85},
+                                    'teacher_forward + views': {'ms': 3.0, 'share': 0.15}})
+  lines = speed_summary.summary([bench])
+  assert lines[2] == ("  strong augmentation (stage 'views'): 0.000 ms/step = 0.0% of op time, "
+                      "up to 15.0% with the fusions it shares (3.000 ms)"), lines
+
+
+def test_speed_summary_names_a_failed_profile_and_keeps_the_timed_figures():
+  from launch import speed_summary
+  bench = _profiled_bench()
+  bench['profile'] = {'error': 'RuntimeError: no trace'}
+  lines = speed_summary.summary([bench, {'mode': 'train_step', 'name': 'bench_h_model',
+                                         'dtype': 'bfloat16', 'step_ms_median': 33.0,
+                                         'images_per_s': 31030.0}])
+  assert len(lines) == 3, lines
+  assert lines[0].startswith('bench_bfloat16 bfloat16     30.00 ms/step'), lines
+  assert lines[1] == '  profile: RuntimeError: no trace', lines
+  assert lines[2].startswith('bench_h_model  bfloat16     33.00 ms/step'), lines
+
+
+def test_speed_summary_reads_the_augment_run_and_setup_records_own_fields():
+  from launch import speed_summary
+  augment_record = {'mode': 'augment_only', 'name': 'augment', 'variant': 'randaugment',
+                    'magnitude': 10.0, 'batch': 1792, 'image_shape': [32, 32, 3],
+                    'batch_ms_mean': 6.5, 'batch_ms_median': 5.0, 'images_per_s': 358400.0}
+  run = {'run': 'fashion_all_wrn', 'model': 'wrn28_2', 'num_labeled': 1000, 'steps': 4000,
+         'total_steps': 10000, 'wall_s': 125.0, 'final': {'accuracy': 0.9},
+         'best': {'accuracy': 0.91, 'step': 3000}}
+  cut = {'run': 'fashion_all_cnn', 'error': 'no usable summary.json: FileNotFoundError()',
+         'last_eval': {'step': 2500, 'eval/accuracy': 0.88}}
+  lines = speed_summary.summary([
+      {'setup': {'mode': 'speed', 'gpu': 'H200', 'backend': 'gpu', 'jax': '0.11.2',
+                 'smoke': True}},
+      {'setup': {'mode': 'speed', 'gpu': 'H200', 'backend': 'gpu', 'jax': '0.11.2',
+                 'smoke': False}}, augment_record, run, cut])
+  assert lines == [
+      'speed: H200 (backend gpu, jax 0.11.2, SMOKE)',
+      'speed: H200 (backend gpu, jax 0.11.2)',
+      'augment        strong view (randaugment, magnitude 10.0) on 1792 images 32x32x3: '
+      '5.00 ms/batch, 358,400 images/s',
+      'fashion_all_wrn wrn28_2 labels 1000: final 90.00%, best 91.00% (step 3000), 4000 steps '
+      'in 125 s',
+      'fashion_all_cnn no summary (no usable summary.json: FileNotFoundError()); last eval: '
+      '{"step": 2500, "eval/accuracy": 0.88}'], lines
+
+
+def test_speed_summary_without_its_file_argument_fails_with_the_usage():
+  result = subprocess.run([sys.executable, '-m', 'launch.speed_summary'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1, result
+  assert result.stderr.startswith('usage: python -m launch.speed_summary OUT/results.jsonl')
+
+
+def test_two_moons_counts_runs_at_99_percent_as_successes_and_draws_the_first_seed(tmp_path,
+                                                                                    monkeypatch):
+  """Training replaced by made-up accuracies: the success counts, rates and means in the .json,
+  and the panels drawn from each method's first seed."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  accuracies = {('supervised', 0): 0.99, ('supervised', 1): 0.985, ('supervised', 2): 1.0,
+                ('mpl', 0): 0.5, ('mpl', 1): 0.999, ('mpl', 2): 0.98}
+  drawn = []
+
+  def run(method, seed, config, with_boundary):
+    assert config.seed == config.data.seed == seed and config.total_steps == 3
+    if not with_boundary:
+      return {'accuracy': accuracies[method, seed], 'wall_s': 0.0}, None
+    drawn.append((method, seed))
+    points = np.array([[0.0, 0.0], [1.0, 1.0]], np.float32)
+    xx, yy, _ = two_moons_figure.grid_for(points, n=8)
+    return {'accuracy': accuracies[method, seed], 'wall_s': 0.0}, {
+        'xx': xx, 'yy': yy, 'grid_class': (xx > 0.5).astype(int), 'points': points,
+        'labels': np.array([0, 1]), 'labeled_idx': np.array([0, 1])}
+  monkeypatch.setattr(two_moons_figure, 'run', run)
+  out = tmp_path / 'tm.png'
+  assert two_moons_figure.main(['--seeds', '3', '--steps', '3', '--methods', 'supervised,mpl',
+                                '--out', str(out)]) == 0
+  assert drawn == [('supervised', 0), ('mpl', 0)]
+  assert out.stat().st_size > 0
+  methods = json.loads((tmp_path / 'tm.json').read_text())['methods']
+  assert methods['supervised']['successes'] == 2     # 99.0 % counts; 98.5 % does not
+  assert methods['supervised']['success_rate'] == pytest.approx(2 / 3)
+  assert methods['supervised']['mean_accuracy'] == pytest.approx((0.99 + 0.985 + 1.0) / 3)
+  assert methods['supervised']['min_accuracy'] == 0.985
+  assert methods['mpl']['successes'] == 1 and methods['mpl']['steps'] == 3

@@ -583,6 +583,9 @@ def test_missing_dataset_names_the_install_command(tmp_path, monkeypatch):
                                        "--config.dataset?"),
     (['--config.optimizer.lr=0.1', '--config.mpl.lr=0.2'], "unknown config key 'mpl.lr'."),
     (['--config.mpl.uda_thresold=0.5'], "Did you mean --config.mpl.uda_threshold?"),
+    # (total_steps=0 would stop the run too, with another message, were the flag let through)
+    (['--num_processes=2', '--config.total_steps=0'], '--num_processes needs --distributed.'),
+    (['--distributed'], 'or drop --distributed for a single-host run.'),  # no cluster here
 ])
 def test_main_prints_a_clear_error_for_a_bad_command_line(tmp_path, args, message):
   (tmp_path / 'summary.json').write_text('{}')  # a file where a directory should be
@@ -596,6 +599,26 @@ def test_main_prints_a_clear_error_for_a_bad_command_line(tmp_path, args, messag
   assert message in result.stderr, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   assert len(result.stderr.strip().splitlines()) <= 8  # the error, not a page of help
+
+
+@pytest.mark.parametrize('error, status', [('DataError', 2), ('NonFiniteLossError', 1)])
+def test_main_exits_with_the_errors_status_and_one_line(tmp_path, error, status):
+  """Missing data stops with status 2, a diverged run with 1 (mpl/errors.py): one line each,
+  no traceback. The run itself is replaced by one that raises the error."""
+  argv = ['mpl.main', '--config', 'configs/two_moons.py:runlocal', '--workdir',
+          str(tmp_path / 'run')]
+  code = ('import runpy, sys\n'
+          'from mpl import errors, train\n'
+          'def train_and_evaluate(*args, **kwargs):\n'
+          f'  raise errors.{error}("the reason, and the fix")\n'
+          'train.train_and_evaluate = train_and_evaluate\n'
+          f'sys.argv = {argv!r}\n'
+          'runpy.run_module("mpl.main", run_name="__main__")\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120)
+  assert result.returncode == status, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == 'error: the reason, and the fix'
+  assert 'Traceback' not in result.stderr
 
 
 def test_flags_for_another_methods_block_are_named_as_unread(tmp_path):
