@@ -267,9 +267,32 @@ def test_policy_statistics(variant):
 
 
 @pytest.mark.parametrize('variant', ['mpl', 'fixmatch'])
+def test_policy_choices_are_independent_of_each_other(variant):
+  """Each layer draws its op, its application, its level and its sign from uniforms of their
+  own: an op's sign is +-1 with p = 1/2 whether or not the op is applied, every op is applied
+  alike, (FixMatch) every op draws levels 1..9 alike (mean 5), and the two layers' ops are
+  independent."""
+  n, layers = 40000, 2
+  pol = jax.tree.map(np.asarray, sample_policy(KEY, n, variant, num_layers=layers))
+  positive = pol['sign'] > 0
+  assert positive[pol['apply']].mean() == pytest.approx(0.5, abs=0.015)
+  assert positive[~pol['apply']].mean() == pytest.approx(0.5, abs=0.015)
+  n_ops = len(augment.augment_ops(variant))
+  for op in range(n_ops):
+    chosen = pol['op'] == op
+    assert positive[chosen].mean() == pytest.approx(0.5, abs=0.03), op
+    assert pol['apply'][chosen].mean() == pytest.approx(0.5, abs=0.03), op
+    if variant == 'fixmatch':
+      assert pol['level'][chosen].mean() == pytest.approx(5.0, abs=0.15), op
+  assert np.mean(pol['op'][:, 0] == pol['op'][:, 1]) == pytest.approx(1 / n_ops, abs=0.01)
+
+
+@pytest.mark.parametrize('variant', ['mpl', 'fixmatch'])
 def test_randaugment_applies_the_sampled_policy(variant):
-  """randaugment == the ops of sample_policy applied one by one with apply_op."""
-  x = jnp.asarray(_image(7, (12, 10, 10, 3)))
+  """randaugment == the ops of sample_policy applied one by one with apply_op; on 10x18 images,
+  where MPL's TranslateX (W // 8) and TranslateY (H // 8) differ, so the policy must pass each
+  op the image's own (H, W)."""
+  x = jnp.asarray(_image(7, (12, 10, 18, 3)))
   out = np.asarray(_randaugment(variant)(KEY, x))
   pol = jax.tree.map(np.asarray, sample_policy(KEY, x.shape[0], variant))
   ops = augment.augment_ops(variant)
@@ -289,7 +312,7 @@ def test_randaugment_applies_the_sampled_policy(variant):
 
 def test_jit_and_vmap_work():
   keys = jax.random.split(KEY, 4)
-  x = jnp.asarray(_image(7, (12, 10, 10, 3)))  # The shape above: _randaugment is compiled.
+  x = jnp.asarray(_image(7, (12, 10, 18, 3)))  # The shape above: _randaugment is compiled.
   for name in ('Rotate', 'Equalize'):  # Equalize has its own batching rule.
     single = jax.jit(lambda k, im, name=name: apply_op(name, im, 16, rng=k))
     batched = jax.jit(jax.vmap(single))(keys, x[:4])
@@ -307,6 +330,11 @@ def test_mpl_translations_scale_with_their_own_side():
   to 5 px at m = 10 and TranslateY (height) 2 px."""
   assert float(augment.op_param('TranslateX', 10, 'mpl', (16, 40))) == 5
   assert float(augment.op_param('TranslateY', 10, 'mpl', (16, 40))) == 2
+  # The constants are floor divisions: on a 28x44 image (Fashion-MNIST's 28 is not a multiple
+  # of 8) they are 44 // 8 = 5 and 28 // 8 = 3, not 5.5 and 3.5; Cutout's is min(H, W) // 8.
+  assert float(augment.op_param('TranslateX', 10, 'mpl', (28, 44))) == 5
+  assert float(augment.op_param('TranslateY', 10, 'mpl', (28, 44))) == 3
+  assert float(augment.op_param('Cutout', 16, 'mpl', (28, 44))) == 2 * int(1.6 * 3)
 
 
 def test_weak_view_is_a_flip_and_a_crop_of_the_padded_image():
@@ -350,12 +378,49 @@ def test_cutout_paints_one_clipped_square():
   assert_one_grey_square_each(augment.cutout(KEY, jnp.zeros((64, 16, 16, 2), jnp.uint8), 6))
 
 
+def test_cutout_of_a_wide_image_centres_its_box_within_the_image():
+  """On a 12x24 image the box's centre row is uniform on 0..11 and its column on 0..23 (not the
+  other way round): every image keeps one grey square, most of them whole, and some boxes
+  reach the last column."""
+  out = np.asarray(augment.cutout(KEY, jnp.zeros((64, 12, 24, 1), jnp.uint8), 6))
+  assert all(np.any(o) for o in out)
+  assert_one_grey_square_each(out)
+  assert max(np.nonzero(o[..., 0])[1].max() for o in out) == 23
+
+
 def test_the_strong_view_ends_with_its_cutout():
   """strong_view's own Cutout (after RandAugment; no RandAugment layers here): on black images
   each output holds one grey square of at most cutout_size, usually whole; none without it."""
   images = jnp.zeros((64, 16, 16, 2), jnp.uint8)
   assert_one_grey_square_each(augment.strong_view(KEY, images, num_layers=0, cutout_size=6))
   assert not np.any(augment.strong_view(KEY, images, num_layers=0, cutout_size=0))
+
+
+def test_the_final_cutout_is_placed_independently_of_the_policy():
+  """RandAugment's closing Cutout draws its centre from uniforms of its own: on black images
+  whose one MPL layer is not applied, the grey square's centre is uncorrelated with the image's
+  probability p and with the op its layer drew."""
+  n = 512
+  out = np.asarray(augment.randaugment(KEY, jnp.zeros((n, 16, 16, 1), jnp.uint8), num_layers=1,
+                                       cutout_size=4))
+  pol = jax.tree.map(np.asarray, sample_policy(KEY, n, 'mpl', num_layers=1))
+  skipped = np.nonzero(~pol['apply'][:, 0])[0]
+  assert len(skipped) > n // 3
+  centres = np.array([np.mean(np.nonzero(out[i, ..., 0]), axis=1) for i in skipped])
+  assert abs(np.corrcoef(centres[:, 0], pol['prob'][skipped])[0, 1]) < 0.25
+  assert abs(np.corrcoef(centres[:, 1], pol['op'][skipped, 0])[0, 1]) < 0.25
+  assert abs(np.corrcoef(centres[:, 0], centres[:, 1])[0, 1]) < 0.25
+
+
+def test_the_second_jitter_draws_its_own_flip():
+  """strong_view with both jitters (no RandAugment, no Cutout, no padding): two independent
+  flips leave about half the images mirrored; one draw used twice would undo every flip."""
+  x = _image(13, (256, 8, 8, 1))
+  out = np.asarray(augment.strong_view(KEY, jnp.asarray(x), num_layers=0, cutout_size=0, pad=0,
+                                       jitter_before=True, jitter_after=True))
+  mirrored = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, x)]
+  assert all(m or np.array_equal(o, i) for m, o, i in zip(mirrored, out, x))
+  assert 0.4 < np.mean(mirrored) < 0.6
 
 
 def test_cutmix_mixes_labels_by_area():
@@ -374,6 +439,31 @@ def test_cutmix_mixes_labels_by_area():
       assert labels[i, partner] == pytest.approx(foreign, abs=1e-6)
       assert np.all(np.isin(mixed[i], [own[i, 0, 0, 0], own[partner, 0, 0, 0]]))
   assert np.mean(labels.max(1) < 1) > 0.5
+
+
+def test_cutmix_draws_a_box_of_its_own_per_image():
+  """Each image draws its own lam (box sides floor(H sqrt(1 - lam)) x floor(W sqrt(1 - lam)),
+  so the boxes' aspect follows the image's, W / H = 2 here) and its own centre, with y and x
+  drawn independently."""
+  b, h, w = 512, 24, 48
+  x = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None, None], (b, h, w, 1))
+  mixed, _ = jax.jit(augment.cutmix)(KEY, x, jax.nn.one_hot(jnp.arange(b), b))
+  mixed = np.asarray(mixed)[..., 0]
+  centres, sides = [], []
+  for i in range(b):
+    ys, xs = np.nonzero(mixed[i] != i)
+    if not len(ys):  # no box, or its own partner
+      continue
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    assert len(ys) == (y1 - y0) * (x1 - x0)  # one rectangle
+    centres.append(((y0 + y1) / 2, (x0 + x1) / 2))
+    if y0 > 0 and x0 > 0 and y1 < h and x1 < w and y1 - y0 >= 4:  # whole, not tiny
+      sides.append((y1 - y0, x1 - x0))
+  centres, sides = np.array(centres), np.array(sides)
+  assert len(centres) > 0.8 * b and len(sides) > 30
+  assert abs(np.corrcoef(centres[:, 0], centres[:, 1])[0, 1]) < 0.15
+  assert len(set(sides[:, 0])) >= 5  # sizes vary from image to image
+  assert np.median(sides[:, 1] / sides[:, 0]) == pytest.approx(w / h, abs=0.3)
 
 
 def test_cps_box_mask_is_the_xor_of_its_boxes():
@@ -462,6 +552,30 @@ def test_methods_take_their_views_from_the_config(method):
   _, x_w, x_s = method_obj.views(KEY, batch)
   np.testing.assert_array_equal(x_w, x)
   np.testing.assert_array_equal(x_s, x)
+
+
+@pytest.mark.parametrize('method', ['mpl', 'pseudo_label'])
+def test_method_views_are_the_labeled_weak_and_strong_views_in_that_order(method):
+  """Method.views(rng, batch) = (labeled view, weak view, strong view), from split(rng) as
+  base.labeled_view and base.unlabeled_views make them: the methods label the weak view and
+  train on the strong one, and a swap would turn that consistency target around."""
+  from mpl import methods, models  # pylint: disable=g-import-not-at-top
+  from mpl.methods import base  # pylint: disable=g-import-not-at-top
+  config = _views_config(labeled='weak', num_layers=2, cutout_size=4)
+  config.method = method
+  model = models.from_config(dict(name='cnn', features=(4,)), 10)
+  info = base.DataInfo(num_classes=10, mean=(0.0,), std=(1.0,), is_image=True)
+  method_obj = methods.get_method(method)(config, model, info)
+  method_obj.prepare = lambda images: images
+  x_l, x_u = jnp.asarray(_image(14, (8, 8, 8, 1))), jnp.asarray(_image(15, (16, 8, 8, 1)))
+  x_l_view, x_w, x_s = method_obj.views(KEY, {'labeled': {'image': x_l},
+                                              'unlabeled': {'image': x_u}})
+  labeled_rng, unlabeled_rng = jax.random.split(KEY)
+  weak, strong = base.unlabeled_views(config, unlabeled_rng, x_u)
+  assert not np.array_equal(weak, strong)
+  np.testing.assert_array_equal(x_l_view, base.labeled_view(config, labeled_rng, x_l))
+  np.testing.assert_array_equal(x_w, weak)
+  np.testing.assert_array_equal(x_s, strong)
 
 
 @pytest.mark.parametrize('view, mesh_shape', [('strong_mpl', (8, 1)), ('strong_fixmatch', (8, 1)),

@@ -525,6 +525,40 @@ def test_supervised_ema_follows_the_new_weights_and_is_what_ema_evaluates():
                          jax.tree.leaves(new_state.params)[0])
 
 
+def test_predict_is_the_eval_mode_pass_on_the_normalised_images():
+  """predict(variables, uint8 images) = the network in eval mode (running batch statistics) on
+  (images / 255 - mean) / std, the input it trained on."""
+  method, batch = supervised_cnn(), image_batch()
+  state = sharding.strip_boxes(method.init(jax.random.PRNGKey(0), batch['labeled']['image'][:1]))
+  state, _ = update(method, state, batch)   # running statistics away from their initial values
+  variables = base.variables_of(state.params, state.batch_stats)
+  images = batch['labeled']['image']
+  x = (np.asarray(images, np.float32) / 255.0 - 0.5) / 0.25
+  expected = method.model.apply(variables, jnp.asarray(x), train=False)
+  assert_trees_close(method.predict(variables, images), expected)
+  in_train_mode, _ = method.model.apply(variables, jnp.asarray(x), train=True,
+                                        mutable=['batch_stats'])
+  assert not np.allclose(in_train_mode, expected, atol=1e-3)
+
+
+def test_supervised_ema_decay_is_capped_at_ema_decay():
+  """The EMA decay is min(ema_decay, (t + 1) / (t + 10)): 4 / 13 at step 3, and ema_decay
+  itself (0.9) late in training, where (t + 1) / (t + 10) alone would go to 1 and freeze the
+  EMA. For the weights and the batch statistics."""
+  method, batch = supervised_cnn(ema_decay=0.9), image_batch()
+  init = sharding.strip_boxes(method.init(jax.random.PRNGKey(0), batch['labeled']['image'][:1]))
+  np.testing.assert_allclose(float(base.ema_decay_at(3, 0.9)), 4 / 13, rtol=1e-6)
+  np.testing.assert_allclose(float(base.ema_decay_at(1000, 0.9)), 0.9, rtol=1e-6)
+  for step, decay in [(3, 4 / 13), (1000, 0.9)]:
+    state = init.replace(step=jnp.int32(step))
+    new_state, _ = update(method, state, batch)
+    mix = lambda old, new, d=decay: jax.tree.map(lambda o, n: d * o + (1 - d) * n, old, new)
+    assert not np.allclose(jax.tree.leaves(new_state.params)[0], jax.tree.leaves(state.params)[0])
+    assert_trees_close(new_state.ema_params, mix(state.ema_params, new_state.params))
+    assert_trees_close(new_state.ema_batch_stats, mix(state.ema_batch_stats,
+                                                      new_state.batch_stats))
+
+
 def test_supervised_logs_the_lr_its_step_applies():
   """Cosine decay over 6 steps, plain SGD: each step moves the weights by lr * grad, and the
   'lr' it logs is that lr (not the next step's)."""
