@@ -14,6 +14,17 @@ from mpl.data import augment
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _log_levels_left_alone(monkeypatch):
+  """two_moons_figure.main quiets absl and the root logger for the rest of its process; called
+  here in the test process, it must not do so for the worker's later tests (absl's INFO lines
+  would no longer reach pytest's caplog)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(absl_logging, 'set_verbosity', lambda level: None)
+  monkeypatch.setattr(logging.getLogger(), 'setLevel', lambda level: None)
+
+
 @pytest.fixture
 def no_training(monkeypatch):
   """Fails the test if a run would start: every check must come before the first one."""
