@@ -27,11 +27,10 @@ specified with, which METHODS.md does not restate: it gives a per-step batch onl
 224x224, ResNet-50 teacher and student. The remaining values are the ImageNet-10% recipe of
 METHODS.md section 6 (see configs/imagenet10_mpl.py, including its augmentation: stream crop +
 flip, RandAugment with no extra pad-and-crop or Cutout, grey fill 128), which the sources do not
-restate for this run --
-UNVERIFIED for JFT: 1M steps; SGD Nesterov with lr x batch / 256 (teacher 0.15 -> 2.4, student
-0.1 -> 1.6), 5k warm-ups, student wait 20k, cosine; weight decay 1e-4; clipping 5.0; label
-smoothing 0.1; dropout 0.1; UDA temperature 0.5 / threshold 0.6 / weight 20 / ramp 50k;
-RandAugment magnitude 17; EMA 0.999; bfloat16 compute.
+restate for this run -- UNVERIFIED for JFT: 1M steps; SGD Nesterov with lr x batch / 256
+(teacher 0.15 -> 2.4, student 0.1 -> 1.6), 5k warm-ups, student wait 20k, cosine; weight decay
+1e-4; clipping 5.0; label smoothing 0.1; dropout 0.1; UDA temperature 0.5 / threshold 0.6 /
+weight 20 / ramp 50k; RandAugment magnitude 17; EMA 0.999; bfloat16 compute.
 
 Finetune stage (paper; `config.finetune`): after MPL the EMA student is trained on the labeled
 ImageNet images only with SGD at a constant lr 1e-5, batch 512 (WORKDIR/finetune), and

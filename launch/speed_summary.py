@@ -48,9 +48,9 @@ def views_share(profile: dict) -> tuple[float, float, float]:
 
 
 def profile_lines(r: dict) -> list[str]:
-  p = r.get('profile') or {}
-  if not p or 'error' in p:
-    return [f"  profile: {p.get('error', 'none')}"]
+  p = r['profile']
+  if 'error' in p:
+    return [f"  profile: {p['error']}"]
   kinds = ', '.join(f"{kind} {100 * row['share']:.0f}%"
                     for kind, row in list(p.get('by_kind', {}).items())[:4])
   own, fused, op_ms = views_share(p)
