@@ -1,5 +1,5 @@
-"""Command lines of launch/two_moons_figure.py, launch/gpu_figures.sh and `mpl.data.augment`:
-bad arguments stop with `error: ...` and status 2 before any work."""
+"""Command lines of launch/two_moons_figure.py, launch/gpu_figures.sh, launch/bench_augment.py
+and `mpl.data.augment`: bad arguments stop with `error: ...` and status 2 before any work."""
 
 import json
 import os
@@ -93,6 +93,36 @@ def test_augment_command_exits_2_without_a_traceback():
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and result.stderr.startswith('error: --size 0'), result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_bench_augment_times_the_strong_view_it_is_asked_for(monkeypatch, capsys):
+  """launch/bench_augment.py: the view of --variant on a batch of the asked shape and dtype,
+  compiled once, reported as the batch over the median time (a fake clock: 0.1, 0.4 and
+  0.2 s per batch, after a 10 s compile)."""
+  from launch import bench_augment  # pylint: disable=g-import-not-at-top
+  traced = []
+  real_view = augment.strong_view
+
+  def strong_view(key, images, variant):
+    traced.append((images.shape, str(images.dtype), variant))
+    return real_view(key, images, variant=variant)
+
+  ticks = iter([0.0, 10.0, 10.0, 10.1, 20.0, 20.4, 30.0, 30.2])
+
+  class FakeTime:
+    perf_counter = staticmethod(lambda: next(ticks))
+    process_time = staticmethod(lambda: 0.0)
+
+  monkeypatch.setattr(augment, 'strong_view', strong_view)
+  monkeypatch.setattr(bench_augment, 'time', FakeTime)
+  monkeypatch.setattr(sys, 'argv', ['bench_augment', '--variant', 'fixmatch', '--batch', '6',
+                                    '--size', '12', '--channels', '1', '--dtype', 'float32',
+                                    '--iters', '3'])
+  bench_augment.main()
+  line = capsys.readouterr().out
+  assert traced == [((6, 12, 12, 1), 'float32', 'fixmatch')]
+  assert 'variant=fixmatch dtype=float32 batch=6x12x12x1:' in line
+  assert 'compile+first 10.0 s, median 200.0 ms/batch (30 images/s; best 60 images/s)' in line
 
 
 def _gpu_figures(*args, tmp_path, **env):
