@@ -1,8 +1,10 @@
 """Command lines of launch/two_moons_figure.py, launch/gpu_figures.sh, launch/bench_augment.py
-and `mpl.data.augment`: bad arguments stop with `error: ...` and status 2 before any work."""
+and `mpl.data.augment`: bad arguments stop with `error: ...` and status 2 before any work. And
+the Colab notebook's commands and closing cell."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -123,6 +125,60 @@ def test_bench_augment_times_the_strong_view_it_is_asked_for(monkeypatch, capsys
   assert traced == [((6, 12, 12, 1), 'float32', 'fixmatch')]
   assert 'variant=fixmatch dtype=float32 batch=6x12x12x1:' in line
   assert 'compile+first 10.0 s, median 200.0 ms/batch (30 images/s; best 60 images/s)' in line
+
+
+# ml_collections loads a config file with the loader's load_module(), deprecated in Python 3.12.
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_colab_notebook_runs_are_valid_commands_and_its_last_cell_reads_their_results(
+    tmp_path, monkeypatch):
+  """launch/colab_smoke.ipynb: a notebook Colab opens (nbformat 4), whose `!python -m mpl.main`
+  lines parse with the trainer's own flags into valid configs, and whose closing cell reads
+  the summary keys and the curves a run writes (a 2-step run of its TwoMoons command)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from mpl import config_lib, train  # pylint: disable=g-import-not-at-top
+
+  notebook = json.load(open(os.path.join(ROOT, 'launch', 'colab_smoke.ipynb')))
+  assert notebook['nbformat'] == 4 and 'metadata' in notebook
+  for cell in notebook['cells']:
+    assert cell['cell_type'] in ('markdown', 'code') and isinstance(cell['source'], list)
+    if cell['cell_type'] == 'code':   # fields nbformat requires of a code cell
+      assert cell['outputs'] == [] and 'execution_count' in cell and 'metadata' in cell
+  code = [''.join(c['source']) for c in notebook['cells'] if c['cell_type'] == 'code']
+  commands = [line[1:] for cell in code for line in cell.splitlines()
+              if line.startswith('!python -m mpl.main')]
+  assert len(commands) == 2
+  monkeypatch.chdir(ROOT)
+  configs = {}
+  for command in commands:
+    argv = ['main'] + shlex.split(command)[3:]
+    flag_values = flags.FlagValues()   # the trainer's two flags, as mpl/main.py defines them
+    config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values,
+                                    lock_config=True, sys_argv=argv)
+    flags.DEFINE_string('workdir', None, '', flag_values=flag_values)
+    flag_values(argv)
+    config_lib.validate(flag_values.config, jax.device_count())
+    configs[os.path.basename(flag_values.workdir)] = flag_values.config
+  assert configs['two_moons_mpl'].method == configs['fashion_mnist_mpl'].method == 'mpl'
+  assert configs['fashion_mnist_mpl'].data.source == 'idx'
+
+  two_moons = configs['two_moons_mpl'].unlock()
+  two_moons.total_steps = 2
+  train.train_and_evaluate(two_moons, str(tmp_path / 'runs' / 'two_moons_mpl'))
+  shutil.copytree(tmp_path / 'runs' / 'two_moons_mpl', tmp_path / 'runs' / 'fashion_mnist_mpl')
+  shown = []
+  display = types.ModuleType('IPython.display')
+  display.Image = lambda path: path
+  display.display = shown.append
+  monkeypatch.setitem(sys.modules, 'IPython', types.ModuleType('IPython'))
+  monkeypatch.setitem(sys.modules, 'IPython.display', display)
+  exec(code[-1].replace('/content/runs', str(tmp_path / 'runs')), {})  # pylint: disable=exec-used
+  assert shown == [str(tmp_path / 'runs' / run / 'curves.png')
+                   for run in ('two_moons_mpl', 'fashion_mnist_mpl')]
+  assert all(os.path.exists(path) for path in shown)
 
 
 def _gpu_figures(*args, tmp_path, **env):
