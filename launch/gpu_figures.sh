@@ -19,7 +19,7 @@
 # what is left, and a step that cannot get 30 s is skipped (errors.txt says so).
 # Runs go to $RUNS/NAME (default /tmp/runs); a mode refuses to start where one of its runs
 # already finished there (summary.json), unless OVERWRITE=1.
-# Rehearsed on a CPU in a venv like the GPU image (Python 3.12, jax 0.11.2, numpy 2.5.2, no
+# Rehearsed on a CPU in a venv like the GPU image (Python 3.12, jax 0.11.2 and 0.12.0.1, no
 # TensorFlow / clu / ml_collections / matplotlib): `SMOKE=1 bash launch/gpu_figures.sh
 # speed|compare` runs every command on the runlocal configs in ~3 min each. The full-size
 # commands, cut short ($BENCH_ARGS: more mpl.bench flags; $EXTRA: more --config flags for every
