@@ -1,5 +1,6 @@
 """Tests of mpl.data: datasets, IDX reader, labeled splits, streaming input."""
 import gzip
+import hashlib
 import os
 import threading
 import time
@@ -87,6 +88,20 @@ def test_pad_odd_and_too_small():
     datasets.load_dataset('digits', image_size=4)
 
 
+def test_channel_stats_are_per_channel_and_pad_to_handles_non_square_images():
+  """RGB datasets (cifar, svhn) normalise each channel by its own statistics, and pad_to's
+  contract is a square output centred on the input whatever its aspect ratio."""
+  images = np.zeros((2, 2, 2, 3), np.uint8)
+  images[..., 0], images[..., 1] = 255, 51
+  images[0, ..., 2] = 255  # channel 2: half 0, half 255
+  mean, std = datasets.channel_stats(images)
+  np.testing.assert_allclose(mean, [1.0, 0.2, 0.5], atol=1e-12)
+  np.testing.assert_allclose(std, [0.0, 0.0, 0.5], atol=1e-12)
+  x = np.ones((1, 2, 4, 1), np.uint8)
+  y = datasets.pad_to(x, 6)
+  assert y.shape == (1, 6, 6, 1) and y[:, 2:4, 1:5].all() and y.sum() == x.sum()
+
+
 def test_missing_fashion_files(tmp_path, monkeypatch):
   monkeypatch.setenv(datasets.FASHION_MNIST_ENV, str(tmp_path))
   with pytest.raises(DataError, match=f'not found in {tmp_path}, where '
@@ -153,6 +168,74 @@ def test_idx_reader_and_corruption(tmp_path):
 
 
 
+def test_idx_reader_rejects_what_the_size_check_alone_lets_through(tmp_path):
+  """Corruptions the data size cannot reveal: one non-zero magic byte, another 1-byte type
+  code (0x09, signed byte), bytes beyond the data, or contents unlike the official file. Each
+  must raise DataError with the exact reinstall command, not yield garbage or a ValueError."""
+  images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+  good = _idx_bytes(images)
+  cases = {
+      'magic': b'\x00\x01' + good[2:],
+      'type code': good[:2] + b'\x09' + good[3:],
+      'trailing byte': good + b'\x00',
+  }
+  for what, data in cases.items():
+    bad = tmp_path / f'{what}.idx'
+    bad.write_bytes(data)
+    with pytest.raises(DataError,
+                       match='apt-get install --reinstall -y dataset-fashion-mnist'):
+      idx.read_idx(bad, ndim=3)
+  path = tmp_path / 'good.gz'
+  path.write_bytes(gzip.compress(good))
+  with pytest.raises(DataError, match='do not match the official file'):
+    idx.read_idx(path, ndim=3, sha256='0' * 64)
+  np.testing.assert_array_equal(
+      idx.read_idx(path, ndim=3, sha256=hashlib.sha256(good).hexdigest()), images)
+
+
+def test_idx_reader_reads_uncompressed_files_into_writable_arrays(tmp_path):
+  """Plain (not gzipped) IDX files read as well as gzipped ones, and the arrays are writable
+  (callers may edit them in place; np.frombuffer alone would give read-only views)."""
+  labels = np.array([3, 0, 9, 255], np.uint8)
+  plain = tmp_path / 'labels-idx1-ubyte'
+  plain.write_bytes(_idx_bytes(labels))
+  got = idx.read_idx(plain, ndim=1)
+  np.testing.assert_array_equal(got, labels)
+  assert got.flags.writeable
+  got[0] = 7  # must not raise
+
+
+def _write_fashion(directory, num_train=3, train_labels=None):
+  """Tiny files with the Fashion-MNIST names and layout (not the official contents)."""
+  rng = np.random.default_rng(0)
+  arrays = {'train_images': rng.integers(0, 256, (num_train, 28, 28)),
+            'train_labels': np.arange(num_train) % 10 if train_labels is None else train_labels,
+            'test_images': rng.integers(0, 256, (2, 28, 28)),
+            'test_labels': np.array([9, 0])}
+  for key, fname in idx.FASHION_MNIST_FILES.items():
+    (directory / fname).write_bytes(gzip.compress(_idx_bytes(np.asarray(arrays[key]))))
+  return arrays
+
+
+def test_read_fashion_mnist_checks_contents_counts_and_label_range(tmp_path):
+  """Files of the right names but wrong contents: refused by the sha256 check; without it,
+  split arrays that do not pair up (more images than labels) or labels outside 0..9 still raise
+  DataError, since training on them would misalign or index past the 10 classes."""
+  want = _write_fashion(tmp_path)
+  with pytest.raises(DataError, match='do not match the official file'):
+    idx.read_fashion_mnist(tmp_path)
+  got = idx.read_fashion_mnist(tmp_path, verify=False)
+  for key in ('train_images', 'test_images'):
+    np.testing.assert_array_equal(got[key], want[key][..., None])
+  np.testing.assert_array_equal(got['test_labels'], [9, 0])
+  _write_fashion(tmp_path, train_labels=np.array([0, 1]))
+  with pytest.raises(DataError, match='3 train images but 2 labels'):
+    idx.read_fashion_mnist(tmp_path, verify=False)
+  _write_fashion(tmp_path, train_labels=np.array([0, 10, 1]))
+  with pytest.raises(DataError, match='labels outside 0..9'):
+    idx.read_fashion_mnist(tmp_path, verify=False)
+
+
 def test_data_missing_on_another_host_counts_as_missing_on_every_host():
   """Multi-host: a host that has the data must not train on it while another host trains on
   stand-in arrays (the global arrays would differ per host): all fall back, or all stop."""
@@ -211,6 +294,36 @@ def test_two_moons_from_a_config_uses_its_data_seed_and_noise():
   np.testing.assert_array_equal(data.train_labels, want.train_labels)
   assert not np.array_equal(data.train_images,
                             datasets.load_dataset('two_moons', noise=0.2, seed=0).train_images)
+
+
+def test_digits_split_partitions_the_dataset_in_order_at_full_scale():
+  """The digits 0..16 grey levels map onto 0..255 exactly (16 -> 255, no uint8 wrap-around);
+  train and test are disjoint and hold all 1797 digits with their own labels; and each split
+  keeps sklearn's order (the module's promise), so indices into it mean the same digit."""
+  from sklearn import datasets as skd  # pylint: disable=g-import-not-at-top
+  sk = skd.load_digits()
+  index = {img.astype(np.uint8).tobytes(): i for i, img in enumerate(sk.images)}
+  d = datasets.load_dataset('digits')
+  found = {}
+  for split_name in ('train', 'test'):
+    images = getattr(d, f'{split_name}_images')[..., 0].astype(np.float64)
+    levels = np.round(images * 16 / 255)
+    np.testing.assert_array_equal(np.round(levels * 255 / 16), images)  # exact 17 levels
+    found[split_name] = np.array([index[x.astype(np.uint8).tobytes()] for x in levels])
+    assert np.all(np.diff(found[split_name]) > 0), split_name
+    np.testing.assert_array_equal(getattr(d, f'{split_name}_labels'),
+                                  sk.target[found[split_name]])
+  np.testing.assert_array_equal(np.sort(np.concatenate(list(found.values()))), np.arange(1797))
+
+
+def test_two_moons_test_set_is_its_train_set_and_takes_no_image_size():
+  """The paper's two-moons accuracy is measured on the training points: the test labels must be
+  the train labels too. It has no pixels, so an image_size is a mistake, not ignored."""
+  m = datasets.load_dataset('two_moons', noise=0.1, seed=3)
+  np.testing.assert_array_equal(m.test_labels, m.train_labels)
+  assert m.test_labels.dtype == np.int32
+  with pytest.raises(ConfigError, match='not an image dataset'):
+    datasets.load_dataset('two_moons', image_size=32)
 
 
 def test_standin_data_holds_the_configs_labeled_split():
@@ -544,6 +657,57 @@ def test_data_shard_follows_the_mesh_rows_not_the_process_order():
     streaming.data_shard(_layout([[0], [1], [1]]), 0)
   with pytest.raises(ConfigError, match='holds no device'):
     streaming.data_shard(_layout([[0], [0]]), 1)
+
+
+@needs_tfds
+def test_tfds_image_dataset_loads_both_splits_with_its_classes(tmp_path, monkeypatch):
+  """A prepared TFDS image dataset (cifar100's path, here a tiny one of 7 classes): train and
+  test come from their own splits, uint8 NHWC images and int32 labels, num_classes from the
+  dataset (100 for cifar100, not a fixed 10), and statistics of the unpadded train images."""
+  tfds = datasets.import_tfds()
+
+  class TinyClasses(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version('1.0.0')
+    url_infos = None
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(4, 4, 3)),
+          'label': tfds.features.ClassLabel(num_classes=7)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {'train': self._generate_examples(5, 0), 'test': self._generate_examples(3, 100)}
+
+    def _generate_examples(self, n, value):  # train images are 0, test images 100
+      for i in range(n):
+        yield i, {'image': np.full((4, 4, 3), value, np.uint8), 'label': (i * 3) % 7}
+
+  builder = TinyClasses(data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  monkeypatch.setattr(datasets, 'tfds_builder', lambda name, data_dir: builder)
+  d = datasets.load_dataset('cifar100', data_dir=str(tmp_path), image_size=6)
+  assert d.num_classes == 7
+  assert d.train_images.shape == (5, 6, 6, 3) and d.test_images.shape == (3, 6, 6, 3)
+  assert d.train_images.dtype == np.uint8 and not d.train_images.any()
+  assert (d.test_images[:, 1:5, 1:5] == 100).all() and d.test_images.sum() == 3 * 48 * 100
+  assert d.train_labels.dtype == d.test_labels.dtype == np.int32
+  assert sorted(d.train_labels) == [0, 2, 3, 5, 6] and sorted(d.test_labels) == [0, 3, 6]
+  assert d.mean == (0.0,) * 3 and d.std == (0.0,) * 3
+
+
+def test_missing_tensorflow_names_the_pinned_install_command(monkeypatch):
+  """Without TensorFlow the TFDS paths say how to install it: the exact versions pinned in
+  requirements.txt (others may not read the datasets this code was tested with)."""
+  with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'requirements.txt')) as f:
+    pins = dict(line.split('#')[0].strip().split('==') for line in f if '==' in line)
+  command = (f"pip install tensorflow-cpu=={pins['tensorflow-cpu']} "
+             f"tensorflow-datasets=={pins['tensorflow-datasets']}")
+  monkeypatch.setattr(datasets, 'tensorflow_available', lambda: False)
+  with pytest.raises(DataMissingError, match=f'`{command}`'):
+    datasets.load_dataset('cifar10')
+  with pytest.raises(DataMissingError, match=f'`{command}`'):
+    datasets.load_dataset('fashion_mnist', source='tfds')
 
 
 @needs_tfds
