@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -133,6 +134,20 @@ def test_summary_best_and_median_of_each_model_over_the_last_20_evaluations():
   # The last 20 are i = 5..24: medians 0.145 (EMA) and 0.0145 (raw; i = 3 is outside them).
   assert summary['median_last_20']['accuracy'] == pytest.approx(0.145)
   assert summary['median_last_20']['accuracy_raw'] == pytest.approx(0.0145)
+
+
+def test_mpl_without_an_ema_is_judged_by_its_student_not_its_teacher():
+  """MPL evaluates its teacher too; without an EMA the evaluated model (summary's final, best
+  and median) is the raw student, even where the teacher scores higher: the paper's result is
+  the student's."""
+  config = moons('method=mpl,labels=6')
+  evals = [{'step': s, 'raw': {'accuracy': a}, 'teacher': {'accuracy': a + 0.2}}
+           for s, a in ((10, 0.5), (20, 0.7), (30, 0.6))]
+  summary = train.summarize(config, evals, wall_s=1.0, steps=30, num_labeled=6)
+  assert summary['evaluated_model'] == 'raw'
+  assert summary['final']['accuracy'] == 0.6 and summary['final']['accuracy_teacher'] == 0.8
+  assert (summary['best']['accuracy'], summary['best']['step']) == (0.7, 20)
+  assert summary['median_last_20']['accuracy'] == 0.6
 
 
 class _TableMethod:
@@ -362,6 +377,52 @@ def test_resume_after_preemption_equals_uninterrupted_run(tmp_path):
   assert resumed['history'] == straight_summary['history']
 
 
+def _rows(workdir, key):
+  """The rows of WORKDIR/metrics.jsonl that hold `key`."""
+  return [row for row in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl')))
+          if key in row]
+
+
+def test_train_rows_average_their_log_window_and_eval_rows_hold_each_evaluation(tmp_path):
+  """log_every changes what is logged, not what is trained: a row of log_every=3 is the mean of
+  the per-step rows of its window (steps 1-3), and the last step logs its partial window. Each
+  evaluation's top-1 and top-5 of each model (raw, EMA) reach metrics.jsonl as in the summary."""
+  config = lambda log_every: moons('labels=6', total_steps=4, eval_every=2, checkpoint_every=4,
+                                   ema_decay=0.9, log_every=log_every)
+  every = str(tmp_path / 'every_step')
+  train.train_and_evaluate(config(1), every)
+  windowed = str(tmp_path / 'every_3')
+  summary = train.train_and_evaluate(config(3), windowed)
+  per_step = _rows(every, 'train/loss')
+  assert [row['step'] for row in per_step] == [1, 2, 3, 4]
+  rows = _rows(windowed, 'train/loss')
+  assert [row['step'] for row in rows] == [3, 4]
+  for key in rows[0]:
+    if key != 'step':
+      mean = sum(row[key] for row in per_step[:3]) / 3
+      assert rows[0][key] == pytest.approx(mean, rel=1e-6), key
+      assert rows[1][key] == pytest.approx(per_step[3][key], rel=1e-6), key
+  evals = _rows(windowed, 'eval/raw_accuracy')
+  assert [row['step'] for row in evals] == [e['step'] for e in summary['history']] == [2, 4]
+  for row, evaluation in zip(evals, summary['history']):
+    assert set(evaluation) == {'step', 'raw', 'ema'}
+    assert row == {'step': evaluation['step'], **{
+        f'eval/{model}_{name}': value for model in ('raw', 'ema')
+        for name, value in evaluation[model].items()}}
+
+
+def test_an_evaluation_at_the_step_a_run_stopped_is_kept_by_its_resume(tmp_path):
+  """A run stopped at step 2, where it also evaluates: the checkpoint saved there holds that
+  evaluation, so the resumed run's history (summary, best, median) still has step 2."""
+  config = lambda: moons('labels=6', total_steps=4, eval_every=2, checkpoint_every=4)
+  workdir = str(tmp_path)
+  stopped = train.train_and_evaluate(config(), workdir, should_stop=lambda step: step == 2)
+  assert stopped['stopped_at'] == 2 and [e['step'] for e in stopped['history']] == [2]
+  summary = train.train_and_evaluate(config(), workdir)
+  assert [e['step'] for e in summary['history']] == [2, 4]
+  assert [row['step'] for row in _rows(workdir, 'eval/raw_accuracy')] == [2, 4]
+
+
 def test_a_run_keeps_its_last_keep_checkpoints_checkpoints(tmp_path):
   train.train_and_evaluate(moons('labels=6', total_steps=7, eval_every=7, checkpoint_every=2,
                                  log_every=7, keep_checkpoints=3), str(tmp_path))
@@ -432,6 +493,38 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path):
   # The advice names the keys that set the learning rates of each method and stage.
   assert '--config.mpl.student_optimizer.lr' in train.divergence_advice(moons('method=mpl'))
   assert '--config.finetune.lr' in train.divergence_advice(config, 'finetune')
+
+
+def test_a_non_finite_loss_names_its_step_and_term_and_is_never_checkpointed(tmp_path,
+                                                                             monkeypatch):
+  """An inf loss (not only NaN) at step 4, a checkpoint step: the error names that step and the
+  loss term (before another non-finite metric), says the checkpoint of step 2 is intact, and the
+  bad state is not saved. Resumed from step 2, a NaN at step 3 names step 3; the checkpoint it
+  resumed from is intact although this session saved none."""
+  bad_update = []  # index of the update (state.step before it) whose metrics are made bad
+  step_fn = train.Experiment.step
+
+  def step(self, state, index):
+    state, metrics = step_fn(self, state, index)
+    if bad_update and index == bad_update[0]:
+      metrics = {**metrics, 'loss': jnp.float32(bad_update[1]), 'grad_norm': jnp.float32(np.nan)}
+    return state, metrics
+  monkeypatch.setattr(train.Experiment, 'step', step)
+  config = lambda: moons('labels=6', total_steps=6, checkpoint_every=2, eval_every=6,
+                         log_every=6)
+  workdir = str(tmp_path / 'run')
+  bad_update[:] = [3, np.inf]
+  with pytest.raises(NonFiniteLossError, match=r'non-finite loss = inf at step 4\. .*the last '
+                     r'checkpoint is intact'):
+    train.train_and_evaluate(config(), workdir)
+  with train.Checkpoints(workdir, keep=1, read_only=True) as checkpoints:
+    assert checkpoints.all_steps() == [2]
+  bad_update[:] = [2, np.nan]
+  with pytest.raises(NonFiniteLossError, match=r'non-finite loss = nan at step 3\. .*the last '
+                     r'checkpoint is intact'):
+    train.train_and_evaluate(config(), workdir)
+  with pytest.raises(NonFiniteLossError, match=r'loss_student = -inf at finetune step 7\. '):
+    train.check_finite({'accuracy': np.nan, 'loss_student': -np.inf}, 7, stage='finetune')
 
 
 # --- bad input fails before training, clearly ---------------------------------------------------
@@ -834,6 +927,45 @@ def test_finetune_stage_after_a_one_network_method(tmp_path):
   assert (tmp_path / 'config.json').read_text() == recorded
 
 
+def test_a_stop_in_the_first_stage_never_starts_the_finetune_stage(tmp_path, monkeypatch):
+  """A run stopped in its first stage (at step 2, or by a SIGTERM that lands after its last
+  step) does not finetune a student the resumed run would go on training: no finetune
+  checkpoint, no summary.json, the signal handlers put back. The rerun finetunes, and its
+  curves show both stages."""
+  config = lambda: moons('labels=6', total_steps=4, eval_every=4, checkpoint_every=4,
+                         **{'finetune.steps': 2, 'finetune.batch_size': 8})
+  finetune_dir = tmp_path / 'finetune' / 'checkpoints'
+  handlers = lambda: [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+  before = handlers()
+  stopped = train.train_and_evaluate(config(), str(tmp_path), should_stop=lambda s: s == 2)
+  assert stopped['stopped_at'] == 2 and 'before_finetune' not in stopped
+  assert not finetune_dir.exists() and handlers() == before
+  flags, summarize, enter = [], train.summarize, train.PreemptionFlag.__enter__
+
+  def remembered_enter(self):
+    flags.append(self)
+    return enter(self)
+
+  def sigterm_as_the_stage_ends(*args, **kwargs):  # the handler's work, without a real signal
+    if not flags[-1].requested:  # once: a second signal would end the process
+      flags[-1]._handle(signal.SIGTERM, None)
+    return summarize(*args, **kwargs)
+
+  monkeypatch.setattr(train.PreemptionFlag, '__enter__', remembered_enter)
+  monkeypatch.setattr(train, 'summarize', sigterm_as_the_stage_ends)
+  stopped = train.train_and_evaluate(config(), str(tmp_path))
+  assert stopped['stopped_at'] == 4 and 'before_finetune' not in stopped
+  assert not finetune_dir.exists() and not (tmp_path / 'summary.json').exists()
+  monkeypatch.setattr(train, 'summarize', summarize)
+  drawn = []
+  monkeypatch.setattr(train, 'draw_curves', lambda stages, *args: drawn.append(stages))
+  summary = train.train_and_evaluate(config(), str(tmp_path))
+  assert 'stopped_at' not in summary and summary['steps'] == 6
+  assert summary['before_finetune']['steps'] == 4 and os.listdir(finetune_dir) == ['2']
+  assert drawn == [[summary['before_finetune']['history'], summary['history']]]
+  assert [[e['step'] for e in stage] for stage in drawn[0]] == [[4], [2]]
+
+
 def test_the_wall_time_of_a_run_with_a_finetune_stage_is_both_stages(tmp_path):
   """summary.json's wall_s is the MPL stage's (before_finetune.wall_s) plus the finetune
   stage's own (saved with its checkpoints), not the finetune stage's alone."""
@@ -1104,3 +1236,21 @@ def test_a_damaged_config_json_is_replaced_with_a_warning(tmp_path):
   assert json.loads((workdir / 'config.json').read_text())['total_steps'] == moons(
       'labels=6').total_steps
   assert not (workdir / 'config_changes.jsonl').exists()
+
+
+def test_config_changes_keep_every_resume_in_order(tmp_path):
+  """config_changes.jsonl is a history: a second changed resume adds its line after the first
+  (it must not replace it), each naming the step it resumed at. A fresh run (no checkpoint)
+  that replaces a stale config.json records nothing: it changed no trained run."""
+  workdir = str(tmp_path)
+  train.write_config(moons('labels=6'), workdir, resume_step=None)
+  train.write_config(moons('labels=6', seed=1), workdir, resume_step=None)
+  assert not (tmp_path / 'config_changes.jsonl').exists()
+  train.write_config(moons('labels=6', seed=1, total_steps=20000), workdir, resume_step=4)
+  train.write_config(moons('labels=6', seed=1, total_steps=20000), workdir, resume_step=6)
+  train.write_config(moons('labels=6', seed=1, total_steps=30000, **{'optimizer.lr': 0.05}),
+                     workdir, resume_step=8)
+  lines = [json.loads(line) for line in open(tmp_path / 'config_changes.jsonl')]
+  assert lines == [{'step': 4, 'changed': {'total_steps': [10000, 20000]}},
+                   {'step': 8, 'changed': {'optimizer.lr': [0.1, 0.05],
+                                           'total_steps': [20000, 30000]}}]
