@@ -16,7 +16,8 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from mpl.models import DEFAULTS, MODELS, PRESETS, decay_mask, get_model, model_options
 from mpl.models.efficientnet import (BLOCKS, VARIANTS, EfficientNet, MBConvBlock,
-                                     round_filters, round_repeats, stack_block_variables)
+                                     SqueezeExcite, round_filters, round_repeats,
+                                     stack_block_variables)
 from mpl.models.wide_resnet import StochasticDepth
 
 # Tiny batches: XLA's compile time dominates, so compile without optimisation.
@@ -517,3 +518,117 @@ def test_depthwise_tap_gradient_in_bfloat16_and_where_it_is_used():
         with jax.set_mesh(mesh):
             jaxpr = str(jax.make_jaxpr(lambda x, k: depthwise_conv2d(x, k, 1))(x, k))
         assert ('custom_vjp' in jaxpr) == uses_taps, shape
+
+
+def test_squeeze_excitation_gates_channels_by_their_spatial_mean():
+  """Squeeze-excitation (the official `squeeze_and_excitation`): each channel of x is multiplied
+  by sigmoid(expand(swish(reduce(mean of x over H, W)))), a gate in (0, 1) per example and
+  channel; checked against numpy with non-zero biases."""
+  se = SqueezeExcite(reduced_features=3, dtype=jnp.float32)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 4, 6)).astype(np.float32) + 0.5
+  params = nn.unbox(se.init(jax.random.key(0), x)['params'])
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+  sigmoid = lambda z: 1 / (1 + np.exp(-z))
+  dense = lambda v, layer: v @ np.asarray(layer['kernel'][0, 0]) + np.asarray(layer['bias'])
+  s = dense(x.mean(axis=(1, 2)).astype(np.float64), params['reduce'])
+  gate = sigmoid(dense(s * sigmoid(s), params['expand']))
+  np.testing.assert_allclose(se.apply({'params': params}, x), x * gate[:, None, None, :],
+                             rtol=1e-5, atol=1e-5)
+
+
+# Width 0.25, depth 0.5: stem 8 channels, stages of 1, 1, 1, 2, 2, 2, 1 blocks (10 in all);
+# blocks 1, 5, 7 and 9 keep stride 1 and width, so only they have an identity shortcut.
+SMALL = dict(width_coefficient=0.25, depth_coefficient=0.5)
+
+
+def _traced_training_pass(model, x, interceptor):
+  """Runs `interceptor` through a training pass of `model`, traced only (nothing compiled)."""
+  def train(variables, key):
+    with nn.intercept_methods(interceptor):
+      return model.apply(variables, x, train=True, rngs={'dropout': key},
+                         mutable=['batch_stats'])
+  return jax.eval_shape(train, jax.eval_shape(model.init, jax.random.key(0), x),
+                        jax.random.key(1))
+
+
+@pytest.mark.parametrize('scan_blocks', [False, True])
+def test_drop_connect_rate_grows_with_the_block_index(monkeypatch, scan_blocks):
+  """Drop-connect, as both references: rate * i / num_blocks for block i (0-based) over all
+  blocks, only on blocks with an identity shortcut; with `scan_blocks` each scanned block keeps
+  its own rate (blocks_5_to_5 ... hold blocks 5, 7 and 9). Rate 0.4 over 10 blocks: block_1
+  0, block_5 0.16, block_7 0.24, block_9 0.32."""
+  model = EfficientNet(10, **SMALL, stochastic_depth_rate=0.4, scan_blocks=scan_blocks)
+  rates = {}
+  scan = EfficientNet._scan_repeated_blocks
+
+  def recording_scan(block, x, train, block_rates):
+    rates[block.name.replace('blocks_', 'block_').split('_to_')[0]] = block_rates
+    return scan(block, x, train, block_rates)
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and isinstance(context.module, StochasticDepth):
+      block = next(p for p in context.module.scope.path if p.startswith('block'))
+      if not block.startswith('blocks_'):
+        rates[block] = [context.module.rate]
+    return next_fun(*args, **kwargs)
+
+  monkeypatch.setattr(EfficientNet, '_scan_repeated_blocks', staticmethod(recording_scan))
+  _traced_training_pass(model, _images(), interceptor)
+  assert rates.keys() == {'block_1', 'block_5', 'block_7', 'block_9'}
+  want = {'block_1': 0.0, 'block_5': 0.16, 'block_7': 0.24, 'block_9': 0.32}
+  assert {k: v for k, (v,) in rates.items()} == pytest.approx(want)
+
+
+def test_strides_on_a_stages_first_block_and_dropout_on_pooled_features():
+  """On 64x64 images: the stem halves to 32 px; a stage's stride sits only on its first block
+  (stages 4 and 6 have two blocks: their second keeps the resolution); the head's dropout acts
+  on the pooled (N, C) features, before the classifier."""
+  model = EfficientNet(10, **SMALL, dropout_rate=0.5)
+  sizes, dropout_inputs = {}, []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and isinstance(context.module, nn.Dropout):
+      dropout_inputs.append(args[0].ndim)
+    if context.method_name == '__call__' and context.module.name and (
+        context.module.name.startswith('block_') or context.module.name == 'stem_conv'):
+      sizes[context.module.name] = out.shape[1]
+    return out
+
+  _traced_training_pass(model, _images(size=64), interceptor)
+  assert sizes == {'stem_conv': 32, 'block_1': 32, 'block_2': 16, 'block_3': 8, 'block_4': 4,
+                   'block_5': 4, 'block_6': 4, 'block_7': 4, 'block_8': 2, 'block_9': 2,
+                   'block_10': 2}
+  assert dropout_inputs == [2]
+
+
+def test_bfloat16_compute_in_every_layer():
+  """`dtype=bfloat16` computes every layer in bfloat16 (the memory and speed the L2 runs count
+  on): every module's output in a training pass is bfloat16, the stem's to the depthwise convs'
+  and squeeze-excitation's to the classifier's; only the returned logits are float32."""
+  model = EfficientNet(10, **SMALL, dtype=jnp.bfloat16)
+  x = _images(size=16)
+  outputs = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and context.module.scope.path:
+      outputs['/'.join(context.module.scope.path)] = out.dtype
+    return out
+
+  logits, _ = _traced_training_pass(model, x, interceptor)
+  assert logits.dtype == jnp.float32
+  assert len(outputs) > 50 and any('depthwise_conv' in p for p in outputs)
+  assert {p: d for p, d in outputs.items() if d != jnp.bfloat16} == {}
+
+
+def test_classifier_init_is_the_official_uniform_one():
+  """The classifier starts as in the official code (`official_dense_init`): kernel
+  U(-1/sqrt(num_classes), 1/sqrt(num_classes)), filling that range, and zero bias."""
+  model = EfficientNet(10, width_coefficient=0.1, depth_coefficient=0.1, small_images=True)
+  jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+  params = nn.unbox(jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params'])
+  w, bound = np.asarray(params['classifier']['kernel']), 1 / np.sqrt(10)
+  assert w.shape == (128, 10) and np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+  assert abs(w.mean()) < 0.1 * bound and np.all(params['classifier']['bias'] == 0)

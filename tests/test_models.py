@@ -12,7 +12,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from mpl import config_lib
 from mpl.models import (MODELS, MLP, PRESETS, ResNet, ResNet50, WideResNet, decay_mask,
-                        get_model, is_decayed, model_options)
+                        from_config, get_model, is_decayed, model_options)
 from mpl.models.cnn import CNN
 from mpl.models.wide_resnet import StochasticDepth, stochastic_depth_rates
 
@@ -389,3 +389,141 @@ def test_remat_changes_memory_not_gradients(name, options):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
   # The recomputation is really there: jax.checkpoint lowers to optimisation barriers.
   assert programs[1].count('optimization_barrier') > programs[0].count('optimization_barrier')
+
+
+def test_from_config_builds_the_module_get_model_builds():
+  """A `model` block read back from config.json (lists, a dtype string) builds the very module
+  `get_model` builds from the config's tuples and dtype: equal, with equal hashes (a list field
+  would make the module unhashable, a dtype left a string would hash differently), so a resumed
+  or restored run compares and caches its networks as the original run did."""
+  block = {'name': 'mlp', 'hidden_sizes': [16, 4], 'activation': 'relu', 'dtype': 'bfloat16'}
+  model = from_config(block, 3)
+  want = get_model('mlp', 3, hidden_sizes=(16, 4), activation='relu',
+                   dtype=jnp.dtype('bfloat16'))
+  assert model == want and hash(model) == hash(want)
+  assert from_config({'name': 'cnn', 'features': [4, 8], 'dtype': None}, 10) == CNN(
+      10, features=(4, 8))
+
+
+def _traced_training_pass(model, x, interceptor):
+  """Runs `interceptor` through a training pass of `model`, traced only (nothing compiled)."""
+  def train(variables, key):
+    with nn.intercept_methods(interceptor):
+      return model.apply(variables, x, train=True, rngs={'dropout': key},
+                         mutable=['batch_stats'])
+  return jax.eval_shape(train, jax.eval_shape(model.init, jax.random.key(0), x),
+                        jax.random.key(1))
+
+
+ACTIVATION_FORMULAS = {'sigmoid': lambda z: 1 / (1 + np.exp(-z)),
+                       'relu': lambda z: np.maximum(z, 0), 'tanh': np.tanh}
+
+
+@pytest.mark.parametrize('activation', sorted(ACTIVATION_FORMULAS))
+def test_mlp_applies_its_activation_after_every_hidden_layer(activation):
+  """The MLP is dense -> activation for every hidden size, then a linear classifier (the paper's
+  TwoMoons nets: sigmoid units in both hidden layers). Its logits equal that network written
+  out in numpy, on (N, 2, 3) inputs flattened to 6 features, with three hidden layers."""
+  model = MLP(3, hidden_sizes=(5, 4, 6), activation=activation, initializer='uniform',
+              init_scale=1.0)
+  x = np.random.default_rng(0).normal(size=(7, 2, 3)).astype(np.float32)
+  params = nn.unbox(model.init(jax.random.key(0), x)['params'])
+  h = x.reshape(7, 6).astype(np.float64)
+  for i in range(3):
+    layer = params[f'hidden_{i}']
+    h = ACTIVATION_FORMULAS[activation](
+        h @ np.asarray(layer['kernel']) + np.asarray(layer['bias']))
+  want = h @ np.asarray(params['classifier']['kernel']) + np.asarray(params['classifier']['bias'])
+  np.testing.assert_allclose(model.apply({'params': params}, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('scale', [0.1, 0.5])
+def test_mlp_uniform_init_fills_the_symmetric_range(scale):
+  """initializer='uniform' draws every kernel and bias from U(-init_scale, init_scale) (the
+  paper's TwoMoons nets: U(-0.1, 0.1)): values of both signs reaching to near either bound,
+  none beyond, mean near 0; `init_scale` sets the bound."""
+  model = MLP(2, hidden_sizes=(64, 64), initializer='uniform', init_scale=scale)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2)))['params'])
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    w = np.asarray(leaf).ravel()
+    assert np.abs(w).max() <= scale, path
+    if w.size >= 64:  # kernels, hidden biases
+      assert w.min() < -0.8 * scale and w.max() > 0.8 * scale, path
+      assert abs(w.mean()) < 0.25 * scale, path
+
+
+def test_cnn_stage_resolutions_relus_and_dropout_on_pooled_features(monkeypatch):
+  """Each CNN stage is (3x3 conv -> BN -> ReLU) x 2 then a 2x2 max-pool: on 32x32 images the
+  stages' convs run at 32, 16 and 8 pixels, there is one ReLU per conv, and dropout acts on the
+  globally pooled (N, C) features, as the module docstring says."""
+  model = CNN(10, features=(4, 4, 8), dropout_rate=0.5)
+  x = _images()
+  convs, dropout_inputs, relus = {}, [], []
+  relu = nn.relu
+
+  def recording_relu(y):
+    relus.append(y.shape)
+    return relu(y)
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and isinstance(context.module, nn.Conv):
+      convs[context.module.name] = out.shape[1:]
+    if context.method_name == '__call__' and isinstance(context.module, nn.Dropout):
+      dropout_inputs.append(args[0].ndim)
+    return out
+
+  monkeypatch.setattr(nn, 'relu', recording_relu)
+  _traced_training_pass(model, x, interceptor)
+  assert convs == {'conv_1_1': (32, 32, 4), 'conv_1_2': (32, 32, 4), 'conv_2_1': (16, 16, 4),
+                   'conv_2_2': (16, 16, 4), 'conv_3_1': (8, 8, 8), 'conv_3_2': (8, 8, 8)}
+  per_pass = [(2, 32, 32, 4)] * 2 + [(2, 16, 16, 4)] * 2 + [(2, 8, 8, 8)] * 2
+  assert relus == per_pass * 2   # the traced init, then the training pass
+  assert dropout_inputs == [2]
+
+
+def test_resnet_v15_strides_and_relu_after_the_residual_add():
+  """ResNet v1.5 on 32x32 images: the 7x7/2 stem conv (16 px) and the 3x3/2 max-pool bring
+  8x8 maps to the first stage, which keeps them; a later stage's first block halves them in its
+  3x3 conv (its 1x1 conv still runs at the input's 8 px: v1, with the stride in the 1x1 conv,
+  would not) and in its projection shortcut. Every block ends with a ReLU after the residual
+  add, so block outputs are non-negative (projection shortcuts alone are not)."""
+  model = ResNet(10, stage_sizes=(2, 1), num_filters=8)
+  x = _images()
+  variables = model.init(jax.random.key(0), x)
+  _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  inter = state['intermediates']
+  out = lambda *path: functools.reduce(lambda d, k: d[k], path, inter)['__call__'][0]
+  assert out('stem_conv').shape[1:3] == (16, 16)
+  assert out('block_1').shape[1:] == out('block_2').shape[1:] == (8, 8, 32)
+  assert out('block_3', 'conv_1').shape[1:] == (8, 8, 16)
+  assert out('block_3', 'conv_2').shape[1:] == (4, 4, 16)
+  assert out('block_3', 'shortcut_conv').shape[1:] == (4, 4, 64)
+  assert out('block_3').shape[1:] == (4, 4, 64)
+  assert np.asarray(out('block_1', 'shortcut_bn')).min() < 0
+  for name in ('block_1', 'block_2', 'block_3'):
+    assert np.asarray(out(name)).min() >= 0 and np.asarray(out(name)).max() > 0, name
+
+
+def _drop_connect_rates(model, x):
+  """{block name: rate} of every StochasticDepth layer in a training pass, traced only."""
+  rates = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and isinstance(context.module, StochasticDepth):
+      block = next(p for p in context.module.scope.path if p.startswith('block'))
+      rates[block] = context.module.rate
+    return next_fun(*args, **kwargs)
+
+  _traced_training_pass(model, x, interceptor)
+  return rates
+
+
+def test_resnet_stochastic_depth_grows_with_the_block_index():
+  """Stochastic depth in a ResNet follows the linear schedule rate * i / num_blocks over all
+  blocks (0-based i; wide_resnet.stochastic_depth_rates), on identity-shortcut blocks only:
+  stages (3, 2) of 5 blocks at rate 0.5 drop block_2, block_3 and block_5 (projection blocks
+  1 and 4 never) with 0.1, 0.2 and 0.4."""
+  model = ResNet(10, stage_sizes=(3, 2), num_filters=4, stochastic_depth_rate=0.5)
+  rates = _drop_connect_rates(model, _images(size=16))
+  assert rates == pytest.approx({'block_2': 0.1, 'block_3': 0.2, 'block_5': 0.4})
