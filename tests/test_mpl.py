@@ -635,3 +635,159 @@ def test_the_ema_follows_the_student():
   assert max_abs_difference(old, new) > 1e-3 and max_abs_difference(new, new_state.params[
       'teacher']) > 1e-3
   assert_trees_close(new_state.ema_params, jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, old, new))
+
+
+# -- Parts of the update the tests above leave free (a mutation audit) -------------------------
+
+
+def test_uda_mask_keeps_a_sharpened_confidence_equal_to_the_threshold():
+  """METHODS.md section 4, written out with numbers: q = softmax(z_w / tau); an example counts
+  where max(q) >= threshold (equal logits give q = 1/2 exactly: kept at threshold 0.5), the
+  confidence is that of the sharpened q (0.599 for logits (0.2, 0) at tau 0.5, 0.550 unsharpened:
+  kept at 0.58), and the loss sums CE(q, z_s) (z_s not sharpened) over kept examples divided by
+  the whole batch."""
+  from mpl.methods.mpl import uda_loss  # pylint: disable=g-import-not-at-top
+  weak = np.array([[0.0, 0.0], [2.0, 0.0], [0.2, 0.0]], np.float32)
+  strong = np.array([[1.0, -0.5], [0.3, 0.4], [-1.0, 0.7]], np.float32)
+  tau = 0.5
+  q = np.exp(weak / tau) / np.exp(weak / tau).sum(-1, keepdims=True)
+  log_p = strong - np.log(np.exp(strong).sum(-1, keepdims=True))
+  ce = -(q * log_p).sum(-1)
+  for threshold, kept in ((0.5, [1, 1, 1]), (0.58, [0, 1, 1]), (0.9, [0, 1, 0])):
+    loss, rate = uda_loss(jnp.asarray(weak), jnp.asarray(strong), tau, threshold)
+    kept = np.array(kept, np.float32)
+    np.testing.assert_allclose(float(rate), kept.mean(), err_msg=str(threshold))
+    np.testing.assert_allclose(float(loss), (kept * ce).sum() / 3, rtol=1e-5,
+                               err_msg=str(threshold))
+
+
+def test_official_release_student_learns_soft_labels_and_h_is_new_minus_old():
+  """official_release, as the released code: the student's step (SGD lr 1) is minus the gradient
+  of CE(softmax(T(s(x_u))), S(s(x_u))) with the soft labels (not hard ones), and its h is
+  f_new - f_old (the reverse of the paper's sign), which the baseline averages (decay 0.99)."""
+  method = make_method('official_release', student_lr=1.0)
+  batch = moons_batch()
+  state = init_state(method, batch).replace(method_state={'baseline': jnp.float32(0.5)})
+  new_state, metrics = method.update(state, batch)
+
+  x_u = batch['unlabeled']['image']
+  teacher, student = state.params['teacher'], state.params['student']
+  soft = jax.nn.softmax(mlp_apply(method, teacher, x_u))
+  assert float(jnp.max(soft)) < 0.9   # far from one-hot labels
+  student_loss = lambda p: jnp.mean(base.soft_cross_entropy(mlp_apply(method, p, x_u), soft))
+  expected = sgd_step(student, jax.grad(student_loss)(student))
+  assert_trees_close(new_state.params['student'], expected)
+
+  h = labeled_loss(method, expected, batch) - labeled_loss(method, student, batch)
+  assert abs(float(h)) > 1e-3
+  np.testing.assert_allclose(float(metrics['h']), float(h), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics['baseline']), 0.99 * 0.5 + 0.01 * float(h), rtol=1e-5)
+
+
+def test_each_smoothing_reaches_only_its_own_loss():
+  """Three targets in one step: the student learns 0.7 one_hot(yhat) + 0.15
+  (mpl.student_label_smoothing 0.3), the teacher's labeled CE uses 0.9 one_hot(y) + 0.05
+  (label_smoothing 0.1), and its feedback term is sg(h - b) * CE(one_hot(yhat), T(s(x_u))) with
+  the hard label, the one REINFORCE scores (METHODS.md section 6); h is measured without
+  smoothing. Plain SGD (teacher lr 1), baseline decay 0.5 from 0, no UDA."""
+  eta = 0.3
+  method = make_method('first_order', student_lr=eta, teacher_lr=1.0, label_smoothing=0.1)
+  method.config.mpl.student_label_smoothing = 0.3
+  method.config.mpl.baseline_decay = 0.5
+  batch = moons_batch()
+  state = init_state(method, batch)
+  new_state, metrics = method.update(state, batch)
+
+  x_l, y_l, x_u = batch['labeled']['image'], batch['labeled']['label'], batch['unlabeled']['image']
+  teacher, student = state.params['teacher'], state.params['student']
+  pseudo = jax.nn.one_hot(jnp.argmax(mlp_apply(method, teacher, x_u), -1), 2)
+  student_targets = 0.7 * pseudo + 0.15
+  student_loss = lambda p: jnp.mean(base.soft_cross_entropy(mlp_apply(method, p, x_u),
+                                                            student_targets))
+  new_student = sgd_step(student, jax.grad(student_loss)(student), eta)
+  assert_trees_close(new_state.params['student'], new_student)
+  h = labeled_loss(method, student, batch) - labeled_loss(method, new_student, batch)
+  coefficient = h - 0.5 * h
+  assert abs(float(coefficient)) > 0.02
+  np.testing.assert_allclose(float(metrics['h']), float(h), rtol=1e-4)
+
+  labeled_targets = 0.9 * jax.nn.one_hot(y_l, 2) + 0.05
+
+  def teacher_loss(t):
+    labeled = jnp.mean(base.soft_cross_entropy(mlp_apply(method, t, x_l), labeled_targets))
+    return labeled + coefficient * jnp.mean(base.soft_cross_entropy(mlp_apply(method, t, x_u),
+                                                                    pseudo))
+
+  expected = sgd_step(teacher, jax.grad(teacher_loss)(teacher))
+  assert_trees_close(new_state.params['teacher'], expected)
+
+
+def test_logged_metrics_measure_what_they_are_named():
+  """A run is read from its log: lr_teacher / lr_student are each network's lr (0.5, 0.3 here),
+  *_grad_norm the global norm of each network's gradient (the SGD step / lr), loss_teacher_labeled
+  the teacher's smoothed CE_l before its weight (0.4), loss_mpl the feedback term
+  sg(h - b) * CE(yhat, T(s(x_u))), loss_teacher their weighted sum, and pseudo_label_accuracy the
+  accuracy of the labels the student learns (from the strong view, distinct here)."""
+  eta_t, eta_s, w_l = 0.5, 0.3, 0.4
+  method = make_method('first_order', student_lr=eta_s, teacher_lr=eta_t, label_smoothing=0.1)
+  method.config.mpl.teacher_labeled_weight = w_l
+  batch = moons_batch()
+  x_l, y_l, x_w = batch['labeled']['image'], batch['labeled']['label'], batch['unlabeled']['image']
+  x_s = -x_w[::-1]
+  method.views = lambda rng, batch: (x_l, x_w, x_s)
+  y_u = jnp.asarray(make_moons(48, noise=0.1, random_state=0)[1][8:24], jnp.int32)
+  batch = {**batch, 'unlabeled': {'image': x_w, 'label': y_u}}
+  state = init_state(method, batch)
+  new_state, metrics = method.update(state, batch)
+
+  np.testing.assert_allclose(float(metrics['lr_teacher']), eta_t, rtol=1e-6)
+  np.testing.assert_allclose(float(metrics['lr_student']), eta_s, rtol=1e-6)
+  for name, lr in (('teacher', eta_t), ('student', eta_s)):
+    step = jax.tree.map(lambda a, b: (a - b) / lr, state.params[name], new_state.params[name])
+    norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(step)))
+    np.testing.assert_allclose(float(metrics[f'{name}_grad_norm']), norm, rtol=1e-3)
+
+  teacher = state.params['teacher']
+  labeled = jnp.mean(base.soft_cross_entropy(mlp_apply(method, teacher, x_l),
+                                             0.9 * jax.nn.one_hot(y_l, 2) + 0.05))
+  pseudo = jnp.argmax(mlp_apply(method, teacher, x_s), -1)
+  assert bool(jnp.any(pseudo != jnp.argmax(mlp_apply(method, teacher, x_w), -1)))
+  feedback = (metrics['h'] - metrics['baseline']) * jnp.mean(
+      base.cross_entropy(mlp_apply(method, teacher, x_s), pseudo))
+  assert abs(float(feedback)) > 1e-5
+  np.testing.assert_allclose(float(metrics['loss_teacher_labeled']), float(labeled), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['loss_mpl']), float(feedback), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics['loss_teacher']), float(w_l * labeled + feedback),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['pseudo_label_accuracy']),
+                             float(jnp.mean(pseudo == y_u)))
+
+
+def test_sampled_pseudo_labels_follow_the_teachers_unsharpened_softmax():
+  """pseudo_label 'sample' draws yhat ~ softmax(T(s(x_u))) itself: 16384 copies of one point with
+  p(class 0) = 0.3 in one step give a class-0 frequency within 5 standard errors (0.018) of
+  0.3. A draw from a sharpened softmax (the UDA temperature 0.7: 0.23) or a flattened one would
+  give the teacher's REINFORCE term labels of other probabilities than the ones it scores."""
+  method = make_method('first_order', pseudo_label='sample', student_lr=0.1)
+  batch = moons_batch(n_l=8, n_u=1)
+  state = init_state(method, batch)
+  teacher = dict(state.params['teacher'])
+  teacher['classifier'] = jax.tree.map(lambda w: 8.0 * w, teacher['classifier'])
+  state = state.replace(params={**state.params, 'teacher': teacher})
+  candidates = jnp.asarray(make_moons(400, noise=0.3, random_state=1)[0], jnp.float32)
+  p_candidates = jax.nn.softmax(mlp_apply(method, teacher, candidates))[:, 0]
+  point = candidates[int(jnp.argmin(jnp.abs(p_candidates - 0.3)))]
+  p0 = float(jax.nn.softmax(mlp_apply(method, teacher, point[None]))[0, 0])
+  assert abs(p0 - 0.3) < 0.03
+  n = 16384
+  b = {**batch, 'unlabeled': {'image': jnp.tile(point[None], (n, 1)),
+                              'label': jnp.zeros(n, jnp.int32)}}
+  frequency = float(method.update(state, b)[1]['pseudo_label_accuracy'])
+  assert abs(frequency - p0) < 5 * np.sqrt(p0 * (1 - p0) / n)
+
+
+def test_accuracy_is_the_fraction_of_argmax_predictions_equal_to_the_labels():
+  """base.accuracy (the train_accuracy every method logs): the top class of each row against its
+  label, averaged over the batch (2 of 4 here)."""
+  logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 1.0, 5.0], [4.0, 0.0, 1.0]])
+  np.testing.assert_allclose(float(base.accuracy(logits, jnp.array([0, 1, 0, 2]))), 0.5)
