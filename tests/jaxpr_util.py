@@ -1,5 +1,7 @@
-"""Reading traced programs in tests: the precision each matmul and convolution asks for."""
+"""Reading traced programs in tests: the precision each matmul and convolution asks for, and
+what the modules of a training pass see (traced only, nothing compiled)."""
 
+import flax.linen as nn
 import jax
 
 HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
@@ -19,3 +21,14 @@ def matmul_precisions(jaxpr) -> list:
         if hasattr(inner, 'eqns'):
           found += matmul_precisions(inner)
   return found
+
+
+def traced_training_pass(model, x, interceptor):
+  """Runs `interceptor` (nn.intercept_methods) through a training pass of `model` on `x`,
+  traced only: nothing is compiled. Returns the abstract (logits, batch_stats)."""
+  def train(variables, key):
+    with nn.intercept_methods(interceptor):
+      return model.apply(variables, x, train=True, rngs={'dropout': key},
+                         mutable=['batch_stats'])
+  return jax.eval_shape(train, jax.eval_shape(model.init, jax.random.key(0), x),
+                        jax.random.key(1))

@@ -19,6 +19,7 @@ from mpl.models.efficientnet import (BLOCKS, VARIANTS, EfficientNet, MBConvBlock
                                      SqueezeExcite, round_filters, round_repeats,
                                      stack_block_variables)
 from mpl.models.wide_resnet import StochasticDepth
+from jaxpr_util import traced_training_pass
 
 # Tiny batches: XLA's compile time dominates, so compile without optimisation.
 _jit = functools.partial(
@@ -542,16 +543,6 @@ def test_squeeze_excitation_gates_channels_by_their_spatial_mean():
 SMALL = dict(width_coefficient=0.25, depth_coefficient=0.5)
 
 
-def _traced_training_pass(model, x, interceptor):
-  """Runs `interceptor` through a training pass of `model`, traced only (nothing compiled)."""
-  def train(variables, key):
-    with nn.intercept_methods(interceptor):
-      return model.apply(variables, x, train=True, rngs={'dropout': key},
-                         mutable=['batch_stats'])
-  return jax.eval_shape(train, jax.eval_shape(model.init, jax.random.key(0), x),
-                        jax.random.key(1))
-
-
 @pytest.mark.parametrize('scan_blocks', [False, True])
 def test_drop_connect_rate_grows_with_the_block_index(monkeypatch, scan_blocks):
   """Drop-connect, as both references: rate * i / num_blocks for block i (0-based) over all
@@ -574,7 +565,7 @@ def test_drop_connect_rate_grows_with_the_block_index(monkeypatch, scan_blocks):
     return next_fun(*args, **kwargs)
 
   monkeypatch.setattr(EfficientNet, '_scan_repeated_blocks', staticmethod(recording_scan))
-  _traced_training_pass(model, _images(), interceptor)
+  traced_training_pass(model, _images(), interceptor)
   assert rates.keys() == {'block_1', 'block_5', 'block_7', 'block_9'}
   want = {'block_1': 0.0, 'block_5': 0.16, 'block_7': 0.24, 'block_9': 0.32}
   assert {k: v for k, (v,) in rates.items()} == pytest.approx(want)
@@ -596,7 +587,7 @@ def test_strides_on_a_stages_first_block_and_dropout_on_pooled_features():
       sizes[context.module.name] = out.shape[1]
     return out
 
-  _traced_training_pass(model, _images(size=64), interceptor)
+  traced_training_pass(model, _images(size=64), interceptor)
   assert sizes == {'stem_conv': 32, 'block_1': 32, 'block_2': 16, 'block_3': 8, 'block_4': 4,
                    'block_5': 4, 'block_6': 4, 'block_7': 4, 'block_8': 2, 'block_9': 2,
                    'block_10': 2}
@@ -617,7 +608,7 @@ def test_bfloat16_compute_in_every_layer():
       outputs['/'.join(context.module.scope.path)] = out.dtype
     return out
 
-  logits, _ = _traced_training_pass(model, x, interceptor)
+  logits, _ = traced_training_pass(model, x, interceptor)
   assert logits.dtype == jnp.float32
   assert len(outputs) > 50 and any('depthwise_conv' in p for p in outputs)
   assert {p: d for p, d in outputs.items() if d != jnp.bfloat16} == {}

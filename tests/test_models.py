@@ -15,6 +15,7 @@ from mpl.models import (MODELS, MLP, PRESETS, ResNet, ResNet50, WideResNet, deca
                         from_config, get_model, is_decayed, model_options)
 from mpl.models.cnn import CNN
 from mpl.models.wide_resnet import StochasticDepth, stochastic_depth_rates
+from jaxpr_util import traced_training_pass
 
 
 def _canonical_names():
@@ -405,16 +406,6 @@ def test_from_config_builds_the_module_get_model_builds():
       10, features=(4, 8))
 
 
-def _traced_training_pass(model, x, interceptor):
-  """Runs `interceptor` through a training pass of `model`, traced only (nothing compiled)."""
-  def train(variables, key):
-    with nn.intercept_methods(interceptor):
-      return model.apply(variables, x, train=True, rngs={'dropout': key},
-                         mutable=['batch_stats'])
-  return jax.eval_shape(train, jax.eval_shape(model.init, jax.random.key(0), x),
-                        jax.random.key(1))
-
-
 ACTIVATION_FORMULAS = {'sigmoid': lambda z: 1 / (1 + np.exp(-z)),
                        'relu': lambda z: np.maximum(z, 0), 'tanh': np.tanh}
 
@@ -474,7 +465,7 @@ def test_cnn_stage_resolutions_relus_and_dropout_on_pooled_features(monkeypatch)
     return out
 
   monkeypatch.setattr(nn, 'relu', recording_relu)
-  _traced_training_pass(model, x, interceptor)
+  traced_training_pass(model, x, interceptor)
   assert convs == {'conv_1_1': (32, 32, 4), 'conv_1_2': (32, 32, 4), 'conv_2_1': (16, 16, 4),
                    'conv_2_2': (16, 16, 4), 'conv_3_1': (8, 8, 8), 'conv_3_2': (8, 8, 8)}
   per_pass = [(2, 32, 32, 4)] * 2 + [(2, 16, 16, 4)] * 2 + [(2, 8, 8, 8)] * 2
@@ -515,7 +506,7 @@ def _drop_connect_rates(model, x):
       rates[block] = context.module.rate
     return next_fun(*args, **kwargs)
 
-  _traced_training_pass(model, x, interceptor)
+  traced_training_pass(model, x, interceptor)
   return rates
 
 
