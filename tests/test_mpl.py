@@ -473,21 +473,28 @@ def test_first_order_teacher_step_is_minus_the_gradient_of_the_teacher_loss():
                              rtol=1e-5)
 
 
-def test_sampled_pseudo_labels_have_each_examples_teacher_probabilities():
-  """Over many steps (keys), the label sampled for an unlabeled point is class 0 with the
-  teacher's softmax probability of that point, for points the teacher sees very differently.
-  One unlabeled point per batch, so `pseudo_label_accuracy` against label 0 reads its label."""
+def _sampling_teacher_and_points(wanted):
+  """An MPL method sampling its pseudo labels, a batch of one unlabeled point, and its state
+  with a sharper teacher (classifier x 8); then the two-moons points whose p(class 0) under
+  that teacher are nearest each of `wanted`."""
   method = make_method('first_order', pseudo_label='sample', student_lr=0.1)
   batch = moons_batch(n_l=8, n_u=1)
   state = init_state(method, batch)
-  # A sharper teacher (classifier x 8), then points whose p(class 0) spreads over (0, 1).
   teacher = dict(state.params['teacher'])
   teacher['classifier'] = jax.tree.map(lambda w: 8.0 * w, teacher['classifier'])
   state = state.replace(params={**state.params, 'teacher': teacher})
   candidates = jnp.asarray(make_moons(400, noise=0.3, random_state=1)[0], jnp.float32)
   p_candidates = jax.nn.softmax(mlp_apply(method, teacher, candidates))[:, 0]
-  wanted = np.array([0.08, 0.3, 0.7, 0.92])
   points = candidates[np.array([int(jnp.argmin(jnp.abs(p_candidates - w))) for w in wanted])]
+  return method, batch, state, teacher, points
+
+
+def test_sampled_pseudo_labels_have_each_examples_teacher_probabilities():
+  """Over many steps (keys), the label sampled for an unlabeled point is class 0 with the
+  teacher's softmax probability of that point, for points the teacher sees very differently.
+  One unlabeled point per batch, so `pseudo_label_accuracy` against label 0 reads its label."""
+  wanted = np.array([0.08, 0.3, 0.7, 0.92])
+  method, batch, state, teacher, points = _sampling_teacher_and_points(wanted)
   p0 = np.asarray(jax.nn.softmax(mlp_apply(method, teacher, points))[:, 0])
   np.testing.assert_allclose(p0, wanted, atol=0.03)
 
@@ -768,15 +775,7 @@ def test_sampled_pseudo_labels_follow_the_teachers_unsharpened_softmax():
   p(class 0) = 0.3 in one step give a class-0 frequency within 5 standard errors (0.018) of
   0.3. A draw from a sharpened softmax (the UDA temperature 0.7: 0.23) or a flattened one would
   give the teacher's REINFORCE term labels of other probabilities than the ones it scores."""
-  method = make_method('first_order', pseudo_label='sample', student_lr=0.1)
-  batch = moons_batch(n_l=8, n_u=1)
-  state = init_state(method, batch)
-  teacher = dict(state.params['teacher'])
-  teacher['classifier'] = jax.tree.map(lambda w: 8.0 * w, teacher['classifier'])
-  state = state.replace(params={**state.params, 'teacher': teacher})
-  candidates = jnp.asarray(make_moons(400, noise=0.3, random_state=1)[0], jnp.float32)
-  p_candidates = jax.nn.softmax(mlp_apply(method, teacher, candidates))[:, 0]
-  point = candidates[int(jnp.argmin(jnp.abs(p_candidates - 0.3)))]
+  method, batch, state, teacher, (point,) = _sampling_teacher_and_points([0.3])
   p0 = float(jax.nn.softmax(mlp_apply(method, teacher, point[None]))[0, 0])
   assert abs(p0 - 0.3) < 0.03
   n = 16384
